@@ -1,0 +1,20 @@
+"""LoRA layer types. Each wraps one Keras layer type."""
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.dense import LoRADense
+
+# Keras layer type -> LoRA layer type, most specific first.
+LORA_LAYER_TYPES = {
+    LoRADense.base_class: LoRADense,
+}
+
+
+def lora_class_for(layer):
+    """Returns the LoRA class that can wrap `layer`, or `None`."""
+    for base_class, lora_class in LORA_LAYER_TYPES.items():
+        if isinstance(layer, base_class):
+            return lora_class
+    return None
+
+
+__all__ = ["LoRALayer", "LoRADense", "LORA_LAYER_TYPES", "lora_class_for"]

@@ -1,0 +1,70 @@
+"""`LoRADense`: LoRA on a `keras.layers.Dense`."""
+
+import keras
+from keras import ops
+
+from keras_lora.layers.base import LoRALayer
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRADense(LoRALayer):
+    """A frozen `Dense` plus a trainable low-rank update.
+
+    `output = activation(dot(input, kernel) + bias + scale * dot(dot(input, A), B))`
+    with `scale = alpha / rank`. `A` (`lora_a`, shape `(input_dim, rank)`)
+    starts small and random and `B` (`lora_b`, shape `(rank, units)`) starts
+    at zero, so a fresh `LoRADense` computes exactly what its `Dense` does.
+    The update is computed as `(x·A)·B` and `W + scale·A·B` is never formed
+    while training.
+
+    Args:
+        layer: the `keras.layers.Dense` to adapt, built or not. Its kernel
+            and bias are frozen.
+        rank: positive integer, the rank `r` of the update.
+        alpha: positive number, or `None` for `alpha = rank`.
+        **kwargs: base `Layer` keyword arguments; `name` and `dtype` default
+            to the wrapped layer's.
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ..., input_dim)`.
+
+    Output shape:
+        N-D tensor with shape `(batch_size, ..., units)`.
+
+    Example:
+
+    >>> dense = keras.layers.Dense(10_000)
+    >>> dense.build((None, 5_000))
+    >>> lora = LoRADense(dense, rank=8)
+    >>> sum(int(np.prod(w.shape)) for w in lora.trainable_weights)
+    120000
+    """
+
+    base_class = keras.layers.Dense
+
+    def __init__(self, layer, rank=8, alpha=None, **kwargs):
+        super().__init__(layer, rank=rank, alpha=alpha, **kwargs)
+        self.supports_masking = True
+
+    def adapter_shapes(self):
+        input_dim, units = self.layer.kernel.shape
+        return (input_dim, self.rank), (self.rank, units)
+
+    def call(self, inputs, training=None):
+        layer = self.layer
+        dtype = inputs.dtype
+        update = ops.matmul(inputs, self._adapter(self.lora_a, dtype))
+        if self.scale != 1.0:
+            update = ops.multiply(update, ops.cast(self.scale, dtype))
+        update = ops.matmul(update, self._adapter(self.lora_b, dtype))
+        x = ops.add(ops.matmul(inputs, layer.kernel), update)
+        if layer.bias is not None:
+            x = ops.add(x, layer.bias)
+        if layer.activation is not None:
+            x = layer.activation(x)
+        return x
+
+    def to_dense(self, check_finite=True):
+        """Returns a plain `Dense` with this layer's config, name and the
+        merged kernel `W + scale·A·B`."""
+        return self.merged_layer(check_finite=check_finite)
