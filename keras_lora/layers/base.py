@@ -61,6 +61,8 @@ class LoRALayer(keras.layers.Wrapper):
         rank: positive integer, the inner dimension `r` of `A·B`.
         alpha: positive number, or `None` for `alpha = rank`. The update is
             scaled by `scale = alpha / rank`.
+        use_rslora: if true, scale by `alpha / sqrt(rank)` instead
+            (rank-stabilized LoRA, PEFT's `use_rslora`).
         **kwargs: base `Layer` keyword arguments (`name`, `dtype`, ...).
             `name` and `dtype` default to the wrapped layer's.
     """
@@ -68,7 +70,7 @@ class LoRALayer(keras.layers.Wrapper):
     base_class = None
     kernel_attr = "kernel"
 
-    def __init__(self, layer, rank=8, alpha=None, **kwargs):
+    def __init__(self, layer, rank=8, alpha=None, use_rslora=False, **kwargs):
         self._check_base_layer(layer)
         rank = validate_rank(rank)
         alpha = validate_alpha(alpha)
@@ -77,6 +79,7 @@ class LoRALayer(keras.layers.Wrapper):
         super().__init__(layer, **kwargs)
         self.rank = rank
         self.alpha = float(rank) if alpha is None else alpha
+        self.use_rslora = bool(use_rslora)
         self.layer.trainable = False
         if self.layer.built:
             self._build_adapters()
@@ -148,7 +151,10 @@ class LoRALayer(keras.layers.Wrapper):
 
     @property
     def scale(self):
-        """The factor on the update: `alpha / rank`."""
+        """The factor on the update: `alpha / rank`, or `alpha / sqrt(rank)`
+        with `use_rslora`."""
+        if self.use_rslora:
+            return self.alpha / float(np.sqrt(self.rank))
         return self.alpha / self.rank
 
     @property
@@ -202,4 +208,6 @@ class LoRALayer(keras.layers.Wrapper):
     def get_config(self):
         config = super().get_config()
         config.update({"rank": self.rank, "alpha": self.alpha})
+        if self.use_rslora:
+            config["use_rslora"] = True
         return config
