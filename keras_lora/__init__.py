@@ -1,18 +1,30 @@
 """keras_lora: LoRA adapters for Keras 3 on TensorFlow, JAX and PyTorch."""
 
+from keras_lora.adapters import load_adapter, save_adapter
 from keras_lora.exporting import export
-from keras_lora.layers import LoRADense, LoRALayer
+from keras_lora.layers import (
+    LoRAConv,
+    LoRADense,
+    LoRAEinsumDense,
+    LoRAEmbedding,
+    LoRALayer,
+)
 from keras_lora.summary import TrainableSummary, trainable_summary
 from keras_lora.surgery import apply_lora, merge_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRAConv",
     "LoRADense",
+    "LoRAEinsumDense",
+    "LoRAEmbedding",
     "LoRALayer",
     "TrainableSummary",
     "apply_lora",
     "export",
+    "load_adapter",
     "merge_lora",
+    "save_adapter",
     "trainable_summary",
 ]

@@ -1,0 +1,7 @@
+"""`python -m keras_lora`: the keras-lora command line."""
+
+import sys
+
+from keras_lora.cli import main
+
+sys.exit(main())

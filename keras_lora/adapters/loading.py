@@ -1,0 +1,230 @@
+"""Putting adapter weights read from a file into a model, all or nothing.
+
+Both file formats read into a list of `LayerAdapter`s keyed by Keras layer
+path, then hand them to `install`. `install` validates everything (targets,
+shapes, dtypes, unknown and missing keys) before it assigns anything, so a
+failed load never leaves a half-loaded model.
+"""
+
+import dataclasses
+import warnings
+
+import keras
+import numpy as np
+
+from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.surgery import (
+    _restore_trainable_flags,
+    _trainable_flags,
+    apply_lora,
+    lora_layers,
+)
+from keras_lora.targets import iter_layers, match_layers
+
+
+@dataclasses.dataclass
+class LayerAdapter:
+    """One layer's adapter as read from a file.
+
+    Attributes:
+        key: the layer's name in the file (for messages).
+        path: the Keras layer path it goes to in the model.
+        a: `lora_a`, numpy, in Keras layout (e.g. `(input_dim, rank)`).
+        b: `lora_b`, numpy, in Keras layout (e.g. `(rank, units)`).
+        alpha: the recorded alpha.
+        use_rslora: the recorded scale rule.
+    """
+
+    key: str
+    path: str
+    a: np.ndarray
+    b: np.ndarray
+    alpha: float
+    use_rslora: bool = False
+
+    @property
+    def rank(self):
+        return int(self.a.shape[-1])
+
+
+def resolve_layer(target, layers, argument="name_map"):
+    """Returns the path of the one layer whose path, or else name, is `target`.
+
+    Returns `None` if no layer has that path or name. Raises `ValueError` if
+    `target` is no path and the name of several layers.
+    """
+    try:
+        hits = match_layers([target], layers, argument)
+    except ValueError:
+        return None
+    exact = [path for path, _ in hits if path == target]
+    if exact:
+        return exact[0]
+    if len(hits) > 1:
+        raise ValueError(
+            f"`{argument}`: {target!r} is the name of several layers "
+            f"{[p for p, _ in hits]}; give a full path instead."
+        )
+    return hits[0][0]
+
+
+def report(problems, strict, what):
+    """Raises (strict) or warns about `problems`, a list of message lines."""
+    if not problems:
+        return
+    message = f"{what}:\n  " + "\n  ".join(problems)
+    if strict:
+        raise ValueError(message + "\nPass strict=False to skip them with a warning.")
+    warnings.warn(message + "\nSkipped them (strict=False).", stacklevel=3)
+
+
+def install(model, adapters, strict=True, source="adapter"):
+    """Loads `adapters` into `model` and returns the model to use.
+
+    On a model without LoRA layers, LoRA is first applied (with
+    `apply_lora`) to exactly the adapters' layers, with their rank, alpha and
+    scale rule; the new model is returned and `model` itself computes what it
+    did. On a model with LoRA layers, the adapters load into them and `model`
+    is returned.
+
+    Args:
+        model: a `keras.Model`.
+        adapters: `LayerAdapter`s whose `path` is checked against `model`.
+        strict: whether adapters for layers `model` lacks, and LoRA layers of
+            `model` the file has no adapter for, are errors (else warnings).
+        source: what was read, for messages.
+
+    Raises:
+        ValueError: on anything that does not fit; nothing was assigned.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"load_adapter: `model` must be a keras.Model. Received: {model!r} "
+            f"of type {type(model).__name__}"
+        )
+    layers = dict(iter_layers(model))
+    has_lora = bool(lora_layers(model))
+    known, unknown = [], []
+    for adapter in adapters:
+        layer = layers.get(adapter.path)
+        if layer is None:
+            unknown.append(adapter)
+        elif has_lora and not isinstance(layer, LoRALayer):
+            unknown.append(adapter)
+        else:
+            known.append(adapter)
+    if unknown:
+        candidates = [
+            p
+            for p, layer in layers.items()
+            if (isinstance(layer, LoRALayer) if has_lora else lora_class_for(layer))
+        ]
+        report(
+            [f"{a.key!r} -> layer '{a.path}'" for a in unknown],
+            strict,
+            f"{source} has keys that match no "
+            f"{'LoRA ' if has_lora else ''}layer of model '{model.name}' "
+            f"(candidates: {candidates})",
+        )
+    if not known:
+        raise ValueError(
+            f"{source} has no adapter for any layer of model '{model.name}'; "
+            "nothing was loaded."
+        )
+    if has_lora:
+        covered = {a.path for a in known}
+        missing = [p for p, _ in lora_layers(model) if p not in covered]
+        report(
+            [repr(p) for p in missing],
+            strict,
+            f"Model '{model.name}' has LoRA layers that {source} has no adapter for",
+        )
+        _check_and_assign(model, known, source)
+        return model
+    return _apply_then_assign(model, known, source)
+
+
+def _apply_then_assign(model, adapters, source):
+    for adapter in adapters:
+        layer = dict(iter_layers(model))[adapter.path]
+        if lora_class_for(layer) is None:
+            raise ValueError(
+                f"{source}: layer '{adapter.path}' of model '{model.name}' is a "
+                f"{type(layer).__name__}, which keras_lora cannot adapt."
+            )
+    ranks = sorted({a.rank for a in adapters})
+    rules = sorted({a.use_rslora for a in adapters})
+    if len(ranks) > 1 or len(rules) > 1:
+        raise ValueError(
+            f"{source} mixes ranks {ranks} (or scale rules) across layers; "
+            "load_adapter can only apply one rank to a plain model. Apply LoRA "
+            "yourself (layer by layer) and load into that model."
+        )
+    ids = {id(dict(iter_layers(model))[a.path]) for a in adapters}
+
+    def adapter_targets(layer):
+        return id(layer) in ids
+
+    saved_flags = _trainable_flags(model)
+    try:
+        lora_model = apply_lora(
+            model,
+            targets=adapter_targets,
+            rank=ranks[0],
+            alpha=adapters[0].alpha,
+            use_rslora=rules[0],
+        )
+        _check_and_assign(lora_model, adapters, source, warn_scale=False)
+    except Exception:
+        _restore_trainable_flags(saved_flags)
+        raise
+    return lora_model
+
+
+def _check_and_assign(model, adapters, source, warn_scale=True):
+    layers = dict(iter_layers(model))
+    mismatches = []
+    plan = []
+    for adapter in adapters:
+        layer = layers[adapter.path]
+        for name, array in (("lora_a", adapter.a), ("lora_b", adapter.b)):
+            variable = getattr(layer, name)
+            expected = tuple(variable.shape)
+            if tuple(array.shape) != expected:
+                mismatches.append(
+                    f"layer '{adapter.path}' {name}: the model expects shape "
+                    f"{expected}, {source} has {tuple(array.shape)} "
+                    f"(key {adapter.key!r})"
+                )
+            elif not np.issubdtype(array.dtype, np.floating):
+                mismatches.append(
+                    f"layer '{adapter.path}' {name}: expected floating point "
+                    f"values, {source} has dtype {array.dtype}"
+                )
+            else:
+                plan.append((variable, array))
+    if mismatches:
+        raise ValueError(
+            "Shape mismatch loading "
+            f"{source} into model '{model.name}'; nothing was loaded:\n  "
+            + "\n  ".join(mismatches)
+        )
+    changed = [
+        f"'{a.path}': alpha {layers[a.path].alpha} -> {a.alpha}, "
+        f"use_rslora {layers[a.path].use_rslora} -> {a.use_rslora}"
+        for a in adapters
+        if layers[a.path].alpha != a.alpha or layers[a.path].use_rslora != a.use_rslora
+    ]
+    if changed and warn_scale:
+        warnings.warn(
+            f"{source} records another scale than these LoRA layers had; "
+            "they now use the recorded one:\n  " + "\n  ".join(changed),
+            stacklevel=4,
+        )
+    for variable, array in plan:
+        variable.assign(
+            np.asarray(array, dtype=keras.backend.standardize_dtype(variable.dtype))
+        )
+    for adapter in adapters:
+        layers[adapter.path].alpha = float(adapter.alpha)
+        layers[adapter.path].use_rslora = bool(adapter.use_rslora)

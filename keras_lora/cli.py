@@ -1,0 +1,359 @@
+"""The `keras-lora` command line (also `python -m keras_lora`).
+
+```
+keras-lora inspect MODEL.keras [--targets PATTERN ...] [--rank R]
+keras-lora merge LORA_MODEL.keras OUT.keras
+keras-lora apply BASE.keras ADAPTER OUT.keras [--merge] [--name-map PEFT=KERAS ...]
+keras-lora export MODEL.keras OUT_DIR [--format tf_saved_model]
+```
+
+A missing or unreadable input is a one-line error and exit status 2; any
+other failure is a one-line error and exit status 1. Outputs are written
+beside their destination and renamed into place when complete.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROG = "keras-lora"
+EXPORT_FORMATS = ("tf_saved_model", "keras")
+
+
+class InputError(Exception):
+    """A missing or unreadable input: exit status 2."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="LoRA adapters for Keras 3: inspect, merge, apply and export.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "inspect",
+        help="list the layers LoRA can adapt and the trainable share",
+        description=(
+            "Print a table of the layers LoRA can adapt (path, type, kernel "
+            "shape, LoRA parameters at rank R, whether targeted) and the "
+            "trainable percentage LoRA at rank R on the targets gives. On a "
+            "model that already has LoRA layers, list those with their ranks."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL.keras", help="a .keras model file")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        metavar="PATTERN",
+        help=(
+            "regexes matched in full against layer names or paths (a plain "
+            "name matches itself). Default: every Dense that does not "
+            "produce a model output."
+        ),
+    )
+    p.add_argument(
+        "--rank", type=_positive_int, default=8, help="LoRA rank (default 8)"
+    )
+
+    p = sub.add_parser(
+        "merge",
+        help="write the merged plain model of a LoRA model",
+        description=(
+            "Merge every LoRA layer of LORA_MODEL.keras into its base layer "
+            "and write the plain model (no keras_lora inside) to OUT.keras."
+        ),
+    )
+    p.add_argument(
+        "model", metavar="LORA_MODEL.keras", help="a .keras model with LoRA layers"
+    )
+    p.add_argument("output", metavar="OUT.keras", help="the .keras file to write")
+
+    p = sub.add_parser(
+        "apply",
+        help="combine a base model and an adapter file",
+        description=(
+            "Load ADAPTER (a keras_lora .safetensors file or a PEFT adapter "
+            "directory) into BASE.keras and write the result to OUT.keras: "
+            "the LoRA model, or with --merge the merged plain model."
+        ),
+    )
+    p.add_argument("model", metavar="BASE.keras", help="the base .keras model")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter file or PEFT directory")
+    p.add_argument("output", metavar="OUT.keras", help="the .keras file to write")
+    p.add_argument("--merge", action="store_true", help="write the merged plain model")
+    p.add_argument(
+        "--name-map",
+        nargs="+",
+        metavar="SOURCE=KERAS",
+        default=None,
+        help=(
+            "map adapter names to Keras layer names or paths, e.g. "
+            "--name-map 0=dense 2=dense_1 (PEFT module paths on the left)"
+        ),
+    )
+    p.add_argument(
+        "--no-strict",
+        dest="strict",
+        action="store_false",
+        help="skip adapter entries that match no layer, with a warning",
+    )
+
+    p = sub.add_parser(
+        "export",
+        help="merge a LoRA model and export it (TensorFlow backend)",
+        description=(
+            "Merge MODEL.keras's LoRA layers and export the plain model to "
+            "OUT_DIR. This always runs under the TensorFlow backend (a "
+            ".keras file is backend-neutral), in a subprocess when this "
+            "process runs another backend. A model without LoRA layers is "
+            "exported as it is."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL.keras", help="a .keras model file")
+    p.add_argument("output", metavar="OUT_DIR", help="the directory (or file) to write")
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="tf_saved_model",
+        help="tf_saved_model (default) or keras (a merged .keras file)",
+    )
+    return parser
+
+
+def main(argv=None):
+    """Runs the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {
+        "inspect": _inspect,
+        "merge": _merge,
+        "apply": _apply,
+        "export": _export,
+    }
+    try:
+        return commands[args.command](args) or 0
+    except InputError as e:
+        return _fail(e, 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:  # one line, never a traceback
+        return _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _fail(message, status):
+    text = " ".join(str(message).split())
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return status
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def _load_model(path):
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no such file: '{path}'")
+    if path.is_dir():
+        raise InputError(f"'{path}' is a directory; expected a .keras model file")
+    import keras
+
+    import keras_lora  # noqa: F401  (registers the LoRA layer classes)
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:
+        raise InputError(
+            f"cannot read model '{path}': {type(e).__name__}: {e}"
+        ) from None
+
+
+def _check_keras_output(path):
+    if Path(path).suffix != ".keras":
+        raise InputError(f"the output must end in '.keras'. Received: '{path}'")
+
+
+def _inspect(args):
+    import numpy as np
+
+    from keras_lora.layers import LoRALayer, lora_class_for
+    from keras_lora.summary import trainable_summary
+    from keras_lora.surgery import apply_lora, lora_layers
+    from keras_lora.targets import iter_layers, match_layers
+
+    model = _load_model(args.model)
+    layers = list(iter_layers(model))
+    rows = [("path", "type", "kernel shape", "rank", "LoRA params", "target")]
+    if lora_layers(model):
+        for path, layer in lora_layers(model):
+            params = sum(int(np.prod(v.shape)) for v in (layer.lora_a, layer.lora_b))
+            kernel = tuple(layer.base_kernel.shape)
+            rows.append(
+                (
+                    path,
+                    type(layer).__name__,
+                    str(kernel),
+                    str(layer.rank),
+                    f"{params:,}",
+                    "yes",
+                )
+            )
+        _print_table(rows)
+        print(trainable_summary(model, print_fn=None))
+        return 0
+    supported = lambda layer: lora_class_for(layer) is not None  # noqa: E731
+    if args.targets:
+        try:
+            ids = {
+                id(layer)
+                for pattern in args.targets
+                for _, layer in match_layers(pattern, layers, "--targets", supported)
+            }
+        except (TypeError, ValueError) as e:
+            raise InputError(str(e)) from None
+
+        def targets(layer):
+            return id(layer) in ids
+
+        targets.__name__ = "--targets"
+    else:
+        targets = None
+    try:
+        lora_model = apply_lora(model, targets=targets, rank=args.rank)
+    except ValueError as e:
+        lora_model, selected = None, set()
+        problem = str(e)
+    else:
+        selected = {p for p, _ in lora_layers(lora_model)}
+        problem = None
+    for path, layer in layers:
+        if not supported(layer):
+            continue
+        kernel = tuple(getattr(layer, LoRALayer.kernel_attr).shape)
+        params = args.rank * (int(np.prod(kernel[:-1])) + int(kernel[-1]))
+        rows.append(
+            (
+                path,
+                type(layer).__name__,
+                str(kernel),
+                str(args.rank),
+                f"{params:,}",
+                "yes" if path in selected else "no",
+            )
+        )
+    _print_table(rows)
+    if lora_model is None:
+        raise InputError(problem)
+    print(trainable_summary(lora_model, print_fn=None))
+    return 0
+
+
+def _print_table(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(
+                cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+
+
+def _merge(args):
+    from keras_lora.exporting import export
+    from keras_lora.surgery import lora_layers
+
+    _check_keras_output(args.output)
+    model = _load_model(args.model)
+    if not lora_layers(model):
+        raise InputError(
+            f"'{args.model}' has no LoRA layers, so there is nothing to merge"
+        )
+    export(model, args.output, format="keras")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _apply(args):
+    from keras_lora.adapters import load_adapter
+    from keras_lora.atomic import atomic_output
+    from keras_lora.surgery import merge_lora
+
+    _check_keras_output(args.output)
+    name_map = _parse_name_map(args.name_map)
+    model = _load_model(args.model)
+    adapter = Path(args.adapter)
+    if not adapter.exists():
+        raise InputError(f"no such adapter file or directory: '{adapter}'")
+    try:
+        model = load_adapter(model, adapter, name_map=name_map, strict=args.strict)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"cannot apply adapter '{adapter}': {e}") from None
+    if args.merge:
+        model = merge_lora(model)
+    with atomic_output(args.output) as tmp:
+        model.save(tmp)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _parse_name_map(pairs):
+    if not pairs:
+        return None
+    name_map = {}
+    for pair in pairs:
+        source, sep, target = pair.partition("=")
+        if not sep or not source or not target:
+            raise InputError(
+                f"--name-map entries look like SOURCE=KERAS. Received: {pair!r}"
+            )
+        name_map[source] = target
+    return name_map
+
+
+def _export(args):
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        # A .keras file is backend-neutral: export it under TensorFlow.
+        command = [
+            sys.executable,
+            "-m",
+            "keras_lora",
+            "export",
+            args.model,
+            args.output,
+        ]
+        command += ["--format", args.format]
+        env = dict(os.environ, KERAS_BACKEND="tensorflow")
+        return subprocess.run(command, env=env).returncode
+
+    from keras_lora.atomic import atomic_output
+    from keras_lora.exporting import export
+    from keras_lora.surgery import lora_layers
+
+    if args.format == "keras":
+        _check_keras_output(args.output)
+    model = _load_model(args.model)
+    if lora_layers(model):
+        export(model, args.output, format=args.format)
+    elif args.format == "keras":
+        with atomic_output(args.output) as tmp:
+            model.save(tmp)
+    else:
+        with atomic_output(args.output, directory=True) as tmp:
+            model.export(str(tmp), format="tf_saved_model", verbose=False)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
