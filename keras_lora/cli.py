@@ -238,7 +238,7 @@ def _inspect(args):
     for path, layer in layers:
         if not supported(layer):
             continue
-        kernel = tuple(getattr(layer, LoRALayer.kernel_attr).shape)
+        kernel = tuple(getattr(layer, lora_class_for(layer).kernel_attr).shape)
         params = args.rank * (int(np.prod(kernel[:-1])) + int(kernel[-1]))
         rows.append(
             (

@@ -16,7 +16,7 @@ import warnings
 import keras
 
 from keras_lora.adapters import keras_lora_format, peft_format
-from keras_lora.adapters.loading import install
+from keras_lora.adapters.loading import install, user_stacklevel
 from keras_lora.surgery import lora_layers
 from keras_lora.targets import iter_layers
 
@@ -166,7 +166,7 @@ def _warn_unsaved_trainables(model):
             "save_adapter saves LoRA weights only; these trainable weights "
             f"are not in the adapter: {extra}. Save them separately (or the "
             "whole model with `model.save`).",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -7,6 +7,7 @@ failed load never leaves a half-loaded model.
 """
 
 import dataclasses
+import sys
 import warnings
 
 import keras
@@ -68,6 +69,16 @@ def resolve_layer(target, layers, argument="name_map"):
     return hits[0][0]
 
 
+def user_stacklevel():
+    """The `stacklevel` that makes a warning point at the caller of keras_lora."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        "keras_lora"
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def report(problems, strict, what):
     """Raises (strict) or warns about `problems`, a list of message lines."""
     if not problems:
@@ -75,7 +86,9 @@ def report(problems, strict, what):
     message = f"{what}:\n  " + "\n  ".join(problems)
     if strict:
         raise ValueError(message + "\nPass strict=False to skip them with a warning.")
-    warnings.warn(message + "\nSkipped them (strict=False).", stacklevel=3)
+    warnings.warn(
+        message + "\nSkipped them (strict=False).", stacklevel=user_stacklevel()
+    )
 
 
 def install(model, adapters, strict=True, source="adapter"):
@@ -219,7 +232,7 @@ def _check_and_assign(model, adapters, source, warn_scale=True):
         warnings.warn(
             f"{source} records another scale than these LoRA layers had; "
             "they now use the recorded one:\n  " + "\n  ".join(changed),
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     for variable, array in plan:
         variable.assign(
