@@ -2,14 +2,23 @@
 
 from keras_lora.adapters import load_adapter, save_adapter
 from keras_lora.exporting import export
-from keras_lora.layers import LoRADense, LoRALayer
+from keras_lora.layers import (
+    LoRAConv,
+    LoRADense,
+    LoRAEinsumDense,
+    LoRAEmbedding,
+    LoRALayer,
+)
 from keras_lora.summary import TrainableSummary, trainable_summary
 from keras_lora.surgery import apply_lora, merge_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRAConv",
     "LoRADense",
+    "LoRAEinsumDense",
+    "LoRAEmbedding",
     "LoRALayer",
     "TrainableSummary",
     "apply_lora",

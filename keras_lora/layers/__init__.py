@@ -1,11 +1,17 @@
 """LoRA layer types. Each wraps one Keras layer type."""
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.conv import LoRAConv
 from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.einsum_dense import LoRAEinsumDense
+from keras_lora.layers.embedding import LoRAEmbedding
 
 # Keras layer type -> LoRA layer type, most specific first.
 LORA_LAYER_TYPES = {
     LoRADense.base_class: LoRADense,
+    LoRAEinsumDense.base_class: LoRAEinsumDense,
+    LoRAEmbedding.base_class: LoRAEmbedding,
+    LoRAConv.base_class: LoRAConv,
 }
 
 
@@ -17,4 +23,12 @@ def lora_class_for(layer):
     return None
 
 
-__all__ = ["LoRALayer", "LoRADense", "LORA_LAYER_TYPES", "lora_class_for"]
+__all__ = [
+    "LoRALayer",
+    "LoRAConv",
+    "LoRADense",
+    "LoRAEinsumDense",
+    "LoRAEmbedding",
+    "LORA_LAYER_TYPES",
+    "lora_class_for",
+]

@@ -69,6 +69,8 @@ class LoRALayer(keras.layers.Wrapper):
 
     base_class = None
     kernel_attr = "kernel"
+    # Keras quantization modes (`layer.quantize(mode)`) a base may have.
+    quantization_modes = ()
 
     def __init__(self, layer, rank=8, alpha=None, use_rslora=False, **kwargs):
         self._check_base_layer(layer)
@@ -101,11 +103,16 @@ class LoRALayer(keras.layers.Wrapper):
                 f"Layer '{layer.name}' has Keras core LoRA enabled "
                 "(`enable_lora`). Use a layer without it."
             )
-        if getattr(layer, "quantization_mode", None) is not None:
+        mode = getattr(layer, "quantization_mode", None)
+        if mode is not None and mode not in cls.quantization_modes:
+            supported = (
+                f"{cls.__name__} supports quantized bases in modes "
+                f"{list(cls.quantization_modes)} only."
+                if cls.quantization_modes
+                else f"{cls.__name__} does not support quantized bases."
+            )
             raise ValueError(
-                f"Layer '{layer.name}' is quantized "
-                f"({layer.quantization_mode!r}); quantized bases are not "
-                "supported yet."
+                f"Layer '{layer.name}' is quantized ({mode!r}). {supported}"
             )
 
     def build(self, input_shape=None):
@@ -117,24 +124,28 @@ class LoRALayer(keras.layers.Wrapper):
 
     def _build_adapters(self):
         a_shape, b_shape = self.adapter_shapes()
+        a_init, b_init = self.adapter_initializers()
         dtype = adapter_dtype(self.variable_dtype)
-        # Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), as loralib and PEFT do.
         self.lora_a = self.add_weight(
-            name="lora_a",
-            shape=a_shape,
-            initializer=keras.initializers.VarianceScaling(
-                scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
-            ),
-            dtype=dtype,
+            name="lora_a", shape=a_shape, initializer=a_init, dtype=dtype
         )
         self.lora_b = self.add_weight(
-            name="lora_b", shape=b_shape, initializer="zeros", dtype=dtype
+            name="lora_b", shape=b_shape, initializer=b_init, dtype=dtype
         )
         self.built = True
 
     def adapter_shapes(self):
         """Returns `(a_shape, b_shape)`; `A·B` reshapes to the kernel's shape."""
         raise NotImplementedError
+
+    def adapter_initializers(self):
+        """Returns the initializers of `(lora_a, lora_b)`. One must be zeros,
+        so that a fresh LoRA layer computes exactly what its base does."""
+        # Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), as loralib and PEFT do.
+        a_init = keras.initializers.VarianceScaling(
+            scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+        )
+        return a_init, "zeros"
 
     @property
     def trainable(self):
@@ -158,8 +169,41 @@ class LoRALayer(keras.layers.Wrapper):
         return self.alpha / self.rank
 
     @property
+    def quantization_mode(self):
+        """The base layer's Keras quantization mode, e.g. `"int8"`, or None."""
+        return getattr(self.layer, "quantization_mode", None)
+
+    @property
     def base_kernel(self):
-        return getattr(self.layer, self.kernel_attr)
+        """The base kernel; for a quantized base, dequantized to float."""
+        if self.quantization_mode is None:
+            return getattr(self.layer, self.kernel_attr)
+        return self._dequantized_kernel()
+
+    def _dequantized_kernel(self):
+        layer = self.layer
+        if self.quantization_mode != "int8":
+            raise NotImplementedError(self.quantization_mode)
+        scale = ops.convert_to_tensor(layer.kernel_scale)
+        adjust = getattr(layer, "_adjust_scale_for_dequant", None)
+        if adjust is not None:
+            scale = adjust(scale)
+        kernel = ops.cast(layer._kernel, "float32")
+        return ops.divide(kernel, ops.cast(scale, "float32"))
+
+    def _quantized_base_call(self, inputs, training=None):
+        """The quantized base's output before its activation.
+
+        Keras's quantized calls apply the activation last, so it is set
+        aside for the call; the adapter's update goes in before it.
+        """
+        layer = self.layer
+        activation = layer.activation
+        object.__setattr__(layer, "activation", None)
+        try:
+            return layer.quantized_call(inputs, training=training)
+        finally:
+            object.__setattr__(layer, "activation", activation)
 
     def _adapter(self, variable, dtype):
         # Under a mixed policy Keras autocasts on read; this covers the rest.
@@ -179,12 +223,17 @@ class LoRALayer(keras.layers.Wrapper):
         merged = ops.add(ops.cast(kernel, "float32"), self.delta())
         return ops.cast(merged, kernel.dtype)
 
-    def merged_layer(self, check_finite=True):
+    def merged_layer(self, check_finite=True, requantize=False):
         """Returns a new, built base layer holding the merged kernel.
 
         It has the base layer's class, config and name. Raises `ValueError`
         (and builds nothing) if the merged kernel has NaN or Inf and
         `check_finite` is true.
+
+        A quantized base (`"int8"`) is dequantized and merged in float: the
+        new layer has the base's float (source) dtype policy. With
+        `requantize=True` it is then quantized again in the base's mode,
+        which rounds the merged kernel to int8 (see the README).
         """
         merged = ops.convert_to_numpy(self.merged_kernel())
         if check_finite and not np.all(np.isfinite(merged)):
@@ -194,12 +243,35 @@ class LoRALayer(keras.layers.Wrapper):
                 "check_finite=False to merge anyway."
             )
         base = self.layer
-        new = base.__class__.from_config(base.get_config())
-        new.build_from_config(base.get_build_config())
-        kernel = self.base_kernel
-        new.set_weights(
-            [merged if w is kernel else ops.convert_to_numpy(w) for w in base.weights]
+        mode = self.quantization_mode
+        if mode is None:
+            new = base.__class__.from_config(base.get_config())
+            new.build_from_config(base.get_build_config())
+            kernel = self.base_kernel
+            new.set_weights(
+                [
+                    merged if w is kernel else ops.convert_to_numpy(w)
+                    for w in base.weights
+                ]
+            )
+            return new
+        config = base.get_config()
+        config["dtype"] = getattr(base.dtype_policy, "_source_name", None) or (
+            keras.config.floatx()
         )
+        config.pop("quantization_config", None)
+        new = base.__class__.from_config(config)
+        new.build_from_config(base.get_build_config())
+        kernel = getattr(new, self.kernel_attr)
+        old = {w.name: w for w in base.weights}
+        new.set_weights(
+            [
+                merged if w is kernel else ops.convert_to_numpy(old[w.name])
+                for w in new.weights
+            ]
+        )
+        if requantize:
+            new.quantize(mode)
         return new
 
     def compute_output_shape(self, input_shape):
@@ -211,3 +283,8 @@ class LoRALayer(keras.layers.Wrapper):
         if self.use_rslora:
             config["use_rslora"] = True
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # `Wrapper.from_config` pops "layer" from the dict it is given.
+        return super().from_config(dict(config), custom_objects=custom_objects)

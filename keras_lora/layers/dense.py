@@ -41,6 +41,7 @@ class LoRADense(LoRALayer):
     """
 
     base_class = keras.layers.Dense
+    quantization_modes = ("int8",)
 
     def __init__(self, layer, rank=8, alpha=None, **kwargs):
         super().__init__(layer, rank=rank, alpha=alpha, **kwargs)
@@ -57,9 +58,13 @@ class LoRADense(LoRALayer):
         if self.scale != 1.0:
             update = ops.multiply(update, ops.cast(self.scale, dtype))
         update = ops.matmul(update, self._adapter(self.lora_b, dtype))
-        x = ops.add(ops.matmul(inputs, layer.kernel), update)
-        if layer.bias is not None:
-            x = ops.add(x, layer.bias)
+        if self.quantization_mode is not None:
+            # A frozen int8 base (QLoRA-style): Keras's own quantized matmul.
+            x = ops.add(self._quantized_base_call(inputs, training), update)
+        else:
+            x = ops.add(ops.matmul(inputs, layer.kernel), update)
+            if layer.bias is not None:
+                x = ops.add(x, layer.bias)
         if layer.activation is not None:
             x = layer.activation(x)
         return x

@@ -1,0 +1,86 @@
+"""`LoRAConv`: LoRA on `keras.layers.Conv1D`, `Conv2D` and `Conv3D`."""
+
+import keras
+from keras import ops
+
+from keras_lora.layers.base import LoRALayer
+
+# The common base of Conv1D/2D/3D (not of the transposed, depthwise or
+# separable convolutions, whose kernels are laid out differently).
+BaseConv = keras.src.layers.convolutional.base_conv.BaseConv
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAConv(LoRALayer):
+    """A frozen `Conv1D`/`Conv2D`/`Conv3D` plus a trainable low-rank update.
+
+    With the base kernel laid out as Keras does, `(*kernel_size, in, filters)`:
+    `A` (`lora_a`, shape `(*kernel_size, in, rank)`) is a convolution with
+    the base's kernel size, strides, padding (including Conv1D's `"causal"`)
+    and dilation and `rank` filters; `B` (`lora_b`, shape `(rank, filters)`)
+    is a 1×1 convolution to the base's filters. This is Keras core's and
+    PEFT's factoring, and the kernel's update is `scale·A·B` reshaped to the
+    kernel's shape. `B` starts at zero. Both data formats work.
+
+    Grouped convolutions (`groups > 1`) are refused: a grouped `A·B` is not
+    a product of two convolutions.
+
+    Args:
+        layer: the `Conv1D`, `Conv2D` or `Conv3D` to adapt, built or not.
+        rank: positive integer, the rank `r` of the update.
+        alpha: positive number, or `None` for `alpha = rank`.
+        **kwargs: as for `LoRALayer`.
+    """
+
+    base_class = BaseConv
+
+    @classmethod
+    def _check_base_layer(cls, layer):
+        super()._check_base_layer(layer)
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError(
+                f"LoRAConv cannot adapt layer '{layer.name}': it is a grouped "
+                f"convolution (groups={layer.groups}). Only groups=1 is supported."
+            )
+
+    def adapter_shapes(self):
+        shape = tuple(self.layer.kernel.shape)
+        return shape[:-1] + (self.rank,), (self.rank, shape[-1])
+
+    def _conv(self, inputs, kernel, padding):
+        layer = self.layer
+        return ops.conv(
+            inputs,
+            kernel,
+            strides=list(layer.strides),
+            padding=padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+
+    def call(self, inputs, training=None):
+        layer = self.layer
+        dtype = inputs.dtype
+        padding = layer.padding
+        if padding == "causal":
+            inputs = ops.pad(inputs, layer._compute_causal_padding())
+            padding = "valid"
+        outputs = self._conv(inputs, layer.kernel, padding)
+        update = self._conv(inputs, self._adapter(self.lora_a, dtype), padding)
+        if self.scale != 1.0:
+            update = ops.multiply(update, ops.cast(self.scale, dtype))
+        b = self._adapter(self.lora_b, dtype)
+        if layer.data_format == "channels_last":
+            update = ops.matmul(update, b)
+        else:
+            update = ops.moveaxis(ops.matmul(ops.moveaxis(update, 1, -1), b), -1, 1)
+        outputs = ops.add(outputs, update)
+        if layer.use_bias:
+            if layer.data_format == "channels_last":
+                bias_shape = (1,) * (layer.rank + 1) + (layer.filters,)
+            else:
+                bias_shape = (1, layer.filters) + (1,) * layer.rank
+            outputs = ops.add(outputs, ops.reshape(layer.bias, bias_shape))
+        if layer.activation is not None:
+            outputs = layer.activation(outputs)
+        return outputs

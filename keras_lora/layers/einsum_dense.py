@@ -1,0 +1,105 @@
+"""`LoRAEinsumDense`: LoRA on a `keras.layers.EinsumDense`.
+
+This is the layer type of the `query`, `key`, `value` and
+`attention_output` projections inside `keras.layers.MultiHeadAttention`.
+"""
+
+import string
+
+import keras
+from keras import ops
+
+from keras_lora.layers.base import LoRALayer
+
+
+def lora_equations(equation):
+    """Splits `equation`'s kernel into `A·B` and returns the two einsums.
+
+    The kernel is factored the way Keras core does: `A` has the kernel's
+    axes with its last axis replaced by the rank `r`, and `B` has shape
+    `(r, kernel.shape[-1])`. `einsum(equation, x, A·B)` is then computed as
+    `einsum(second, einsum(first, x, A), B)`, which never forms `A·B`.
+
+    Returns:
+        `(first, second, is_matmul)`, where `is_matmul` says that `second`
+        is a plain matmul on the last axis (the common case, e.g. attention
+        projections), which `call` then uses.
+    """
+    lhs, output = equation.replace(" ", "").split("->")
+    x_spec, k_spec = lhs.split(",")
+    last = k_spec[-1]
+    r = next(c for c in string.ascii_letters if c not in equation)
+    a_spec = k_spec[:-1] + r
+    if last in output and last not in x_spec:
+        # The kernel's last axis goes to the output only: swap it for `r`.
+        mid = output.replace(last, r)
+    elif last in x_spec and last not in output:
+        # Contracted with the input: keep it until B contracts it.
+        mid = output + last + r
+    else:
+        mid = output + r
+    first = f"{x_spec},{a_spec}->{mid}"
+    second = f"{mid},{r}{last}->{output}"
+    is_matmul = mid == output.replace(last, r) and output.endswith(last)
+    return first, second, is_matmul
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAEinsumDense(LoRALayer):
+    """A frozen `EinsumDense` plus a trainable low-rank update.
+
+    With `W` the kernel and `K = W.shape`, `A` (`lora_a`) has shape
+    `K[:-1] + (rank,)` and `B` (`lora_b`) has shape `(rank, K[-1])`, as in
+    Keras core, and the update of the kernel is `scale·A·B` reshaped to `K`.
+    The update is computed as `einsum(equation, x, A)` followed by `B`
+    (see `lora_equations`), never as a merged kernel. `B` starts at zero.
+
+    In `MultiHeadAttention`, `query`/`key`/`value` have the kernel
+    `(dim, heads, head_dim)`, so `A` is `(dim, heads, rank)` and `B` is
+    `(rank, head_dim)`, shared by all heads: Keras core's factoring, which
+    is not LoRA on the flattened `(dim, heads*head_dim)` matrix. The
+    `attention_output` kernel `(heads, head_dim, dim)` gives `A` of
+    `(heads, head_dim, rank)` and `B` of `(rank, dim)`, which is exactly
+    LoRA on the flattened `(heads*head_dim, dim)` matrix. An EinsumDense
+    with a 2-D kernel (a plain matmul) is exactly a `Dense` LoRA.
+
+    Args:
+        layer: the `keras.layers.EinsumDense` to adapt, built or not, float
+            or quantized to `"int8"`.
+        rank: positive integer, the rank `r` of the update.
+        alpha: positive number, or `None` for `alpha = rank`.
+        **kwargs: as for `LoRALayer`.
+    """
+
+    base_class = keras.layers.EinsumDense
+    quantization_modes = ("int8",)
+
+    def __init__(self, layer, rank=8, alpha=None, **kwargs):
+        super().__init__(layer, rank=rank, alpha=alpha, **kwargs)
+        self.supports_masking = True
+        self._first, self._second, self._is_matmul = lora_equations(self.layer.equation)
+
+    def adapter_shapes(self):
+        shape = tuple(self.layer.kernel.shape)
+        return shape[:-1] + (self.rank,), (self.rank, shape[-1])
+
+    def call(self, inputs, training=None):
+        layer = self.layer
+        dtype = inputs.dtype
+        update = ops.einsum(self._first, inputs, self._adapter(self.lora_a, dtype))
+        if self.scale != 1.0:
+            update = ops.multiply(update, ops.cast(self.scale, dtype))
+        b = self._adapter(self.lora_b, dtype)
+        if self._is_matmul:
+            update = ops.matmul(update, b)
+        else:
+            update = ops.einsum(self._second, update, b)
+        if self.quantization_mode is not None:
+            x = ops.add(self._quantized_base_call(inputs, training), update)
+        else:
+            x = ops.add(ops.einsum(layer.equation, inputs, layer.kernel), update)
+            if layer.bias is not None:
+                x = ops.add(x, layer.bias)
+        if layer.activation is not None:
+            x = layer.activation(x)
+        return x
