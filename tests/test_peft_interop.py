@@ -1,0 +1,281 @@
+"""Round trips through real `peft` and `torch`, in both directions."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lora as kl
+from keras_lora.surgery import lora_layers
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+X = np.random.default_rng(3).normal(size=(7, 6)).astype("float32")
+# torch module path -> Keras layer name, for the nn.Sequential MLP.
+TORCH_TO_KERAS = {"0": "fc1", "2": "fc2", "4": "head"}
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def keras_mlp():
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, activation="relu", name="fc1")(inputs)
+    x = keras.layers.Dense(8, activation="relu", name="fc2")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def torch_mlp_like(model):
+    """The same MLP in torch, with `model`'s base weights (kernel transposed)."""
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 3),
+    )
+    with torch.no_grad():
+        for module, name in TORCH_TO_KERAS.items():
+            kernel, bias = (_np(w) for w in model.get_layer(name).weights)
+            net.get_submodule(module).weight.copy_(torch.from_numpy(kernel.T.copy()))
+            net.get_submodule(module).bias.copy_(torch.from_numpy(bias))
+    return net
+
+
+def torch_out(net):
+    with torch.no_grad():
+        return net(torch.from_numpy(X)).numpy()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_keras_adapter_loads_in_peft_with_the_same_outputs(tmp_path, use_rslora):
+    base = keras_mlp()
+    lora = kl.apply_lora(base, rank=4, alpha=6, use_rslora=use_rslora)
+    rng = np.random.default_rng(0)
+    for _, layer in lora_layers(lora):
+        layer.lora_b.assign(rng.normal(scale=0.5, size=layer.lora_b.shape))
+    want = _np(lora(X))
+    assert np.abs(want - _np(base(X))).max() > 0.05  # the adapter matters
+
+    directory = tmp_path / "peft_adapter"
+    kl.save_adapter(lora, directory, format="peft", name_map={"fc1": "0", "fc2": "2"})
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (
+        4,
+        6,
+        use_rslora,
+    )
+    assert config["target_modules"] == ["0", "2"]
+
+    peft_model = peft.PeftModel.from_pretrained(torch_mlp_like(base), str(directory))
+    np.testing.assert_allclose(torch_out(peft_model), want, atol=1e-5)
+    a = peft_model.base_model.model[0].lora_A["default"].weight.detach().numpy()
+    np.testing.assert_array_equal(a, _np(dict(lora_layers(lora))["fc1"].lora_a).T)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_peft_adapter_loads_in_keras_with_the_same_outputs(tmp_path, use_rslora):
+    base = keras_mlp()
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["0", "2"], use_rslora=use_rslora
+    )
+    peft_model = peft.get_peft_model(torch_mlp_like(base), config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    want = torch_out(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "from_torch"))
+
+    restored = kl.load_adapter(
+        base, tmp_path / "from_torch", name_map={"0": "fc1", "2": "fc2"}
+    )
+    np.testing.assert_allclose(_np(restored(X)), want, atol=1e-5)
+    layer = dict(lora_layers(restored))["fc1"]
+    assert (layer.rank, layer.alpha, layer.use_rslora) == (4, 16.0, use_rslora)
+    assert layer.scale == pytest.approx(16 / 2 if use_rslora else 16 / 4)
+
+
+def test_round_trip_keras_peft_keras_with_a_callable_map(tmp_path):
+    base = keras_mlp()
+    lora = kl.apply_lora(base, rank=2, alpha=4)
+    rng = np.random.default_rng(1)
+    for _, layer in lora_layers(lora):
+        layer.lora_b.assign(rng.normal(size=layer.lora_b.shape))
+    inverse = {v: k for k, v in TORCH_TO_KERAS.items()}
+    kl.save_adapter(lora, tmp_path / "p", format="peft", name_map=inverse.get)
+    target = kl.apply_lora(base, rank=2, alpha=4)  # shares base weights
+    assert (
+        kl.load_adapter(target, tmp_path / "p", name_map=TORCH_TO_KERAS.get) is target
+    )
+    np.testing.assert_allclose(_np(target(X)), _np(lora(X)), atol=1e-6)
+
+
+def test_default_rule_maps_dots_to_slashes(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(x))
+
+    net = Net()
+    peft_model = peft.get_peft_model(
+        net, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["encoder.0", "head"])
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.25)
+    want = torch_out(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "nested"))
+
+    # Keras: a nested model "encoder" holding a Dense named "0": path "encoder/0".
+    enc_in = keras.Input((6,))
+    encoder = keras.Model(
+        enc_in,
+        keras.layers.Dense(8, activation="tanh", name="0")(enc_in),
+        name="encoder",
+    )
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(encoder(inputs)))
+    linear = peft_model.base_model.model
+    for layer, module in (
+        (encoder.get_layer("0"), linear.encoder[0]),
+        (model.get_layer("head"), linear.head),
+    ):
+        layer.set_weights(
+            [
+                module.base_layer.weight.detach().numpy().T,
+                module.base_layer.bias.detach().numpy(),
+            ]
+        )
+    restored = kl.load_adapter(model, tmp_path / "nested")
+    assert [p for p, _ in lora_layers(restored)] == ["encoder/0", "head"]
+    np.testing.assert_allclose(_np(restored(X)), want, atol=1e-5)
+
+    # And back: Keras paths become the same PEFT module paths.
+    kl.save_adapter(restored, tmp_path / "back", format="peft")
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["encoder.0", "head"]
+
+
+def test_unmapped_peft_module_lists_both_sides(tmp_path):
+    peft_model = peft.get_peft_model(
+        torch_mlp_like(keras_mlp()), peft.LoraConfig(r=2, target_modules=["0", "2"])
+    )
+    peft_model.save_pretrained(str(tmp_path / "p"))
+    base = keras_mlp()
+    with pytest.raises(ValueError, match=r"(?s)map to no Keras layer.*'0'.*'2'.*fc1"):
+        kl.load_adapter(base, tmp_path / "p")
+    with pytest.raises(ValueError, match=r"(?s)map to no Keras layer.*'2'"):
+        kl.load_adapter(base, tmp_path / "p", name_map={"0": "fc1"})
+    with pytest.warns(UserWarning, match="'2'"):
+        restored = kl.load_adapter(
+            base, tmp_path / "p", name_map={"0": "fc1"}, strict=False
+        )
+    assert [p for p, _ in lora_layers(restored)] == ["fc1"]
+
+
+def write_peft_dir(directory, config_changes=(), tensors=None):
+    """A valid two-module PEFT directory, with `config_changes` applied."""
+    import safetensors.numpy
+
+    directory.mkdir()
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["0"]}
+    config.update(dict(config_changes))
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    if tensors is None:
+        tensors = {
+            "base_model.model.0.lora_A.weight": np.ones((2, 6), "float32"),
+            "base_model.model.0.lora_B.weight": np.ones((8, 2), "float32"),
+        }
+    safetensors.numpy.save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"use_dora": True}, "use_dora=True"),
+        ({"peft_type": "IA3"}, "peft_type='IA3'"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"modules_to_save": ["4"]}, "modules_to_save"),
+        ({"rank_pattern": {"0": 4}}, "rank_pattern"),
+        ({"some_future_field": 3}, "some_future_field=3"),
+        ({"r": 0}, "`r` must be a positive integer"),
+        ({"r": 3}, "says r=3"),
+        ({"lora_alpha": -1}, "`lora_alpha` must be a positive number"),
+    ],
+)
+def test_refuses_what_it_cannot_represent(tmp_path, changes, message):
+    directory = write_peft_dir(tmp_path / "p", changes)
+    base = keras_mlp()
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        kl.load_adapter(base, directory, name_map={"0": "fc1"})
+
+
+def test_accepts_neutral_unknown_fields_and_training_only_ones(tmp_path):
+    directory = write_peft_dir(
+        tmp_path / "p",
+        {
+            "some_future_field": None,
+            "lora_dropout": 0.1,
+            "init_lora_weights": "gaussian",
+        },
+    )
+    restored = kl.load_adapter(keras_mlp(), directory, name_map={"0": "fc1"})
+    np.testing.assert_array_equal(_np(dict(lora_layers(restored))["fc1"].lora_a), 1.0)
+
+
+def test_pickle_only_and_broken_directories(tmp_path):
+    directory = tmp_path / "bin_only"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2})
+    )
+    (directory / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match="pickle"):
+        kl.load_adapter(keras_mlp(), directory)
+    (directory / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        kl.load_adapter(keras_mlp(), directory)
+    half = write_peft_dir(
+        tmp_path / "half",
+        tensors={"base_model.model.0.lora_A.weight": np.ones((2, 6), "float32")},
+    )
+    with pytest.raises(ValueError, match="incomplete"):
+        kl.load_adapter(keras_mlp(), half, name_map={"0": "fc1"})
+    weights = write_peft_dir(tmp_path / "trunc") / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        kl.load_adapter(keras_mlp(), weights.parent, name_map={"0": "fc1"})
+
+
+def test_shape_mismatch_from_peft_names_layer_and_shapes(tmp_path):
+    directory = write_peft_dir(tmp_path / "p")
+    # fc2 takes 8 inputs, the adapter was made for 6.
+    with pytest.raises(ValueError, match=r"layer 'fc2' lora_a.*\(8, 2\).*\(6, 2\)"):
+        kl.load_adapter(keras_mlp(), directory, name_map={"0": "fc2"})
+
+
+def test_peft_save_refusals(tmp_path):
+    lora = kl.apply_lora(keras_mlp(), rank=2)
+    dict(lora_layers(lora))["fc1"].alpha = 5.0
+    with pytest.raises(ValueError, match="one rank, alpha and scale rule"):
+        kl.save_adapter(lora, tmp_path / "p", format="peft")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        kl.save_adapter(lora, tmp_path / "file", format="peft")
+    lora = kl.apply_lora(keras_mlp(), rank=2)
+    with pytest.raises(ValueError, match="two Keras layers"):
+        kl.save_adapter(lora, tmp_path / "p", format="peft", name_map=lambda p: "0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
