@@ -159,12 +159,17 @@ def _positive_int(text):
     return value
 
 
-def _load_model(path):
+def _check_input_file(path):
     path = Path(path)
     if not path.exists():
         raise InputError(f"no such file: '{path}'")
     if path.is_dir():
         raise InputError(f"'{path}' is a directory; expected a .keras model file")
+    return path
+
+
+def _load_model(path):
+    path = _check_input_file(path)
     import keras
 
     import keras_lora  # noqa: F401  (registers the LoRA layer classes)
@@ -185,7 +190,7 @@ def _check_keras_output(path):
 def _inspect(args):
     import numpy as np
 
-    from keras_lora.layers import LoRALayer, lora_class_for
+    from keras_lora.layers import lora_class_for
     from keras_lora.summary import trainable_summary
     from keras_lora.surgery import apply_lora, lora_layers
     from keras_lora.targets import iter_layers, match_layers
@@ -322,6 +327,7 @@ def _parse_name_map(pairs):
 def _export(args):
     import keras
 
+    _check_input_file(args.model)
     if keras.backend.backend() != "tensorflow":
         # A .keras file is backend-neutral: export it under TensorFlow.
         command = [

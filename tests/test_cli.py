@@ -1,0 +1,228 @@
+"""The keras-lora command line. Most checks call `main` in process; a few
+run the installed console script and `python -m keras_lora`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lora as kl
+from keras_lora.cli import main
+from keras_lora.surgery import lora_layers
+from keras_lora.targets import iter_layers
+
+X = np.random.default_rng(5).normal(size=(4, 6)).astype("float32")
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def mlp():
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(16, activation="relu", name="fc1")(inputs)
+    x = keras.layers.Dense(16, activation="relu", name="fc2")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x), name="mlp")
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A saved base model, its LoRA model, and that model's adapter file."""
+    base = mlp()
+    lora = kl.apply_lora(base, rank=2, alpha=4)
+    rng = np.random.default_rng(0)
+    for _, layer in lora_layers(lora):
+        layer.lora_b.assign(rng.normal(size=layer.lora_b.shape))
+    base.save(tmp_path / "base.keras")
+    lora.save(tmp_path / "lora.keras")
+    kl.save_adapter(lora, tmp_path / "task.safetensors")
+    return tmp_path, _np(lora(X))
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keras-lora: error: "), err
+    assert "Traceback" not in err
+
+
+def test_inspect_plain_model(files, capsys):
+    tmp, _ = files
+    status, out, _ = run(capsys, "inspect", tmp / "base.keras", "--rank", 4)
+    assert status == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
+    # path, type, kernel shape (2 tokens), rank, params, target
+    assert rows["fc1"][1:] == ["Dense", "(6,", "16)", "4", "88", "yes"]
+    assert rows["head"][-2:] == ["76", "no"]  # an output layer: not a default target
+    # LoRA on fc1 and fc2 at rank 4: 88 + 128 trainable; base 112 + 272 + 51.
+    assert out.splitlines()[-1] == (
+        "trainable params: 216 || all params: 651 || trainable%: 33.1797"
+    )
+
+
+def test_inspect_targets_and_lora_models(files, capsys):
+    tmp, _ = files
+    status, out, _ = run(
+        capsys, "inspect", tmp / "base.keras", "--targets", "fc2", "he.*"
+    )
+    assert status == 0
+    targeted = [line.split()[0] for line in out.splitlines() if line.endswith("yes")]
+    assert targeted == ["fc2", "head"]
+    status, _, err = run(capsys, "inspect", tmp / "base.keras", "--targets", "nope")
+    assert status == 2 and "matches no layer" in err
+    assert_one_line_error(err)
+    status, out, _ = run(capsys, "inspect", tmp / "lora.keras")
+    assert status == 0
+    assert [line.split()[0] for line in out.splitlines()[1:-1]] == ["fc1", "fc2"]
+    assert "LoRADense" in out and "trainable%" in out
+
+
+def test_merge(files, capsys):
+    tmp, want = files
+    status, out, _ = run(capsys, "merge", tmp / "lora.keras", tmp / "merged.keras")
+    assert status == 0 and "merged.keras" in out
+    merged = keras.saving.load_model(tmp / "merged.keras")
+    assert not lora_layers(merged)
+    np.testing.assert_allclose(_np(merged(X)), want, atol=1e-5)
+    status, _, err = run(capsys, "merge", tmp / "base.keras", tmp / "m2.keras")
+    assert status == 2 and "no LoRA layers" in err
+    assert not (tmp / "m2.keras").exists()
+
+
+def test_apply_adapter_file_and_merge(files, capsys):
+    tmp, want = files
+    status, _, _ = run(
+        capsys, "apply", tmp / "base.keras", tmp / "task.safetensors", tmp / "out.keras"
+    )
+    assert status == 0
+    out_model = keras.saving.load_model(tmp / "out.keras")
+    assert [p for p, _ in lora_layers(out_model)] == ["fc1", "fc2"]
+    np.testing.assert_allclose(_np(out_model(X)), want, atol=1e-6)
+    status, _, _ = run(
+        capsys,
+        "apply",
+        tmp / "base.keras",
+        tmp / "task.safetensors",
+        tmp / "merged.keras",
+        "--merge",
+    )
+    assert status == 0
+    merged = keras.saving.load_model(tmp / "merged.keras")
+    assert not lora_layers(merged)
+    np.testing.assert_allclose(_np(merged(X)), want, atol=1e-5)
+
+
+def test_apply_peft_directory_with_name_map(files, capsys):
+    tmp, want = files
+    lora = keras.saving.load_model(tmp / "lora.keras")
+    kl.save_adapter(
+        lora, tmp / "peft", format="peft", name_map={"fc1": "0", "fc2": "2"}
+    )
+    argv = ["apply", tmp / "base.keras", tmp / "peft", tmp / "out.keras"]
+    status, _, err = run(capsys, *argv)
+    assert status == 2 and "map to no Keras layer" in err
+    assert_one_line_error(err)
+    status, _, _ = run(capsys, *argv, "--name-map", "0=fc1", "2=fc2")
+    assert status == 0
+    out_model = keras.saving.load_model(tmp / "out.keras")
+    np.testing.assert_allclose(_np(out_model(X)), want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "{tmp}/missing.keras"],
+        ["inspect", "{tmp}"],
+        ["inspect", "{tmp}/garbage.keras"],
+        ["merge", "{tmp}/missing.keras", "{tmp}/o.keras"],
+        ["merge", "{tmp}/lora.keras", "{tmp}/o.h5"],
+        ["apply", "{tmp}/base.keras", "{tmp}/missing.safetensors", "{tmp}/o.keras"],
+        ["apply", "{tmp}/base.keras", "{tmp}/garbage.keras", "{tmp}/o.keras"],
+        [
+            "apply",
+            "{tmp}/base.keras",
+            "{tmp}/task.safetensors",
+            "{tmp}/o.keras",
+            "--name-map",
+            "nonsense",
+        ],
+        ["export", "{tmp}/missing.keras", "{tmp}/out"],
+    ],
+    ids=lambda argv: "-".join(a.rsplit("/", 1)[-1] for a in argv),
+)
+def test_bad_input_is_one_line_and_status_2(files, capsys, argv):
+    tmp, _ = files
+    (tmp / "garbage.keras").write_bytes(b"this is no zip file")
+    status, _, err = run(capsys, *(a.format(tmp=tmp) for a in argv))
+    assert status == 2
+    assert_one_line_error(err)
+    assert not (tmp / "o.keras").exists() and not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("command", [None, "inspect", "merge", "apply", "export"])
+def test_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: keras-lora")
+    if command:
+        assert f"keras-lora {command}" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in (
+        [],
+        ["frobnicate"],
+        ["inspect"],
+        ["inspect", "m.keras", "--rank", "0"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_export_uses_tensorflow(files, capsys):
+    """On the JAX and torch backends this runs `python -m keras_lora export`
+    in a TensorFlow subprocess; on TensorFlow it exports in process."""
+    tmp, want = files
+    status = main(["export", str(tmp / "lora.keras"), str(tmp / "saved")])
+    assert status == 0
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(tmp / "saved"))
+    served = loaded.serve(tf.constant(X)).numpy()
+    np.testing.assert_allclose(served, want, atol=1e-5)
+    assert not any(name.startswith(".") for name in os.listdir(tmp))
+
+
+def test_console_script_reports_missing_input(tmp_path):
+    script = Path(sys.executable).with_name("keras-lora")
+    result = subprocess.run(
+        [str(script), "merge", str(tmp_path / "nope.keras"), str(tmp_path / "o.keras")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"keras-lora: error: no such file: '{tmp_path / 'nope.keras'}'"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_paths_in_adapter_match_the_model(files):
+    tmp, _ = files
+    model = keras.saving.load_model(tmp / "lora.keras")
+    assert [p for p, _ in iter_layers(model)] == ["fc1", "fc2", "head"]
