@@ -222,7 +222,7 @@ def test_console_script_reports_missing_input(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_paths_in_adapter_match_the_model(files):
+def test_reloaded_lora_model_keeps_layer_paths(files):
     tmp, _ = files
     model = keras.saving.load_model(tmp / "lora.keras")
     assert [p for p, _ in iter_layers(model)] == ["fc1", "fc2", "head"]

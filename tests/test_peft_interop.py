@@ -267,6 +267,16 @@ def test_shape_mismatch_from_peft_names_layer_and_shapes(tmp_path):
         kl.load_adapter(keras_mlp(), directory, name_map={"0": "fc2"})
 
 
+def test_linear_adapter_into_a_non_dense_layer_is_refused(tmp_path):
+    directory = write_peft_dir(tmp_path / "p")
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, name="fc1")(inputs)
+    x = keras.layers.LayerNormalization(name="norm")(x)
+    model = keras.Model(inputs, x)
+    with pytest.raises(ValueError, match="'norm' of type LayerNormalization"):
+        kl.load_adapter(model, directory, name_map={"0": "norm"})
+
+
 def test_peft_save_refusals(tmp_path):
     lora = kl.apply_lora(keras_mlp(), rank=2)
     dict(lora_layers(lora))["fc1"].alpha = 5.0

@@ -50,8 +50,8 @@ def save(model, path):
         )
     tensors, layers = {}, {}
     for layer_path, layer in lora_layers(model):
-        a = keras.ops.convert_to_numpy(layer.lora_a)
-        b = keras.ops.convert_to_numpy(layer.lora_b)
+        a = keras.ops.convert_to_numpy(layer.lora_a.value)
+        b = keras.ops.convert_to_numpy(layer.lora_b.value)
         tensors[f"{layer_path}/lora_a"] = np.ascontiguousarray(a)
         tensors[f"{layer_path}/lora_b"] = np.ascontiguousarray(b)
         layers[layer_path] = {

@@ -118,8 +118,8 @@ def save(model, directory, name_map):
                 f"`name_map` maps two Keras layers to PEFT module {module!r}."
             )
         modules.append(module)
-        a = keras.ops.convert_to_numpy(layer.lora_a)
-        b = keras.ops.convert_to_numpy(layer.lora_b)
+        a = keras.ops.convert_to_numpy(layer.lora_a.value)
+        b = keras.ops.convert_to_numpy(layer.lora_b.value)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
     config = {
@@ -201,6 +201,13 @@ def read(directory, name_map, model_layers, strict):
         if path is None:
             unmapped.append(module)
             continue
+        layer = dict(model_layers)[path]
+        if not isinstance(getattr(layer, "layer", layer), keras.layers.Dense):
+            raise ValueError(
+                f"PEFT module {module!r} is a Linear adapter, but it maps to "
+                f"layer '{path}' of type {type(layer).__name__}; keras_lora "
+                "loads PEFT Linear adapters into Dense layers only."
+            )
         adapters.append(
             LayerAdapter(
                 f"{PREFIX}{module}", path, a.T.copy(), b.T.copy(), alpha, use_rslora
