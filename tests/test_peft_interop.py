@@ -289,3 +289,113 @@ def test_peft_save_refusals(tmp_path):
     with pytest.raises(ValueError, match="two Keras layers"):
         kl.save_adapter(lora, tmp_path / "p", format="peft", name_map=lambda p: "0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def token_models():
+    """Embedding -> Conv1D -> mean -> Dense, in Keras and (same weights) torch."""
+    inputs = keras.Input((7,), dtype="int32")
+    x = keras.layers.Embedding(20, 8, name="emb")(inputs)
+    x = keras.layers.Conv1D(6, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(x))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8)
+            self.conv = torch.nn.Conv1d(8, 6, 3)
+            self.fc = torch.nn.Linear(6, 2)
+
+        def forward(self, ids):
+            x = self.emb(ids).transpose(1, 2)  # (batch, channels, steps)
+            return self.fc(torch.relu(self.conv(x)).mean(dim=2))
+
+    net = Net()
+    with torch.no_grad():
+        (table,) = (_np(w) for w in model.get_layer("emb").weights)
+        net.emb.weight.copy_(torch.from_numpy(table))
+        kernel, bias = (_np(w) for w in model.get_layer("conv").weights)
+        net.conv.weight.copy_(torch.from_numpy(kernel.transpose(2, 1, 0).copy()))
+        net.conv.bias.copy_(torch.from_numpy(bias))
+        kernel, bias = (_np(w) for w in model.get_layer("fc").weights)
+        net.fc.weight.copy_(torch.from_numpy(kernel.T.copy()))
+        net.fc.bias.copy_(torch.from_numpy(bias))
+    ids = np.random.default_rng(2).integers(0, 20, size=(4, 7)).astype("int32")
+    return model, net, ids, lambda out: out
+
+
+def image_models():
+    """A Conv2D (channels_last) and a torch Conv2d (NCHW) with the same weights."""
+    inputs = keras.Input((6, 6, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs))
+    net = torch.nn.Sequential()
+    net.add_module("conv", torch.nn.Conv2d(3, 4, 3))
+    with torch.no_grad():
+        kernel, bias = (_np(w) for w in model.get_layer("conv").weights)
+        net.conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+        net.conv.bias.copy_(torch.from_numpy(bias))
+    images = np.random.default_rng(2).normal(size=(2, 6, 6, 3)).astype("float32")
+
+    class NCHW(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    return model, net, images, NCHW
+
+
+def run_torch(net, x, wrap):
+    with torch.no_grad():
+        return wrap(net)(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize(
+    "models", [token_models, image_models], ids=["emb-conv1d", "conv2d"]
+)
+def test_embedding_and_conv_adapters_to_peft(tmp_path, models):
+    model, net, x, wrap = models()
+    targets = ["emb", "conv"] if models is token_models else ["conv"]
+    lora = kl.apply_lora(model, targets=targets, rank=2, alpha=3)
+    rng = np.random.default_rng(4)
+    for _, layer in lora_layers(lora):
+        for v in (layer.lora_a, layer.lora_b):
+            v.assign(rng.normal(scale=0.3, size=v.shape))
+    want = _np(lora(x))
+    assert np.abs(want - _np(model(x))).max() > 0.01
+    kl.save_adapter(lora, tmp_path / "p", format="peft")
+    peft_model = peft.PeftModel.from_pretrained(net, str(tmp_path / "p"))
+    np.testing.assert_allclose(run_torch(peft_model, x, wrap), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "models", [token_models, image_models], ids=["emb-conv1d", "conv2d"]
+)
+def test_embedding_and_conv_adapters_from_peft(tmp_path, models):
+    model, net, x, wrap = models()
+    targets = ["emb", "conv"] if models is token_models else ["conv"]
+    peft_model = peft.get_peft_model(
+        net, peft.LoraConfig(r=2, lora_alpha=5, target_modules=targets)
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    want = run_torch(peft_model, x, wrap)
+    peft_model.save_pretrained(str(tmp_path / "p"))
+    restored = kl.load_adapter(model, tmp_path / "p")
+    assert [p for p, _ in lora_layers(restored)] == targets
+    np.testing.assert_allclose(_np(restored(x)), want, atol=1e-5)
+
+
+def test_dilated_conv_is_refused_for_peft(tmp_path):
+    inputs = keras.Input((9, 3))
+    model = keras.Model(
+        inputs, keras.layers.Conv1D(4, 3, dilation_rate=2, name="c")(inputs)
+    )
+    lora = kl.apply_lora(model, targets=["c"], rank=2)
+    with pytest.raises(ValueError, match="dilated convolution"):
+        kl.save_adapter(lora, tmp_path / "p", format="peft")

@@ -3,9 +3,14 @@
 What `peft.PeftModel.from_pretrained` and `save_pretrained` read and write,
 without importing `peft` or `torch`:
 
-- tensors `base_model.model.<module path>.lora_A.weight` of shape `[r, in]`
-  and `...lora_B.weight` of shape `[out, r]`: the transposes of our
-  `lora_a` `(in, r)` and `lora_b` `(r, out)`;
+- for a Linear (our `Dense`), tensors `base_model.model.<module path>.lora_A.weight`
+  of shape `[r, in]` and `...lora_B.weight` of shape `[out, r]`: the
+  transposes of our `lora_a` `(in, r)` and `lora_b` `(r, out)`;
+- for an Embedding, `...lora_embedding_A` `[r, vocab]` and
+  `...lora_embedding_B` `[dim, r]`, again the transposes of ours;
+- for a Conv1d/2d/3d, `...lora_A.weight` `[r, in, *kernel_size]` (our
+  `(*kernel_size, in, r)`) and `...lora_B.weight` `[out, r, 1, ...]` (our
+  `(r, out)`), torch's conv layout against Keras's;
 - PEFT computes `x·Aᵀ·Bᵀ·scaling` with `scaling = lora_alpha / r`, or
   `lora_alpha / sqrt(r)` with `use_rslora`: the same as our `scale`.
 
@@ -34,7 +39,11 @@ from keras_lora.surgery import lora_layers
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\."
+    r"(?P<name>lora_[AB]\.weight|lora_embedding_[AB])$"
+)
+CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 # Config fields that change nothing about the saved weights' meaning: kept
 # for information, or used only while training or to pick target modules.
@@ -97,11 +106,7 @@ def save(model, directory, name_map):
         )
     layers = lora_layers(model)
     for path, layer in layers:
-        if not isinstance(layer.layer, keras.layers.Dense):
-            raise ValueError(
-                f"save_adapter(format='peft') supports Dense layers only; "
-                f"layer '{path}' is a {type(layer).__name__}."
-            )
+        _check_keras_layer(layer.layer, path, "save_adapter(format='peft')")
     settings = {(layer.rank, layer.alpha, layer.use_rslora) for _, layer in layers}
     if len(settings) > 1:
         raise ValueError(
@@ -120,8 +125,10 @@ def save(model, directory, name_map):
         modules.append(module)
         a = keras.ops.convert_to_numpy(layer.lora_a.value)
         b = keras.ops.convert_to_numpy(layer.lora_b.value)
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        kind = _keras_kind(layer.layer)
+        names = _tensor_names(kind)
+        for name, array in zip(names, _to_peft_layout(kind, a, b), strict=True):
+            tensors[f"{PREFIX}{module}.{name}"] = array
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -171,26 +178,38 @@ def read(directory, name_map, model_layers, strict):
         if match is None:
             unknown.append(key)
             continue
-        pairs.setdefault(match["module"], {})[match["which"]] = (key, array)
+        pairs.setdefault(match["module"], {})[match["name"]] = array
     report(
         [repr(k) for k in sorted(unknown)],
         strict,
         f"PEFT adapter '{directory}' has tensors that are no LoRA A/B weight "
-        "(keras_lora reads `base_model.model.<module>.lora_A.weight` and "
-        "`.lora_B.weight`)",
+        "(keras_lora reads `base_model.model.<module>.lora_A.weight`, "
+        "`.lora_B.weight`, `.lora_embedding_A` and `.lora_embedding_B`)",
     )
     adapters, unmapped = [], []
     for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
+        kind = (
+            "Embedding"
+            if "lora_embedding_A" in pair or ("lora_embedding_B" in pair)
+            else None
+        )
+        names = _tensor_names(kind or "Linear")
+        if sorted(pair) != sorted(names):
             raise ValueError(
-                f"PEFT adapter '{directory}' is incomplete: module {module!r} "
-                f"has lora_{''.join(sorted(pair))} but not the other half."
+                f"PEFT adapter '{directory}' is incomplete or mixed: module "
+                f"{module!r} has {sorted(pair)}, expected {list(names)}."
             )
-        a, b = pair["A"][1], pair["B"][1]
-        if a.ndim != 2 or b.ndim != 2:
+        a, b = pair[names[0]], pair[names[1]]
+        kind = kind or _peft_kind(a)
+        if (
+            kind is None
+            or a.ndim != b.ndim
+            or (b.ndim > 2 and any(d != 1 for d in b.shape[2:]))
+        ):
             raise ValueError(
-                f"PEFT module {module!r}: keras_lora reads Linear adapters "
-                f"(2-D lora_A and lora_B). Received shapes {a.shape} and {b.shape}."
+                f"PEFT module {module!r}: keras_lora reads Linear, Embedding and "
+                f"Conv1d/2d/3d adapters. Received lora_A shape {a.shape} and "
+                f"lora_B shape {b.shape}."
             )
         if a.shape[0] != rank or b.shape[1] != rank:
             raise ValueError(
@@ -202,16 +221,17 @@ def read(directory, name_map, model_layers, strict):
             unmapped.append(module)
             continue
         layer = dict(model_layers)[path]
-        if not isinstance(getattr(layer, "layer", layer), keras.layers.Dense):
+        base = getattr(layer, "layer", layer)
+        if _keras_kind(base) != kind:
             raise ValueError(
-                f"PEFT module {module!r} is a Linear adapter, but it maps to "
-                f"layer '{path}' of type {type(layer).__name__}; keras_lora "
-                "loads PEFT Linear adapters into Dense layers only."
+                f"PEFT module {module!r} is a {kind} adapter, but it maps to "
+                f"layer '{path}' of type {type(layer).__name__}; a {kind} "
+                f"adapter loads into a {_keras_type_name(kind)} layer."
             )
+        _check_keras_layer(base, path, "load_adapter")
+        a, b = _to_keras_layout(kind, a, b)
         adapters.append(
-            LayerAdapter(
-                f"{PREFIX}{module}", path, a.T.copy(), b.T.copy(), alpha, use_rslora
-            )
+            LayerAdapter(f"{PREFIX}{module}", path, a, b, alpha, use_rslora)
         )
     if unmapped:
         report(
@@ -340,3 +360,71 @@ def _neutral(value):
 
 def _number(value):
     return int(value) if float(value).is_integer() else float(value)
+
+
+def _keras_type_name(kind):
+    if kind.startswith("Conv"):
+        return kind[:-1] + "D"  # "Conv2d" -> "Conv2D"
+    return {"Linear": "Dense", "Embedding": "Embedding"}[kind]
+
+
+def _keras_kind(layer):
+    """The PEFT module kind matching a Keras base layer, or `None`."""
+    if isinstance(layer, keras.layers.Dense):
+        return "Linear"
+    if isinstance(layer, keras.layers.Embedding):
+        return "Embedding"
+    if isinstance(layer, CONV_TYPES):
+        return f"Conv{len(layer.kernel_size)}d"
+    return None
+
+
+def _peft_kind(a):
+    if a.ndim == 2:
+        return "Linear"
+    if a.ndim in (3, 4, 5):
+        return f"Conv{a.ndim - 2}d"
+    return None
+
+
+def _check_keras_layer(layer, path, function):
+    kind = _keras_kind(layer)
+    if kind is None:
+        raise ValueError(
+            f"{function}: PEFT interop covers Dense, Embedding and "
+            f"Conv1D/2D/3D layers; layer '{path}' is a {type(layer).__name__}."
+        )
+    if kind.startswith("Conv") and any(d != 1 for d in layer.dilation_rate):
+        raise ValueError(
+            f"{function}: layer '{path}' is a dilated convolution "
+            f"(dilation_rate={layer.dilation_rate}). PEFT applies lora_A "
+            "without dilation and keras_lora with it, so the outputs would "
+            "differ; PEFT interop supports dilation 1 only."
+        )
+
+
+def _tensor_names(kind):
+    if kind == "Embedding":
+        return ("lora_embedding_A", "lora_embedding_B")
+    return ("lora_A.weight", "lora_B.weight")
+
+
+def _to_keras_layout(kind, a, b):
+    """PEFT's A, B -> our `lora_a`, `lora_b`."""
+    if kind.startswith("Conv"):
+        a = np.transpose(a, (*range(2, a.ndim), 1, 0))  # [r, in, *k] -> (*k, in, r)
+        b = b.reshape(b.shape[:2]).T  # [out, r, 1, ...] -> (r, out)
+    else:
+        a, b = a.T, b.T
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def _to_peft_layout(kind, a, b):
+    """Our `lora_a`, `lora_b` -> PEFT's A, B."""
+    if kind.startswith("Conv"):
+        spatial = a.ndim - 2
+        a = np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(spatial)))
+        b = b.T.reshape(b.shape[1], b.shape[0], *(1,) * spatial)
+    else:
+        a, b = a.T, b.T
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
