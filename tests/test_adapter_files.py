@@ -1,5 +1,6 @@
 """The keras_lora adapter file: save_adapter / load_adapter."""
 
+import inspect
 import json
 import os
 import warnings
@@ -342,3 +343,31 @@ def test_saving_warns_about_trainable_weights_outside_the_adapter(tmp_path):
         kl.save_adapter(
             kl.apply_lora(nested_model(), rank=2), tmp_path / "b.safetensors"
         )
+
+
+HAS_VARIANTS = "use_dora" in inspect.signature(kl.LoRALayer.__init__).parameters
+
+
+@pytest.mark.skipif(not HAS_VARIANTS, reason="needs DoRA/PiSSA/named adapters")
+def test_variants_a_file_cannot_hold_are_refused(tmp_path):
+    base = nested_model()
+    for options, message in (
+        ({"use_dora": True}, "uses DoRA"),
+        ({"init": "pissa"}, "rewrites the base kernel"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            kl.save_adapter(kl.apply_lora(base, rank=2, **options), tmp_path / "v")
+    lora = kl.apply_lora(base, rank=2)
+    layer = dict(lora_layers(lora))["left"]
+    layer.add_adapter("other", rank=4)
+    with pytest.warns(
+        UserWarning, match=r"(?s)active adapter only.*'left': \['other'\]"
+    ):
+        kl.save_adapter(lora, tmp_path / "a.safetensors")
+    layer.set_active_adapters(["default", "other"])
+    with pytest.raises(ValueError, match="several active adapters"):
+        kl.save_adapter(lora, tmp_path / "a.safetensors")
+    dora = kl.apply_lora(base, rank=2, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA, PiSSA or OLoRA layer"):
+        kl.load_adapter(dora, tmp_path / "a.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]

@@ -29,9 +29,13 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from keras_lora.adapters.loading import LayerAdapter, report, resolve_layer
+from keras_lora.adapters.loading import (
+    LayerAdapter,
+    report,
+    resolve_layer,
+    savable_lora_layers,
+)
 from keras_lora.atomic import atomic_output
-from keras_lora.surgery import lora_layers
 
 METADATA_KEY = "keras_lora"
 FORMAT_VERSION = 1
@@ -49,7 +53,7 @@ def save(model, path):
             "is a directory. Pass a file path such as 'adapter.safetensors'."
         )
     tensors, layers = {}, {}
-    for layer_path, layer in lora_layers(model):
+    for layer_path, layer in savable_lora_layers(model, "save_adapter"):
         a = keras.ops.convert_to_numpy(layer.lora_a.value)
         b = keras.ops.convert_to_numpy(layer.lora_b.value)
         tensors[f"{layer_path}/lora_a"] = np.ascontiguousarray(a)

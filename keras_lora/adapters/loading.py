@@ -69,6 +69,44 @@ def resolve_layer(target, layers, argument="name_map"):
     return hits[0][0]
 
 
+def savable_lora_layers(model, function):
+    """`lora_layers(model)`, after checking an adapter file can hold them.
+
+    A file holds one plain `A·B` pair per layer. Refused: DoRA (a magnitude
+    vector), PiSSA/OLoRA inits (their layers hold a residual kernel that the
+    base model lacks) and several active adapters on one layer. Inactive
+    extra adapters are left out with a warning.
+    """
+    layers = lora_layers(model)
+    problems, skipped = [], []
+    for path, layer in layers:
+        if getattr(layer, "use_dora", False):
+            problems.append(f"'{path}' uses DoRA (use_dora=True)")
+        if getattr(layer, "init", "default") in ("pissa", "olora"):
+            problems.append(
+                f"'{path}' uses init={layer.init!r}, which rewrites the base "
+                "kernel: the adapter alone cannot restore it"
+            )
+        active = list(getattr(layer, "active_adapters", [None]))
+        names = list(getattr(layer, "adapter_names", [None]))
+        if len(active) > 1:
+            problems.append(f"'{path}' has several active adapters {active}")
+        elif len(names) > 1:
+            skipped.append(f"'{path}': {[n for n in names if n not in active]}")
+    if problems:
+        raise ValueError(
+            f"{function}: an adapter file holds one plain LoRA adapter per "
+            "layer, which these layers do not fit:\n  " + "\n  ".join(problems)
+        )
+    if skipped:
+        warnings.warn(
+            f"{function} saves each layer's active adapter only; left out:\n  "
+            + "\n  ".join(skipped),
+            stacklevel=user_stacklevel(),
+        )
+    return layers
+
+
 def user_stacklevel():
     """The `stacklevel` that makes a warning point at the caller of keras_lora."""
     frame, level = sys._getframe(1), 1
@@ -200,6 +238,16 @@ def _check_and_assign(model, adapters, source, warn_scale=True):
     plan = []
     for adapter in adapters:
         layer = layers[adapter.path]
+        if getattr(layer, "use_dora", False) or getattr(layer, "init", None) in (
+            "pissa",
+            "olora",
+        ):
+            raise ValueError(
+                f"Layer '{adapter.path}' of model '{model.name}' is a DoRA, "
+                "PiSSA or OLoRA layer; "
+                f"{source} holds a plain LoRA adapter, which would not "
+                "reproduce it. Load into a plain LoRA layer or the base model."
+            )
         for name, array in (("lora_a", adapter.a), ("lora_b", adapter.b)):
             variable = getattr(layer, name)
             expected = tuple(variable.shape)

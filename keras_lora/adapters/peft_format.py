@@ -32,9 +32,13 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from keras_lora.adapters.loading import LayerAdapter, report, resolve_layer
+from keras_lora.adapters.loading import (
+    LayerAdapter,
+    report,
+    resolve_layer,
+    savable_lora_layers,
+)
 from keras_lora.atomic import atomic_output
-from keras_lora.surgery import lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,7 +108,7 @@ def save(model, directory, name_map):
             f"save_adapter(format='peft') writes a directory, but '{directory}' "
             "is a file."
         )
-    layers = lora_layers(model)
+    layers = savable_lora_layers(model, "save_adapter(format='peft')")
     for path, layer in layers:
         _check_keras_layer(layer.layer, path, "save_adapter(format='peft')")
     settings = {(layer.rank, layer.alpha, layer.use_rslora) for _, layer in layers}
