@@ -12,6 +12,7 @@ import safetensors
 import safetensors.numpy
 
 import keras_lora as kl
+from keras_lora.layers import lora_class_for
 from keras_lora.surgery import lora_layers
 from keras_lora.targets import iter_layers
 
@@ -247,6 +248,26 @@ def test_name_map_renames_stored_paths(trained):
         _np(dict(lora_layers(restored))["links"].lora_a),
         _np(dict(lora_layers(lora))["left"].lora_a),
     )
+
+
+def test_layer_type_is_checked_and_entries_cannot_collide(trained):
+    _, _, path = trained
+    # "left" is an EinsumDense with the Dense's kernel shape: same shapes,
+    # another layer type.
+    enc_in = keras.Input((6,))
+    e = keras.layers.Dense(8, activation="relu", name="e1")(enc_in)
+    e = keras.layers.Dense(8, activation="relu", name="e2")(e)
+    inputs = keras.Input((6,))
+    h = keras.Model(enc_in, e, name="encoder")(inputs)
+    left = keras.layers.EinsumDense("ab,bc->ac", output_shape=8, name="left")(h)
+    right = keras.layers.Dense(8, name="right")(h)
+    x = keras.layers.Concatenate()([left, right])
+    other = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    if lora_class_for(other.get_layer("left")) is not None:
+        with pytest.raises(ValueError, match="adapter for a Dense at 'left'"):
+            kl.load_adapter(other, path)
+    with pytest.raises(ValueError, match=r"same layer.*\['right'\]"):
+        kl.load_adapter(nested_model(), path, name_map={"left": "right"})
 
 
 @pytest.mark.parametrize(

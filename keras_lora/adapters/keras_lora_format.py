@@ -142,6 +142,8 @@ def read(path, name_map, model_layers, strict):
                 f"'{path}' is corrupt: layer '{stored}' lacks its "
                 f"{'lora_a' if a is None else 'lora_b'} tensor."
             )
+        if not isinstance(entry, dict):
+            raise ValueError(f"'{path}': corrupt metadata for layer '{stored}'.")
         try:
             alpha = float(entry["alpha"])
             use_rslora = bool(entry.get("use_rslora", False))
@@ -156,7 +158,11 @@ def read(path, name_map, model_layers, strict):
             )
         target = _map(name_map, stored)
         resolved = resolve_layer(target, model_layers) or target
-        adapters.append(LayerAdapter(stored, resolved, a, b, alpha, use_rslora))
+        adapters.append(
+            LayerAdapter(
+                stored, resolved, a, b, alpha, use_rslora, entry.get("base_type")
+            )
+        )
     return adapters
 
 

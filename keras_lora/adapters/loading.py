@@ -34,6 +34,8 @@ class LayerAdapter:
         b: `lora_b`, numpy, in Keras layout (e.g. `(rank, units)`).
         alpha: the recorded alpha.
         use_rslora: the recorded scale rule.
+        base_type: the recorded base layer class name (e.g. `"Dense"`), or
+            `None` when the source does not record it.
     """
 
     key: str
@@ -42,6 +44,7 @@ class LayerAdapter:
     b: np.ndarray
     alpha: float
     use_rslora: bool = False
+    base_type: str | None = None
 
     @property
     def rank(self):
@@ -155,6 +158,13 @@ def install(model, adapters, strict=True, source="adapter"):
         )
     layers = dict(iter_layers(model))
     has_lora = bool(lora_layers(model))
+    paths = [a.path for a in adapters]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ValueError(
+            f"{source}: several entries map to the same layer of model "
+            f"'{model.name}': {twice}. Check `name_map`."
+        )
     known, unknown = [], []
     for adapter in adapters:
         layer = layers.get(adapter.path)
@@ -247,6 +257,15 @@ def _check_and_assign(model, adapters, source, warn_scale=True):
                 "PiSSA or OLoRA layer; "
                 f"{source} holds a plain LoRA adapter, which would not "
                 "reproduce it. Load into a plain LoRA layer or the base model."
+            )
+        base = getattr(layer, "layer", layer)
+        if adapter.base_type and adapter.base_type not in {
+            cls.__name__ for cls in type(base).__mro__
+        }:
+            raise ValueError(
+                f"{source} has an adapter for a {adapter.base_type} at "
+                f"'{adapter.path}', but that layer of model '{model.name}' is "
+                f"a {type(base).__name__}; nothing was loaded."
             )
         for name, array in (("lora_a", adapter.a), ("lora_b", adapter.b)):
             variable = getattr(layer, name)
