@@ -5,12 +5,30 @@
 type around the *same* base layer object, so base weights are shared, not
 copied. Layers named in `trainable` are copied, so training them leaves the
 original model alone. Every other layer is shared and frozen.
+
+Layers nested inside other layers are reached too. `clone_model` cannot
+reach them: a `MultiHeadAttention`, a custom block or a subclassed model is
+one opaque layer to it. Such a container is rebuilt instead (see
+`keras_lora.layers.container.rebuild_container`): a new object of its class
+from its config, whose sublayer attributes point at the original sublayers
+(shared, frozen), at LoRA wrappers around them, or at copies. The original
+container is not modified. Inside a Functional or Sequential model the
+rebuilt container is held by a `LoRAContainer`, which records where its
+adapters are so that `.keras` files keep them. A subclassed top-level model
+is rebuilt the same way, but its own config cannot carry adapters (see
+`LoRALayer.save_own_variables`).
 """
 
 import keras
 
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.base import validate_alpha, validate_rank
+from keras_lora.layers.container import (
+    LoRAContainer,
+    children,
+    graph_model,
+    rebuild_container,
+)
 from keras_lora.targets import iter_layers, match_layers
 
 
@@ -26,11 +44,17 @@ def apply_lora(
     """Returns a copy of `model` with LoRA layers on the selected layers.
 
     Args:
-        model: a built Functional or Sequential `keras.Model`.
-        targets: which layers get adapters. `None` selects every `Dense`
-            that does not produce a model output. Otherwise a list of layer
-            names or paths, a regex string (full match on name or path), or
-            a callable `layer -> bool`.
+        model: a built `keras.Model`: Functional (a Functional subclass
+            comes back as a plain Functional, as `keras.models.clone_model`
+            does), Sequential, or subclassed (see the module docstring).
+        targets: which layers get adapters: `Dense`, `EinsumDense`,
+            `Embedding`, `Conv1D/2D/3D`, at any depth (inside
+            `MultiHeadAttention`, custom layers, nested models). `None`
+            selects every `Dense` that does not produce a model output
+            (Functional and Sequential models only). Otherwise a list of
+            layer names or paths (`"query"`, `"block_0/mha/query"`), a regex
+            string (full match on name or path), or a callable
+            `layer -> bool`.
         rank: positive integer, the rank of every adapter.
         alpha: positive number or `None` (`alpha = rank`).
         exclude: layers never to adapt, in the same forms as `targets`.
@@ -67,22 +91,38 @@ def apply_lora(
             "exclude them from one of the two."
         )
     to_copy = {id(layer) for _, layer in to_copy}
+    reaches = _Reaches(to_wrap | to_copy)
 
     saved_flags = _trainable_flags(model)
     copies = []
 
-    def clone(layer):
+    def clone(layer, in_graph=True):
         if id(layer) in to_wrap:
             return lora_class_for(layer)(layer, rank=rank, alpha=alpha, **layer_kwargs)
         if id(layer) in to_copy:
-            new = layer.__class__.from_config(layer.get_config())
-            copies.append((layer, new))
-            return new
+            return _copy(layer, copies if in_graph else None, trainable=True)
+        if reaches(layer):
+            if graph_model(layer):
+                return keras.models.clone_model(
+                    layer, clone_function=clone, recursive=True
+                )
+            inner = rebuild_container(layer, nested_clone, share_variables=True)
+            return LoRAContainer(inner) if in_graph else inner
         layer.trainable = False
         return layer
 
+    def nested_clone(layer):
+        return clone(layer, in_graph=False)
+
     try:
-        lora_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
+        if graph_model(model):
+            lora_model = keras.models.clone_model(
+                model, clone_function=clone, recursive=True
+            )
+        else:
+            lora_model = rebuild_container(model, nested_clone, share_variables=True)
+            for _, layer in lora_layers(lora_model):
+                layer._reload_warning = model.name
         for old, new in copies:
             new.set_weights(old.get_weights())
             new.trainable = True
@@ -92,17 +132,26 @@ def apply_lora(
     return lora_model
 
 
-def merge_lora(model, check_finite=True):
+def merge_lora(model, check_finite=True, requantize=False):
     """Returns a plain model with every LoRA layer merged into its base type.
 
     Each LoRA layer becomes its base layer class (same config and name)
     holding `W + scale·A·B`; every other layer is copied with its weights.
-    The result contains no keras_lora class, and `model` is not modified.
+    Containers holding LoRA layers (`LoRAContainer`, a rebuilt
+    `MultiHeadAttention` or custom block) become plain copies of their
+    class. The result contains no keras_lora class, and `model` is not
+    modified.
+
+    A quantized (`"int8"`) base is dequantized and merged in float, so the
+    merged layer is a float layer. With `requantize=True` every such layer
+    is quantized again in its base's mode after merging, which rounds the
+    merged kernel (see the README for the error this adds).
 
     Args:
-        model: a Functional or Sequential `keras.Model` with LoRA layers.
+        model: a `keras.Model` with LoRA layers, as `apply_lora` returns.
         check_finite: if true (the default), a merged kernel with NaN or Inf
             raises `ValueError` naming the layer, and nothing is built.
+        requantize: re-quantize layers whose base was quantized.
 
     Returns:
         A new, uncompiled `keras.Model`. Layers keep their `trainable` flags,
@@ -114,23 +163,41 @@ def merge_lora(model, check_finite=True):
             or a merged kernel is not finite.
     """
     _check_model(model, "merge_lora")
-    lora_layers = [layer for _, layer in iter_layers(model) if isinstance(layer, LoRALayer)]
+    lora_layers = [
+        layer for _, layer in iter_layers(model) if isinstance(layer, LoRALayer)
+    ]
     if not lora_layers:
         raise ValueError(
             f"merge_lora: model '{model.name}' has no LoRA layers, so there is "
             "nothing to merge. Use `keras.models.clone_model` to copy a plain model."
         )
-    merged = {id(layer): layer.merged_layer(check_finite) for layer in lora_layers}
+    merged = {
+        id(layer): layer.merged_layer(check_finite, requantize=requantize)
+        for layer in lora_layers
+    }
+    reaches = _Reaches(set(merged))
     copies = []
 
-    def clone(layer):
+    def clone(layer, in_graph=True):
         if id(layer) in merged:
             return merged[id(layer)]
-        new = layer.__class__.from_config(layer.get_config())
-        copies.append((layer, new))
-        return new
+        if isinstance(layer, LoRAContainer):
+            layer = layer.layer
+        if reaches(layer):
+            if graph_model(layer):
+                return keras.models.clone_model(
+                    layer, clone_function=clone, recursive=True
+                )
+            return rebuild_container(layer, nested_clone, share_variables=False)
+        return _copy(layer, copies if in_graph else None)
 
-    plain = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    def nested_clone(layer):
+        return clone(layer, in_graph=False)
+
+    if graph_model(model):
+        plain = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    else:
+        plain = rebuild_container(model, nested_clone, share_variables=False)
     for old, new in copies:
         new.set_weights(old.get_weights())
     return plain
@@ -138,7 +205,9 @@ def merge_lora(model, check_finite=True):
 
 def lora_layers(model):
     """Returns `(path, layer)` for every LoRA layer in `model`."""
-    return [(p, layer) for p, layer in iter_layers(model) if isinstance(layer, LoRALayer)]
+    return [
+        (p, layer) for p, layer in iter_layers(model) if isinstance(layer, LoRALayer)
+    ]
 
 
 def _check_model(model, function):
@@ -147,22 +216,65 @@ def _check_model(model, function):
             f"{function}: `model` must be a keras.Model. Received: {model!r} "
             f"of type {type(model).__name__}"
         )
-    if not isinstance(model, (keras.Sequential, keras.src.models.Functional)):
-        raise TypeError(
-            f"{function}: `model` must be a Functional or Sequential model; "
-            f"'{model.name}' is a subclassed {type(model).__name__}, which "
-            "keras.models.clone_model cannot rebuild."
-        )
-    if not model.built or not getattr(model, "inputs", None):
+    if graph_model(model):
+        built = model.built and getattr(model, "inputs", None)
+    else:
+        built = model.built
+    if not built:
         raise ValueError(
             f"{function}: model '{model.name}' is not built. Give it an Input "
-            "(or call `model.build(input_shape)`) first."
+            "(or call it on data, or `model.build(input_shape)`) first."
         )
+
+
+class _Reaches:
+    """`reaches(layer)`: whether `layer` holds, at any depth, one of `ids`."""
+
+    def __init__(self, ids):
+        self.ids = ids
+        self.memo = {}
+
+    def __call__(self, layer):
+        key = id(layer)
+        if key not in self.memo:
+            self.memo[key] = False  # guards against cycles
+            self.memo[key] = any(
+                id(child) in self.ids or self(child) for child in children(layer)
+            )
+        return self.memo[key]
+
+
+def _copy(layer, deferred, trainable=None):
+    """A copy of `layer` from its config. Its weights are set now, or, if
+    `deferred` is a list, once the model around it is built. A bare
+    operation of a graph (`ops.not_equal` from a mask, say) has no state
+    and is shared."""
+    if not isinstance(layer, keras.layers.Layer):
+        return layer
+    new = layer.__class__.from_config(layer.get_config())
+    if deferred is not None:
+        deferred.append((layer, new))
+        return new
+    build_config = layer.get_build_config()
+    if layer.built and build_config:
+        new.build_from_config(build_config)
+    if layer.weights:
+        new.set_weights(layer.get_weights())
+    if trainable is not None:
+        new.trainable = trainable
+    return new
 
 
 def _select_targets(model, layers, targets, exclude):
     supported = lambda layer: lora_class_for(layer) is not None  # noqa: E731
     if targets is None:
+        if not graph_model(model):
+            raise ValueError(
+                f"`targets=None` selects the Dense layers that do not produce "
+                f"an output, which needs a Functional or Sequential model; "
+                f"'{model.name}' is a subclassed {type(model).__name__}. Pass "
+                f"`targets`. Layers: {[p for p, _ in layers]}"
+            )
         outputs = _output_layer_ids(model)
         selected = [
             (p, layer)
@@ -191,19 +303,21 @@ def _output_layer_ids(model):
     for tensor in keras.tree.flatten(model.outputs):
         layer = tensor._keras_history.operation
         ids.add(id(layer))
-        if isinstance(layer, keras.Model):
+        if graph_model(layer):
             ids |= _output_layer_ids(layer)
+        else:  # the layers inside an output layer produce the output too
+            ids |= {id(inner) for _, inner in iter_layers(layer)}
     return ids
 
 
 def _expand(selected):
-    """A selected nested model stands for all the layers inside it."""
+    """A selected nested model stands for all the layers inside it; a
+    selected layer with sublayers (copied whole) for itself and them."""
     out = []
     for path, layer in selected:
-        if isinstance(layer, keras.Model):
-            out.extend(iter_layers(layer, prefix=f"{path}/"))
-        else:
+        if not graph_model(layer):
             out.append((path, layer))
+        out.extend(iter_layers(layer, prefix=f"{path}/"))
     return out
 
 

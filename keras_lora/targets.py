@@ -6,23 +6,31 @@ point that selects layers, go through `match_layers`.
 
 import re
 
-import keras
+from keras_lora.layers.container import children
 
 
 def iter_layers(model, prefix=""):
     """Yields `(path, layer)` for every layer reachable in `model`, in order.
 
     A path is the layer names from the top model down, joined by `/`, e.g.
-    `"encoder/dense_1"`. Nested Functional and Sequential models are walked
-    into; the layer wrapped inside a LoRA layer is not.
+    `"encoder/dense_1"` or `"block_0/mha/query"`. Nested models and layers
+    nested inside other layers (the projections of a `MultiHeadAttention`,
+    the `Dense` layers of a custom block, the layers of a subclassed model)
+    are walked into, depth first, each layer once. The layer wrapped inside
+    a LoRA layer is not; a `LoRAContainer` is transparent (it has the name
+    of the layer it holds, and its children are that layer's).
     """
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
+    yield from _walk(model, prefix, set())
+
+
+def _walk(layer, prefix, seen):
+    for child in children(layer):
+        if id(child) in seen:
             continue
-        path = f"{prefix}{layer.name}"
-        yield path, layer
-        if isinstance(layer, keras.Model):
-            yield from iter_layers(layer, prefix=f"{path}/")
+        seen.add(id(child))
+        path = f"{prefix}{child.name}"
+        yield path, child
+        yield from _walk(child, f"{path}/", seen)
 
 
 def describe(spec):

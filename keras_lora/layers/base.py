@@ -6,6 +6,7 @@ factored into `lora_a` and `lora_b` (`adapter_shapes`), and how it calls.
 """
 
 import numbers
+import warnings
 
 import keras
 import numpy as np
@@ -276,6 +277,26 @@ class LoRALayer(keras.layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    def save_own_variables(self, store):
+        # `apply_lora` on a subclassed model sets `_reload_warning`: that
+        # model's config rebuilds plain layers, so a `.keras` file of it
+        # cannot bring adapters back. Store the base's weights in the base
+        # layer's layout instead, so the file reloads as the base model.
+        model = getattr(self, "_reload_warning", None)
+        if model is None:
+            return super().save_own_variables(store)
+        warnings.warn(
+            f"LoRA layer '{self.name}' is inside '{model}', a subclassed "
+            "model whose config rebuilds plain layers: this `.keras` file "
+            "reloads as the base model, WITHOUT the adapters. Save them with "
+            "`keras_lora.save_adapter(model, path)` and restore them with "
+            "`keras_lora.load_adapter` after `apply_lora` on the reloaded "
+            "model, or save `keras_lora.merge_lora(model)` instead.",
+            UserWarning,
+            stacklevel=2,
+        )
+        self.layer.save_own_variables(store)
 
     def get_config(self):
         config = super().get_config()
