@@ -1,6 +1,7 @@
 """keras_lora: LoRA adapters for Keras 3 on TensorFlow, JAX and PyTorch."""
 
 from keras_lora.adapters import load_adapter, save_adapter
+from keras_lora.distribution import lora_layout_map
 from keras_lora.exporting import export
 from keras_lora.layers import (
     LoRAConv,
@@ -24,6 +25,7 @@ __all__ = [
     "apply_lora",
     "export",
     "load_adapter",
+    "lora_layout_map",
     "merge_lora",
     "save_adapter",
     "trainable_summary",

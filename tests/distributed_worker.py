@@ -1,0 +1,239 @@
+"""Multi-device checks, run in a process of their own by test_distribution.py.
+
+`python tests/distributed_worker.py jax|tensorflow` trains one small LoRA
+model on one device and on 4 virtual CPU devices and prints one JSON line
+of results. The device count must be fixed before the backend starts, which
+is why this is a separate process:
+
+- JAX: `XLA_FLAGS=--xla_force_host_platform_device_count=4` (set here,
+  before JAX is imported); `keras.distribution.DataParallel` and
+  `ModelParallel` with `kl.lora_layout_map` on a (2 batch, 2 model) mesh.
+- TensorFlow: 4 logical CPU devices, `tf.distribute.MirroredStrategy`.
+
+It can also be run by hand: `python tests/distributed_worker.py jax`.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+DEVICES = 4
+BACKEND = sys.argv[1] if len(sys.argv) > 1 else "jax"
+os.environ["KERAS_BACKEND"] = BACKEND
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if BACKEND == "jax":
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip()
+    )
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_lora as kl  # noqa: E402
+
+TARGETS = ["d1", "q", "o", "d2"]
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(64, 6, 16)).astype("float32")
+Y = RNG.normal(size=(64, 3)).astype("float32")
+
+
+def build():
+    """Dense (16, 32) -> EinsumDense (32, 4, 8) -> EinsumDense (4, 8, 32)
+    -> pool -> Dense (32, 32) -> head Dense (32, 3).
+
+    The first axes 16, 32 and 32 shard 2 ways; the `o` kernel's first axis
+    (4) does too, and `lora_layout_map(model=...)` is tested on a 3-way
+    split of an (3, ...) kernel below.
+    """
+    inputs = keras.Input((6, 16))
+    x = keras.layers.Dense(32, activation="relu", name="d1")(inputs)
+    x = keras.layers.EinsumDense("abc,cde->abde", (6, 4, 8), name="q")(x)
+    x = keras.layers.EinsumDense("abde,dec->abc", (6, 32), name="o")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    x = keras.layers.Dense(32, activation="tanh", name="d2")(x)
+    outputs = keras.layers.Dense(3, name="head")(x)
+    return keras.Model(inputs, outputs, name="net")
+
+
+def lora_from(base, weights):
+    lora = kl.apply_lora(base, targets=TARGETS, rank=4, alpha=8)
+    lora.set_weights(weights)
+    return lora
+
+
+def train(model):
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    history = model.fit(X, Y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    return history.history["loss"]
+
+
+def snapshot(model):
+    return [np.array(keras.ops.convert_to_numpy(w)) for w in model.weights]
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+def reference():
+    """The single-device run: initial weights, losses, trained weights."""
+    keras.utils.set_random_seed(1)
+    base = build()
+    base_weights = snapshot(base)
+    lora = kl.apply_lora(base, targets=TARGETS, rank=4, alpha=8)
+    for _, layer in kl.surgery.lora_layers(lora):  # non-zero B: a real update
+        layer.lora_b.assign(RNG.normal(0, 0.1, layer.lora_b.shape))
+    lora_weights = snapshot(lora)
+    prediction = keras.ops.convert_to_numpy(lora.predict(X, verbose=0))
+    losses = train(lora)
+    return base, base_weights, lora_weights, prediction, losses, snapshot(lora)
+
+
+def run_jax():
+    import jax
+
+    results = {"devices": len(jax.devices())}
+    template, base_weights, lora_weights, prediction, losses, trained = reference()
+    devices = keras.distribution.list_devices()
+
+    # Data parallel over 4 devices: every variable replicated.
+    dp = keras.distribution.DataParallel(devices=devices)
+    with dp.scope():
+        base = build()
+        base.set_weights(base_weights)
+        lora = lora_from(base, lora_weights)
+        dp_prediction = keras.ops.convert_to_numpy(lora.predict(X, verbose=0))
+        dp_losses = train(lora)
+    results["data_parallel"] = {
+        "prediction_diff": float(np.max(np.abs(dp_prediction - prediction))),
+        "loss_diff": max_diff(dp_losses, losses),
+        "weight_diff": max_diff(snapshot(lora), trained),
+        "replicated": all(
+            len(w.value.sharding.device_set) == DEVICES
+            and w.value.sharding.is_fully_replicated
+            for w in lora.weights
+        ),
+    }
+
+    # Model parallel: (2 batch) x (2 model); base kernels sharded.
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
+    layout_map = kl.lora_layout_map(mesh, model=template)
+    mp = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    with mp.scope():
+        base = build()
+        base.set_weights(base_weights)
+        lora = lora_from(base, lora_weights)
+        mp_prediction = keras.ops.convert_to_numpy(lora.predict(X, verbose=0))
+        kernels_before = {
+            w.path: np.array(keras.ops.convert_to_numpy(w))
+            for w in lora.weights
+            if w.path.endswith("/kernel")
+        }
+        mp_losses = train(lora)
+        layouts = {}
+        for w in lora.weights:
+            sharding = w.value.sharding
+            layouts[w.path] = {
+                "spec": [a for a in sharding.spec],
+                "shape": list(w.shape),
+                "shard_shape": list(w.value.addressable_shards[0].data.shape),
+            }
+        unchanged = all(
+            np.array_equal(kernels_before[w.path], keras.ops.convert_to_numpy(w))
+            for w in lora.weights
+            if w.path in kernels_before
+        )
+        # `.keras` round trip under the distribution: still sharded.
+        path = os.path.join(tempfile.mkdtemp(), "lora.keras")
+        lora.save(path)
+        reloaded = keras.saving.load_model(path)
+        reloaded_specs = {
+            w.path: [a for a in w.value.sharding.spec] for w in reloaded.weights
+        }
+        reloaded_prediction = keras.ops.convert_to_numpy(reloaded.predict(X, verbose=0))
+        # An unbuilt Dense built inside its wrapper: path "w/w/kernel".
+        inputs = keras.Input((16,))
+        wrapped = kl.LoRADense(keras.layers.Dense(8, name="w"), rank=2)
+        keras.Model(inputs, wrapped(inputs))
+        nested = {w.path: [a for a in w.value.sharding.spec] for w in wrapped.weights}
+    results["model_parallel"] = {
+        "prediction_diff": float(np.max(np.abs(mp_prediction - prediction))),
+        "loss_diff": max_diff(mp_losses, losses),
+        "weight_diff": max_diff(snapshot(lora), trained),
+        "base_unchanged": bool(unchanged),
+        "layouts": layouts,
+        "reloaded_specs": reloaded_specs,
+        "reloaded_prediction_diff": float(
+            np.max(
+                np.abs(
+                    reloaded_prediction
+                    - keras.ops.convert_to_numpy(lora.predict(X, verbose=0))
+                )
+            )
+        ),
+        "nested_specs": nested,
+    }
+
+    # A 4-way model axis: first axes 16 and 32 divide, the `o` kernel's 4
+    # does, the rest too; a (3, 8) kernel does not and must be replicated.
+    mesh4 = keras.distribution.DeviceMesh((1, 4), ["batch", "model"], devices)
+    odd = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(8, name="odd"), keras.layers.Dense(4)]
+    )
+    odd_map = kl.lora_layout_map(mesh4, model=odd)
+    with keras.distribution.ModelParallel(
+        layout_map=odd_map, batch_dim_name="batch"
+    ).scope():
+        odd2 = keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(8, name="odd"),
+                keras.layers.Dense(4, name="next"),
+            ]
+        )
+        odd_specs = {w.path: [a for a in w.value.sharding.spec] for w in odd2.weights}
+    results["odd_specs"] = odd_specs
+    return results
+
+
+def run_tensorflow():
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * DEVICES
+    )
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    results = {"devices": len(devices)}
+    _, base_weights, lora_weights, prediction, losses, trained = reference()
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        base = build()
+        base.set_weights(base_weights)
+        lora = lora_from(base, lora_weights)
+        ms_prediction = keras.ops.convert_to_numpy(lora.predict(X, verbose=0))
+        kernels_before = [np.array(keras.ops.convert_to_numpy(w)) for w in base.weights]
+        ms_losses = train(lora)
+    results["mirrored"] = {
+        "replicas": strategy.num_replicas_in_sync,
+        "prediction_diff": float(np.max(np.abs(ms_prediction - prediction))),
+        "loss_diff": max_diff(ms_losses, losses),
+        "weight_diff": max_diff(snapshot(lora), trained),
+        "mirrored_adapters": all(
+            isinstance(w.value, tf.distribute.DistributedValues)
+            and len(w.value.values) == DEVICES
+            for w in lora.trainable_weights
+        ),
+        "base_unchanged": all(
+            np.array_equal(a, keras.ops.convert_to_numpy(w))
+            for a, w in zip(kernels_before, base.weights, strict=True)
+        ),
+    }
+    return results
+
+
+if __name__ == "__main__":
+    result = run_jax() if BACKEND == "jax" else run_tensorflow()
+    print("RESULT " + json.dumps(result))
