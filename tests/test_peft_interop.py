@@ -399,3 +399,35 @@ def test_dilated_conv_is_refused_for_peft(tmp_path):
     lora = kl.apply_lora(model, targets=["c"], rank=2)
     with pytest.raises(ValueError, match="dilated convolution"):
         kl.save_adapter(lora, tmp_path / "p", format="peft")
+
+
+def test_bfloat16_peft_adapter_loads(tmp_path):
+    """PEFT adapters are often saved in bfloat16, which numpy cannot hold."""
+    import safetensors.torch
+
+    base = keras_mlp()
+    peft_model = peft.get_peft_model(
+        torch_mlp_like(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"])
+    )
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:  # values that bfloat16 holds exactly
+                value = torch.randn(param.shape, generator=gen) * 0.3
+                param.copy_(value.to(torch.bfloat16).float())
+    want = torch_out(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "p"))
+    weights = tmp_path / "p" / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(str(weights))
+    safetensors.torch.save_file(
+        {k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(weights)
+    )
+    restored = kl.load_adapter(base, tmp_path / "p", name_map={"0": "fc1"})
+    np.testing.assert_allclose(_np(restored(X)), want, atol=1e-5)
+    # The byte-level reader used when numpy has no bfloat16 dtype registered.
+    from keras_lora.adapters.safetensors_io import _read_bfloat16
+
+    raw = _read_bfloat16(weights, list(tensors))
+    for key, value in tensors.items():
+        assert raw[key].dtype == np.float32
+        np.testing.assert_array_equal(raw[key], value.float().numpy())

@@ -35,6 +35,7 @@ from keras_lora.adapters.loading import (
     resolve_layer,
     savable_lora_layers,
 )
+from keras_lora.adapters.safetensors_io import read_safetensors
 from keras_lora.atomic import atomic_output
 
 METADATA_KEY = "keras_lora"
@@ -185,18 +186,7 @@ def _read_safetensors(path):
         )
     if os.path.getsize(path) == 0:
         raise ValueError(f"'{path}' is empty (0 bytes); it is not an adapter file.")
-    try:
-        with safetensors.safe_open(str(path), framework="np") as f:
-            metadata = f.metadata()
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except OSError:
-        raise
-    except Exception as e:
-        raise ValueError(
-            f"'{path}' is not a readable safetensors file (truncated, "
-            f"corrupted or another format): {e}"
-        ) from None
-    return tensors, metadata
+    return read_safetensors(path)
 
 
 def _map(name_map, stored):

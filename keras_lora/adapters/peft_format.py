@@ -38,6 +38,7 @@ from keras_lora.adapters.loading import (
     resolve_layer,
     savable_lora_layers,
 )
+from keras_lora.adapters.safetensors_io import read_safetensors
 from keras_lora.atomic import atomic_output
 
 CONFIG_NAME = "adapter_config.json"
@@ -320,16 +321,7 @@ def _read_weights(directory):
             else ""
         )
         raise ValueError(f"PEFT adapter '{directory}' has no {WEIGHTS_NAME}.{extra}")
-    try:
-        with safetensors.safe_open(str(path), framework="np") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except OSError:
-        raise
-    except Exception as e:
-        raise ValueError(
-            f"'{path}' is not a readable safetensors file (truncated, corrupted, "
-            f"or a dtype numpy cannot hold such as bfloat16): {e}"
-        ) from None
+    return read_safetensors(path)[0]
 
 
 def _to_keras(name_map, module, model_layers):
