@@ -431,3 +431,22 @@ def test_bfloat16_peft_adapter_loads(tmp_path):
     for key, value in tensors.items():
         assert raw[key].dtype == np.float32
         np.testing.assert_array_equal(raw[key], value.float().numpy())
+
+
+def test_interrupted_peft_save_keeps_the_previous_directory(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    lora = kl.apply_lora(keras_mlp(), rank=2)
+    kl.save_adapter(lora, tmp_path / "p", format="peft")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()}
+
+    def dies_midway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", dies_midway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        kl.save_adapter(lora, tmp_path / "p", format="peft")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()} == before
+    assert [f.name for f in tmp_path.iterdir()] == ["p"]
