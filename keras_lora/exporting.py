@@ -48,11 +48,22 @@ def export(model, path, format="tf_saved_model", check_finite=True, verbose=Fals
             "export(format='tf_saved_model') needs TensorFlow, on every backend. "
             "Install it with `pip install tensorflow-cpu`."
         )
-    merged = merge_lora(model, check_finite=check_finite)
     path = Path(path)
     if format == "keras":
         if path.suffix != ".keras":
             raise ValueError(f"`path` must end in '.keras'. Received: path='{path}'")
+        if path.is_dir():
+            raise ValueError(
+                f"`path` '{path}' is a directory; format='keras' writes one "
+                "'.keras' file there."
+            )
+    elif path.exists() and not path.is_dir():
+        raise ValueError(
+            f"`path` '{path}' is a file; format='tf_saved_model' writes a "
+            "SavedModel directory there."
+        )
+    merged = merge_lora(model, check_finite=check_finite)
+    if format == "keras":
         with atomic_output(path) as tmp:
             merged.save(tmp)
         return path

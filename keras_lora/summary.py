@@ -12,6 +12,24 @@ class TrainableSummary:
     trainable: int
     total: int
 
+    def __post_init__(self):
+        for field in ("trainable", "total"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(
+                    f"`{field}` must be a non-negative integer. Received: "
+                    f"{field}={value!r} of type {type(value).__name__}"
+                )
+            if value < 0:
+                raise ValueError(
+                    f"`{field}` must be a non-negative integer. Received: "
+                    f"{field}={value}"
+                )
+        if self.trainable > self.total:
+            raise ValueError(
+                f"`trainable` ({self.trainable}) cannot exceed `total` ({self.total})."
+            )
+
     @property
     def percent(self):
         return 100.0 * self.trainable / self.total if self.total else 0.0
@@ -36,6 +54,11 @@ def trainable_summary(model, print_fn=print):
         raise TypeError(
             "`model` must be a Keras model or layer. "
             f"Received: {model!r} of type {type(model).__name__}"
+        )
+    if print_fn is not None and not callable(print_fn):
+        raise TypeError(
+            "`print_fn` must be a callable or None. Received: "
+            f"print_fn={print_fn!r} of type {type(print_fn).__name__}"
         )
     summary = TrainableSummary(
         trainable=_count(model.trainable_weights), total=_count(model.weights)

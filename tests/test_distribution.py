@@ -40,7 +40,7 @@ def test_jax_data_and_model_parallel_match_one_device_and_shard_kernels():
     r = run_worker("jax")
     assert r["devices"] == 4
     for mode in ("data_parallel", "model_parallel"):
-        # Same predictions, the same 3 epochs of Adam losses, same weights.
+        # Same predictions, the same 2 epochs of Adam losses, same weights.
         assert r[mode]["prediction_diff"] < 1e-5, mode
         assert r[mode]["loss_diff"] < 1e-5, mode
         assert r[mode]["weight_diff"] < 1e-4, mode

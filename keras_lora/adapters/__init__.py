@@ -70,6 +70,13 @@ def save_adapter(model, path, format="keras_lora", name_map=None):
             f"save_adapter: model '{model.name}' has no LoRA layers, so there is "
             "no adapter to save. Use `apply_lora` first."
         )
+    unbuilt = [path for path, layer in lora_layers(model) if not layer.built]
+    if unbuilt:
+        raise ValueError(
+            f"save_adapter: LoRA layers {unbuilt} of model '{model.name}' are "
+            "not built, so they have no adapter weights yet. Build the model "
+            "(call it on data or a `keras.Input`) first."
+        )
     if format == "keras_lora" and name_map is not None:
         raise ValueError(
             "`name_map` applies to format='peft' only; the keras_lora format "
