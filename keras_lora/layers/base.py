@@ -41,6 +41,15 @@ def validate_alpha(alpha):
     return float(alpha)
 
 
+def float_policy(layer):
+    """`layer`'s dtype policy; for a quantized layer, its float source."""
+    policy = layer.dtype_policy
+    source = getattr(policy, "_source_name", None)
+    if policy.quantization_mode is not None and source:
+        return keras.DTypePolicy(source)
+    return policy
+
+
 def adapter_dtype(variable_dtype):
     """Adapters never train in 16-bit: Adam's updates underflow there."""
     if variable_dtype in ("float16", "bfloat16"):
@@ -78,7 +87,7 @@ class LoRALayer(keras.layers.Wrapper):
         rank = validate_rank(rank)
         alpha = validate_alpha(alpha)
         kwargs.setdefault("name", layer.name)
-        kwargs.setdefault("dtype", layer.dtype_policy)
+        kwargs.setdefault("dtype", float_policy(layer))
         super().__init__(layer, **kwargs)
         self.rank = rank
         self.alpha = float(rank) if alpha is None else alpha
@@ -191,6 +200,11 @@ class LoRALayer(keras.layers.Wrapper):
             scale = adjust(scale)
         kernel = ops.cast(layer._kernel, "float32")
         return ops.divide(kernel, ops.cast(scale, "float32"))
+
+    def quantized_call(self, *args, **kwargs):
+        # Keras sends a layer whose `quantization_mode` is set here instead
+        # of to `call`. A LoRA layer's is its base's, and `call` handles it.
+        return self.call(*args, **kwargs)
 
     def _quantized_base_call(self, inputs, training=None):
         """The quantized base's output before its activation.
