@@ -12,6 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import host_merge
+
 
 def validate_rank(rank):
     """Returns `rank` if it is a positive integer, else raises."""
@@ -250,26 +252,29 @@ class LoRALayer(keras.layers.Wrapper):
         `requantize=True` it is then quantized again in the base's mode,
         which rounds the merged kernel to int8 (see the README).
         """
-        merged = ops.convert_to_numpy(self.merged_kernel())
-        if check_finite and not np.all(np.isfinite(merged)):
+        base = self.layer
+        mode = self.quantization_mode
+        if mode is None:
+            merged = host_merge.merged_kernel_array(
+                self.base_kernel, self.lora_a, self.lora_b, self.scale, self.rank
+            )
+        else:
+            merged = ops.convert_to_numpy(self.merged_kernel())
+        if check_finite and not host_merge.all_finite(merged):
             raise ValueError(
                 f"Merging LoRA layer '{self.name}' gives NaN or Inf in its "
                 "kernel; nothing was merged. Check the adapters, or pass "
                 "check_finite=False to merge anyway."
             )
-        base = self.layer
-        mode = self.quantization_mode
         if mode is None:
-            new = base.__class__.from_config(base.get_config())
-            new.build_from_config(base.get_build_config())
             kernel = self.base_kernel
-            new.set_weights(
+            return host_merge.build_with_weights(
+                base,
                 [
-                    merged if w is kernel else ops.convert_to_numpy(w)
+                    merged if w is kernel else np.array(ops.convert_to_numpy(w))
                     for w in base.weights
-                ]
+                ],
             )
-            return new
         config = base.get_config()
         config["dtype"] = getattr(base.dtype_policy, "_source_name", None) or (
             keras.config.floatx()

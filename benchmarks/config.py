@@ -1,0 +1,103 @@
+"""Sizes and repeat counts: the full run, and a `--quick` run for CI.
+
+Quick mode runs every section's code path (subprocesses included) on small
+models with few repeats; its timings are not meaningful.
+"""
+
+import copy
+
+FULL = {
+    "mlp": {
+        "input_dim": 1024,
+        "width": 1024,
+        "depth": 4,
+        "classes": 10,
+        "batch": 256,
+        "rank": 8,
+        "warmup": 3,
+        "repeats": 12,
+        "steps": 5,
+    },
+    "block": {
+        "seq_len": 128,
+        "d_model": 256,
+        "d_ff": 1024,
+        "classes": 10,
+        "batch": 16,
+        "rank": 8,
+        "warmup": 3,
+        "repeats": 10,
+        "steps": 5,
+    },
+    "inference": {
+        "input_dim": 1024,
+        "width": 1024,
+        "depth": 4,
+        "classes": 10,
+        "rank": 8,
+        "batches": [1, 256],
+        "warmup": 5,
+        "repeats": 12,
+        "steps": 10,
+    },
+    "memory": {
+        # 8 x Dense(4096): 134M parameters, 537 MB of float32 weights.
+        "train": {
+            "width": 4096,
+            "depth": 8,
+            "classes": 10,
+            "batch": 64,
+            "steps": 3,
+            "rank": 8,
+        },
+        # 16 x Dense(4096): 268M parameters, 1.07 GB of float32 weights.
+        "apply_lora": {"width": 4096, "depth": 16, "classes": 10, "rank": 8},
+    },
+    "merge": {
+        "width": 2048,
+        "rank": 8,
+        "sizes": [10_000_000, 100_000_000, 1_000_000_000],
+        "merge_repeats": 3,
+        "process_per_size": True,
+    },
+}
+
+QUICK = {
+    "mlp": dict(
+        FULL["mlp"], input_dim=256, width=256, batch=64, warmup=1, repeats=3, steps=2
+    ),
+    "block": dict(
+        FULL["block"],
+        seq_len=16,
+        d_model=32,
+        d_ff=64,
+        batch=4,
+        warmup=1,
+        repeats=2,
+        steps=2,
+    ),
+    "inference": dict(
+        FULL["inference"],
+        input_dim=256,
+        width=256,
+        batches=[1, 64],
+        warmup=1,
+        repeats=3,
+        steps=3,
+    ),
+    "memory": {
+        "train": dict(FULL["memory"]["train"], width=512, depth=2, batch=16, steps=2),
+        "apply_lora": dict(FULL["memory"]["apply_lora"], width=512, depth=4),
+    },
+    "merge": dict(
+        FULL["merge"],
+        width=512,
+        sizes=[262_144, 1_048_576, 4_194_304],
+        merge_repeats=3,
+        process_per_size=False,
+    ),
+}
+
+
+def get(quick):
+    return copy.deepcopy(QUICK if quick else FULL)

@@ -1,0 +1,84 @@
+"""Runs one measurement in a fresh Python process with a chosen backend.
+
+Peak memory is a per-process figure, so each memory measurement gets its
+own process: `python -m benchmarks.isolated BACKEND TASK JSON_ARGS`. The
+child prints its result as one JSON line, prefixed with `RESULT `.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+PREFIX = "RESULT "
+
+# task name -> "module:function"; the function takes the decoded JSON args.
+TASKS = {
+    "train_memory": "benchmarks.memory:train_memory_worker",
+    "apply_lora_memory": "benchmarks.memory:apply_lora_memory_worker",
+    "merge_scaling": "benchmarks.merging:merge_scaling_worker",
+}
+
+
+def run_isolated(backend, task, args, timeout=1800):
+    """Runs `task(args)` in a child process on `backend`; returns its result."""
+    return run_isolated_together(backend, [(task, args)], timeout)[0]
+
+
+def run_isolated_together(backend, jobs, timeout=1800):
+    """Runs each `(task, args)` of `jobs` in its own child process, all at
+    once (for measurements that do not time anything, such as peak memory);
+    returns their results in order."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    children = []
+    for task, args in jobs:
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASKS)}")
+        command = [sys.executable, "-m", "benchmarks.isolated", backend, task]
+        children.append(
+            subprocess.Popen(
+                command + [json.dumps(args)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=_project_root(),
+            )
+        )
+    results = []
+    for (task, _), child in zip(jobs, children, strict=True):
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            stdout, stderr = child.communicate()
+        results.append(_parse(task, backend, child.returncode, stdout, stderr))
+    return results
+
+
+def _parse(task, backend, returncode, stdout, stderr):
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(PREFIX):
+            return json.loads(line[len(PREFIX) :])
+    raise RuntimeError(
+        f"Isolated task {task!r} on {backend} failed (exit {returncode}):"
+        f"\n{stderr[-3000:]}"
+    )
+
+
+def _project_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv):
+    backend, task, args = argv
+    os.environ["KERAS_BACKEND"] = backend
+    module_name, function_name = TASKS[task].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    result = function(json.loads(args))
+    print(PREFIX + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,106 @@
+"""Section 3: memory.
+
+- Peak RSS of a short training run, full fine-tuning vs LoRA, each in its own
+  process, on a model big enough that weights, gradients and Adam's two
+  moments dominate (8 x Dense(4096) in the full run).
+- Peak RSS added by `apply_lora` on a model of at least 1 GB of float32
+  weights: base weights are shared, so only the adapters should appear.
+  The one-time cost of a process's first `apply_lora` (on a tiny model) is
+  reported apart.
+- Bytes of the adapters versus the base model.
+"""
+
+import gc
+
+from benchmarks.isolated import run_isolated_together
+
+MB = 2**20
+
+
+def run(config, backend):
+    c = config["memory"]
+    # Peak RSS is per process and times nothing: the three run at once.
+    full, lora, apply = run_isolated_together(
+        backend,
+        [
+            ("train_memory", dict(c["train"], kind="full")),
+            ("train_memory", dict(c["train"], kind="lora")),
+            ("apply_lora_memory", c["apply_lora"]),
+        ],
+    )
+    train = {"full": full, "lora": lora}
+    return {
+        "config": c,
+        "train": train,
+        "train_peak_lora/full": lora["peak_bytes"] / full["peak_bytes"],
+        "train_added_lora/full": lora["added_bytes"] / full["added_bytes"],
+        "apply_lora": apply,
+        "apply_lora_added/model_bytes": apply["added_bytes"] / apply["model_bytes"],
+        "adapter/base_bytes": apply["adapter_bytes"] / apply["model_bytes"],
+    }
+
+
+def train_memory_worker(args):
+    """In a fresh process: build the model, train a few steps, report RSS."""
+    import keras
+    import numpy as np
+
+    import keras_lora as kl
+    from benchmarks import models, rss
+    from benchmarks.training import jit_compile
+
+    model = models.mlp(args["width"], args["width"], args["depth"], args["classes"])
+    if args["kind"] == "lora":
+        model = kl.apply_lora(model, rank=args["rank"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile(),
+    )
+    rng = np.random.default_rng(0)
+    x = keras.ops.convert_to_tensor(
+        rng.standard_normal((args["batch"], args["width"]), dtype=np.float32)
+    )
+    y = keras.ops.convert_to_tensor(rng.integers(0, args["classes"], args["batch"]))
+    gc.collect()
+    with rss.PeakRSS() as peak:
+        for _ in range(args["steps"]):
+            model.train_on_batch(x, y)
+    return {
+        "kind": args["kind"],
+        "params": kl.trainable_summary(model, print_fn=None).total,
+        "trainable_params": kl.trainable_summary(model, print_fn=None).trainable,
+        "model_bytes": models.weight_bytes(model.weights),
+        "rss_before_bytes": peak.start,
+        "peak_bytes": peak.peak,
+        "added_bytes": peak.added,
+        "method": peak.method,
+    }
+
+
+def apply_lora_memory_worker(args):
+    """In a fresh process: peak RSS added by `apply_lora` on a big model."""
+    import keras_lora as kl
+    from benchmarks import models, rss
+
+    # The first `apply_lora` in a process pays one-time costs that do not
+    # grow with the model (JAX compiles its initializers, Keras traces):
+    # measured here on a tiny model, and reported apart.
+    with rss.PeakRSS() as first_use:
+        kl.apply_lora(models.mlp(64, 64, 2, args["classes"]), rank=args["rank"])
+    model = models.mlp(args["width"], args["width"], args["depth"], args["classes"])
+    model_bytes = models.weight_bytes(model.weights)
+    gc.collect()
+    with rss.PeakRSS() as peak:
+        lora = kl.apply_lora(model, rank=args["rank"])
+    adapter_bytes = models.weight_bytes(lora.trainable_weights)
+    return {
+        "params": kl.trainable_summary(model, print_fn=None).total,
+        "model_bytes": model_bytes,
+        "adapter_bytes": adapter_bytes,
+        "rss_before_bytes": peak.start,
+        "peak_bytes": peak.peak,
+        "added_bytes": peak.added,
+        "method": peak.method,
+        "first_use_added_bytes": first_use.added,
+    }

@@ -1,0 +1,74 @@
+"""The models every section measures, built the same way for every row."""
+
+import keras
+import numpy as np
+
+
+def mlp(input_dim, width, depth, classes, name="mlp"):
+    """`depth` x `Dense(width, relu)` plus a `Dense(classes)` head."""
+    inputs = keras.Input((input_dim,), name="features")
+    x = inputs
+    for i in range(depth):
+        x = keras.layers.Dense(width, activation="relu", name=f"dense_{i}")(x)
+    outputs = keras.layers.Dense(classes, name="head")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def dense_block(seq_len, d_model, d_ff, classes, name="block"):
+    """A Dense-only transformer-ish block on `(batch, seq_len, d_model)`.
+
+    Attention projections `query`, `key`, `value`, `attention_output` (the
+    adapter targets), single-head softmax attention computed with
+    `keras.ops`, residuals, layer norms and a `Dense` FFN, then a pooled
+    head. It stands in for `MultiHeadAttention` until LoRA covers
+    `EinsumDense`.
+    """
+    inputs = keras.Input((seq_len, d_model), name="tokens")
+    q = keras.layers.Dense(d_model, name="query")(inputs)
+    k = keras.layers.Dense(d_model, name="key")(inputs)
+    v = keras.layers.Dense(d_model, name="value")(inputs)
+    attended = SoftmaxAttention(name="attention")([q, k, v])
+    x = keras.layers.Dense(d_model, name="attention_output")(attended)
+    x = keras.layers.LayerNormalization(name="norm_1")(inputs + x)
+    h = keras.layers.Dense(d_ff, activation="relu", name="ffn_in")(x)
+    h = keras.layers.Dense(d_model, name="ffn_out")(h)
+    x = keras.layers.LayerNormalization(name="norm_2")(x + h)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = keras.layers.Dense(classes, name="head")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+class SoftmaxAttention(keras.layers.Layer):
+    """`softmax(q·kᵀ/√d)·v`, no weights."""
+
+    def call(self, inputs):
+        q, k, v = inputs
+        scale = 1.0 / float(q.shape[-1]) ** 0.5
+        scores = keras.ops.einsum("bqd,bkd->bqk", q, k) * scale
+        return keras.ops.einsum("bqk,bkd->bqd", keras.ops.softmax(scores), v)
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[2]
+
+
+def dense_layers(model, names=None):
+    """The model's `Dense` layers, optionally only those named in `names`."""
+    return [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Dense)
+        and (names is None or layer.name in names)
+    ]
+
+
+def weight_bytes(weights):
+    """Bytes held by `weights`, from their shapes and dtypes."""
+    total = 0
+    for variable in weights:
+        size = 1
+        for dim in variable.shape:
+            size *= int(dim)
+        total += (
+            size * np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
+        )
+    return total

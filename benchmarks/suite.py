@@ -1,0 +1,38 @@
+"""Runs the sections for the backend of this process (`KERAS_BACKEND`)."""
+
+import time
+
+import keras
+
+from benchmarks import config as configs
+from benchmarks import machine
+
+SECTIONS = ("training", "block", "inference", "memory", "merge")
+
+
+def run(quick, sections=SECTIONS, log=print):
+    """Returns the results of `sections` on this process's Keras backend."""
+    from benchmarks import inference, memory, merging, training
+
+    backend = keras.backend.backend()
+    config = configs.get(quick)
+    steps = {
+        "training": lambda: training.run_mlp(config),
+        "block": lambda: training.run_block(config),
+        "inference": lambda: inference.run(config),
+        "memory": lambda: memory.run(config, backend),
+        "merge": lambda: merging.run(config, backend),
+    }
+    results = {
+        "backend": backend,
+        "quick": quick,
+        "machine": machine.describe(),
+        "sections": {},
+        "seconds": {},
+    }
+    for name in sections:
+        log(f"[{backend}] {name} ...")
+        start = time.perf_counter()
+        results["sections"][name] = steps[name]()
+        results["seconds"][name] = round(time.perf_counter() - start, 1)
+    return results

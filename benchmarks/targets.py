@@ -1,0 +1,71 @@
+"""The issue's targets, checked against one backend's results.
+
+Targets are reported, never asserted: a miss is a line in the report.
+"""
+
+# (figure, limit, description); each figure is looked up by `_figures`.
+TARGETS = (
+    ("keras_lora/core_lora", 0.70, "train step: keras_lora / Keras core enable_lora"),
+    ("keras_lora/floor", 1.10, "train step: keras_lora / floor"),
+    ("keras_lora/peft", 1.15, "train step: keras_lora (torch backend) / PEFT"),
+    ("merged/plain", 1.03, "inference: merged / plain"),
+    ("unmerged/plain", 1.15, "inference: unmerged rank 8 / plain"),
+    (
+        "apply_lora_added/model_bytes",
+        0.10,
+        "apply_lora peak memory added / model bytes",
+    ),
+    ("merge/numpy", 2.0, "merge_lora time / NumPy W + s*A@B (largest ratio)"),
+    ("per_param_growth", 1.5, "merge time per parameter, largest / smallest size"),
+)
+
+
+def check(results):
+    """Returns one row per target that this run measured."""
+    figures = _figures(results["sections"])
+    rows = []
+    for key, limit, description in TARGETS:
+        for label, value in figures.get(key, []):
+            rows.append(
+                {
+                    "figure": key,
+                    "where": label,
+                    "description": description,
+                    "limit": limit,
+                    "value": value,
+                    "status": "n/a"
+                    if value is None
+                    else ("pass" if value <= limit else "MISS"),
+                }
+            )
+    return rows
+
+
+def _figures(sections):
+    figures = {}
+
+    def add(key, label, value):
+        figures.setdefault(key, []).append((label, value))
+
+    if "training" in sections:
+        ratios = sections["training"]["ratios"]
+        for key in ("keras_lora/core_lora", "keras_lora/floor", "keras_lora/peft"):
+            if key in ratios:
+                add(key, "MLP", ratios[key])
+    if "inference" in sections:
+        for batch, data in sections["inference"]["batches"].items():
+            for key, value in data["ratios"].items():
+                add(key, f"batch {batch}", value)
+    if "memory" in sections:
+        memory = sections["memory"]
+        mb = memory["apply_lora"]["model_bytes"] / 2**20
+        add(
+            "apply_lora_added/model_bytes",
+            f"{mb:,.0f} MB model",
+            memory["apply_lora_added/model_bytes"],
+        )
+    if "merge" in sections:
+        merge = sections["merge"]
+        add("merge/numpy", "all sizes", merge["max_merge/numpy"])
+        add("per_param_growth", "smallest to largest", merge["per_param_growth"])
+    return figures
