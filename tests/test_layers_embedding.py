@@ -5,6 +5,12 @@ from conftest import to_numpy
 
 import keras_lora as kl
 
+
+def mse(model, x, y):
+    """The loss, computed eagerly: no extra compiled `evaluate` step."""
+    return float(np.mean((to_numpy(model(x)) - y) ** 2))
+
+
 VOCAB, DIM, SEQ = 20, 8, 5
 
 
@@ -92,9 +98,9 @@ def test_embedding_model_fit_merge_and_round_trip(tmp_path):
     table = to_numpy(model.get_layer("emb").embeddings).copy()
 
     lora_model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
-    first = lora_model.evaluate(x, y, verbose=0)
+    first = mse(lora_model, x, y)
     lora_model.fit(x, y, epochs=5, batch_size=16, verbose=0)
-    assert lora_model.evaluate(x, y, verbose=0) < 0.9 * first
+    assert mse(lora_model, x, y) < 0.9 * first
     np.testing.assert_array_equal(to_numpy(model.get_layer("emb").embeddings), table)
 
     out = to_numpy(lora_model(x))
