@@ -317,3 +317,32 @@ def test_subclassed_save_reloads_as_the_base_model(tmp_path):
     reloaded = keras.saving.load_model(tmp_path / "sub.keras")
     assert type(reloaded.dense_1) is keras.layers.Dense
     np.testing.assert_allclose(to_numpy(reloaded(x)), base_out, atol=1e-6)
+
+
+def test_sequential_two_blocks_and_a_keras_wrapper_round_trip(tmp_path):
+    """Blocks in a Sequential model, and TimeDistributed, whose own config
+    does carry its inner layer (so reloading must not wrap it twice)."""
+    model = keras.Sequential(
+        [
+            keras.Input((SEQ, DIM)),
+            TransformerBlock(name="block_0"),
+            TransformerBlock(name="block_1"),
+            keras.layers.TimeDistributed(
+                keras.layers.Dense(3, name="td_dense"), name="td"
+            ),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
+    x = np.random.default_rng(0).normal(size=(2, SEQ, DIM)).astype("float32")
+    before = to_numpy(model(x))
+    lora_model = kl.apply_lora(model, targets=["query", "td_dense"], rank=2)
+    paths = ["block_0/mha/query", "block_1/mha/query", "td/td_dense"]
+    assert [p for p, _ in lora_layers(lora_model)] == paths
+    np.testing.assert_array_equal(to_numpy(lora_model(x)), before)
+    out = to_numpy(randomize_adapters(lora_model)(x))
+    np.testing.assert_allclose(to_numpy(kl.merge_lora(lora_model)(x)), out, atol=1e-5)
+    lora_model.save(tmp_path / "s.keras")
+    reloaded = keras.saving.load_model(tmp_path / "s.keras")
+    assert [p for p, _ in lora_layers(reloaded)] == paths
+    np.testing.assert_array_equal(to_numpy(reloaded(x)), out)

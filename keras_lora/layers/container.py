@@ -271,6 +271,8 @@ def attach_adapters(container, specs):
             for variable in base._trainable_variables:
                 variable.trainable = False
             continue
+        if isinstance(base, LoRALayer):
+            continue  # the container's own config brought it back already
         cls = keras.saving.get_registered_object(spec["class_name"])
         if cls is None:
             raise ValueError(f"Unknown LoRA layer class {spec['class_name']!r}")
