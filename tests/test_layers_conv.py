@@ -119,3 +119,8 @@ def test_cnn_with_conv2d_adapters_fit_merge_round_trip(tmp_path):
     reloaded = keras.saving.load_model(tmp_path / "cnn.keras")
     assert isinstance(reloaded.get_layer("conv2"), kl.LoRAConv)
     np.testing.assert_array_equal(to_numpy(reloaded(x)), out)
+
+    # The adapter file alone, onto the base model, restores the outputs.
+    kl.save_adapter(lora_model, tmp_path / "adapter.safetensors")
+    restored = kl.load_adapter(model, tmp_path / "adapter.safetensors")
+    np.testing.assert_array_equal(to_numpy(restored(x)), out)

@@ -129,3 +129,8 @@ def test_mha_query_value_fit_round_trip_and_merge(tmp_path):
     query = reloaded.get_layer("mha").layer._query_dense
     assert isinstance(query, kl.LoRAEinsumDense)
     assert (query.rank, query.alpha) == (2, 4.0)
+
+    # The adapter file alone, onto the base model, restores the outputs.
+    kl.save_adapter(lora_model, tmp_path / "adapter.safetensors")
+    restored = kl.load_adapter(model, tmp_path / "adapter.safetensors")
+    np.testing.assert_array_equal(to_numpy(restored(data)), out_lora)

@@ -113,3 +113,8 @@ def test_embedding_model_fit_merge_and_round_trip(tmp_path):
     layer = reloaded.get_layer("emb")
     assert isinstance(layer, kl.LoRAEmbedding) and (layer.rank, layer.alpha) == (4, 4.0)
     np.testing.assert_array_equal(to_numpy(reloaded(x)), out)
+
+    # The adapter file alone, onto the base model, restores the outputs.
+    kl.save_adapter(lora_model, tmp_path / "adapter.safetensors")
+    restored = kl.load_adapter(model, tmp_path / "adapter.safetensors")
+    np.testing.assert_array_equal(to_numpy(restored(x)), out)
