@@ -204,7 +204,7 @@ def write_peft_dir(directory, config_changes=(), tensors=None):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"use_dora": True}, "use_dora=True"),
+        ({"use_dora": True}, "DoRA adapters .* without a magnitude"),
         ({"peft_type": "IA3"}, "peft_type='IA3'"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
         ({"bias": "all"}, "bias='all'"),

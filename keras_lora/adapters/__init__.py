@@ -23,7 +23,7 @@ from keras_lora.targets import iter_layers
 FORMATS = ("keras_lora", "peft")
 
 
-def save_adapter(model, path, format="keras_lora", name_map=None):
+def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
     """Saves the LoRA weights of `model`, and nothing else, to `path`.
 
     Only `lora_a` and `lora_b` of every LoRA layer are written, with what is
@@ -42,6 +42,9 @@ def save_adapter(model, path, format="keras_lora", name_map=None):
             PEFT module path to write, as a dict or a callable
             `path -> str or None`. Unmapped layers use the default rule,
             slashes to dots (`"encoder/0"` -> `"encoder.0"`).
+        adapter: the name of the adapter to save (see `add_adapter`), active
+            or not; only the layers that have it are written. `None` saves
+            each layer's active adapter.
 
     Returns:
         `path` as a `pathlib.Path`.
@@ -83,12 +86,15 @@ def save_adapter(model, path, format="keras_lora", name_map=None):
             "always keys by Keras layer path."
         )
     _warn_unsaved_trainables(model)
-    if format == "peft":
-        return peft_format.save(model, path, name_map)
-    return keras_lora_format.save(model, path)
+    from keras_lora.adapter_management import only_adapter
+
+    with only_adapter(model, adapter):
+        if format == "peft":
+            return peft_format.save(model, path, name_map, adapter=adapter)
+        return keras_lora_format.save(model, path, adapter=adapter)
 
 
-def load_adapter(model, path, name_map=None, strict=True):
+def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
     """Loads an adapter file or PEFT directory into `model`; returns the model to use.
 
     On a plain model (no LoRA layers), LoRA is first applied with
@@ -114,6 +120,11 @@ def load_adapter(model, path, name_map=None, strict=True):
         strict: if true, adapter entries that match no layer of `model`, and
             LoRA layers of `model` that the adapter lacks, raise `ValueError`
             listing them; if false they are skipped with a warning.
+        adapter_name: load as the adapter of that name. On a model with LoRA
+            layers it is added (inactive) to the layers that lack it, so
+            several files load side by side; pick with `set_adapter`. On a
+            plain model, the name of the adapter `apply_lora` creates.
+            `None`: into the active adapter (plain model: `"default"`).
 
     Returns:
         The model with the adapter loaded.
@@ -136,7 +147,9 @@ def load_adapter(model, path, name_map=None, strict=True):
     else:
         adapters = keras_lora_format.read(path, name_map, layers, strict)
         source = f"adapter file '{path}'"
-    return install(model, adapters, strict=strict, source=source)
+    return install(
+        model, adapters, strict=strict, source=source, adapter_name=adapter_name
+    )
 
 
 def _check_path(path):

@@ -17,6 +17,14 @@ from a layer's position. The safetensors header's metadata holds one entry,
 
 `rank`, `alpha` and `use_rslora` at the top are `null` when layers differ.
 The file holds only adapter weights, never base weights, and no pickle.
+
+Variants (format version 2; a file without them is still written as
+version 1): each layer entry also records `"dropout"`, `"init"` and
+`"use_dora"`; a DoRA layer adds the tensor `"<layer path>/lora_magnitude"`;
+a PiSSA/OLoRA layer records `"base_sha256"`, the digest of the base kernel
+its residual came from: loading recomputes the residual from the base
+model's kernel and refuses a different kernel. The top level records
+`"adapter_name"`, the name of the adapter the file holds.
 """
 
 import hashlib
@@ -31,19 +39,21 @@ import safetensors.numpy
 
 from keras_lora.adapters.loading import (
     LayerAdapter,
+    kernel_digest,
     report,
     resolve_layer,
     savable_lora_layers,
 )
 from keras_lora.adapters.safetensors_io import read_safetensors
 from keras_lora.atomic import atomic_output
+from keras_lora.layers.variants import validate_dropout, validate_init
 
 METADATA_KEY = "keras_lora"
-FORMAT_VERSION = 1
-SUFFIXES = ("/lora_a", "/lora_b")
+FORMAT_VERSION = 2
+SUFFIXES = ("/lora_a", "/lora_b", "/lora_magnitude")
 
 
-def save(model, path):
+def save(model, path, adapter=None):
     """Writes `model`'s adapters to the `.safetensors` file `path`, atomically."""
     from keras_lora import __version__
 
@@ -54,7 +64,8 @@ def save(model, path):
             "is a directory. Pass a file path such as 'adapter.safetensors'."
         )
     tensors, layers = {}, {}
-    for layer_path, layer in savable_lora_layers(model, "save_adapter"):
+    names = set()
+    for layer_path, layer in savable_lora_layers(model, "save_adapter", adapter):
         a = keras.ops.convert_to_numpy(layer.lora_a.value)
         b = keras.ops.convert_to_numpy(layer.lora_b.value)
         tensors[f"{layer_path}/lora_a"] = np.ascontiguousarray(a)
@@ -67,8 +78,20 @@ def save(model, path):
             "use_rslora": layer.use_rslora,
             "dtype": str(a.dtype),
         }
+        names.add(layer.active_adapters[0] if layer.active_adapters else None)
+        if layer.dropout or layer.init != "default" or layer.use_dora:
+            layers[layer_path].update(
+                dropout=layer.dropout, init=layer.init, use_dora=layer.use_dora
+            )
+        if layer.use_dora:
+            magnitude = keras.ops.convert_to_numpy(layer.lora_magnitude.value)
+            tensors[f"{layer_path}/lora_magnitude"] = np.ascontiguousarray(magnitude)
+        if layer.init in ("pissa", "olora"):
+            layers[layer_path]["base_sha256"] = kernel_digest(layer)
+    variants = any("init" in v for v in layers.values())
     info = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if variants else 1,
+        "adapter_name": names.pop() if len(names) == 1 else None,
         "package_version": __version__,
         "keras_version": keras.__version__,
         "rank": _common(layers, "rank"),
@@ -148,6 +171,12 @@ def read(path, name_map, model_layers, strict):
         try:
             alpha = float(entry["alpha"])
             use_rslora = bool(entry.get("use_rslora", False))
+            options = {
+                "dropout": validate_dropout(entry.get("dropout", 0.0)),
+                "init": validate_init(entry.get("init", "default")),
+                "use_dora": bool(entry.get("use_dora", False)),
+                "base_sha256": entry.get("base_sha256"),
+            }
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
                 f"'{path}': corrupt metadata for layer '{stored}' ({e!r})."
@@ -157,11 +186,25 @@ def read(path, name_map, model_layers, strict):
                 f"'{path}' is corrupt: layer '{stored}' records rank "
                 f"{entry.get('rank')} but lora_a has shape {a.shape}."
             )
+        magnitude = tensors.get(f"{stored}/lora_magnitude")
+        if options["use_dora"] and magnitude is None:
+            raise ValueError(
+                f"'{path}' is corrupt: DoRA layer '{stored}' lacks its "
+                "lora_magnitude tensor."
+            )
         target = _map(name_map, stored)
         resolved = resolve_layer(target, model_layers) or target
         adapters.append(
             LayerAdapter(
-                stored, resolved, a, b, alpha, use_rslora, entry.get("base_type")
+                stored,
+                resolved,
+                a,
+                b,
+                alpha,
+                use_rslora,
+                entry.get("base_type"),
+                magnitude=magnitude if options["use_dora"] else None,
+                **options,
             )
         )
     return adapters

@@ -7,6 +7,7 @@ failed load never leaves a half-loaded model.
 """
 
 import dataclasses
+import hashlib
 import sys
 import warnings
 
@@ -36,6 +37,10 @@ class LayerAdapter:
         use_rslora: the recorded scale rule.
         base_type: the recorded base layer class name (e.g. `"Dense"`), or
             `None` when the source does not record it.
+        magnitude: DoRA's magnitude vector, or `None`.
+        dropout, init, use_dora: the recorded variant options.
+        base_sha256: for `init="pissa"`/`"olora"`, the digest of the base
+            kernel the residual was computed from (`kernel_digest`), if known.
     """
 
     key: str
@@ -45,6 +50,16 @@ class LayerAdapter:
     alpha: float
     use_rslora: bool = False
     base_type: str | None = None
+    magnitude: np.ndarray | None = None
+    dropout: float = 0.0
+    init: str = "default"
+    use_dora: bool = False
+    base_sha256: str | None = None
+
+    @property
+    def options(self):
+        """The variant options as LoRA layer keyword arguments."""
+        return {"dropout": self.dropout, "init": self.init, "use_dora": self.use_dora}
 
     @property
     def rank(self):
@@ -72,29 +87,38 @@ def resolve_layer(target, layers, argument="name_map"):
     return hits[0][0]
 
 
-def savable_lora_layers(model, function):
+def kernel_digest(layer):
+    """SHA-256 of a LoRA layer's base kernel bytes: what a PiSSA/OLoRA
+    adapter's residual was computed from."""
+    kernel = np.ascontiguousarray(keras.ops.convert_to_numpy(layer.base_kernel))
+    return hashlib.sha256(kernel.tobytes()).hexdigest()
+
+
+def savable_lora_layers(model, function, adapter=None):
     """`lora_layers(model)`, after checking an adapter file can hold them.
 
-    A file holds one plain `A·B` pair per layer. Refused: DoRA (a magnitude
-    vector), PiSSA/OLoRA inits (their layers hold a residual kernel that the
-    base model lacks) and several active adapters on one layer. Inactive
-    extra adapters are left out with a warning.
+    A file holds one adapter per layer: `A`, `B` (and DoRA's magnitude), its
+    options, and for PiSSA/OLoRA the base kernel's digest, since loading
+    recomputes the residual from the base. Refused: several active adapters
+    on one layer. Inactive extra adapters are left out with a warning. With
+    `adapter`, only the layers that have that adapter are returned (the
+    caller makes it the active one, see `adapter_management.only_adapter`).
     """
     layers = lora_layers(model)
+    if adapter is not None:
+        layers = [(p, lay) for p, lay in layers if adapter in lay.adapter_names]
+        if not layers:
+            raise ValueError(
+                f"{function}: no LoRA layer of model '{model.name}' has an "
+                f"adapter named {adapter!r}."
+            )
     problems, skipped = [], []
     for path, layer in layers:
-        if getattr(layer, "use_dora", False):
-            problems.append(f"'{path}' uses DoRA (use_dora=True)")
-        if getattr(layer, "init", "default") in ("pissa", "olora"):
-            problems.append(
-                f"'{path}' uses init={layer.init!r}, which rewrites the base "
-                "kernel: the adapter alone cannot restore it"
-            )
         active = list(getattr(layer, "active_adapters", [None]))
         names = list(getattr(layer, "adapter_names", [None]))
         if len(active) > 1:
             problems.append(f"'{path}' has several active adapters {active}")
-        elif len(names) > 1:
+        elif len(names) > 1 and adapter is None:
             skipped.append(f"'{path}': {[n for n in names if n not in active]}")
     if problems:
         raise ValueError(
@@ -132,7 +156,7 @@ def report(problems, strict, what):
     )
 
 
-def install(model, adapters, strict=True, source="adapter"):
+def install(model, adapters, strict=True, source="adapter", adapter_name=None):
     """Loads `adapters` into `model` and returns the model to use.
 
     On a model without LoRA layers, LoRA is first applied (with
@@ -147,6 +171,10 @@ def install(model, adapters, strict=True, source="adapter"):
         strict: whether adapters for layers `model` lacks, and LoRA layers of
             `model` the file has no adapter for, are errors (else warnings).
         source: what was read, for messages.
+        adapter_name: load into the adapter of that name, added (inactive)
+            to the layers that lack it; on a plain model, the name of the
+            adapter `apply_lora` creates. `None`: the active adapter (on a
+            plain model, `"default"`).
 
     Raises:
         ValueError: on anything that does not fit; nothing was assigned.
@@ -193,6 +221,9 @@ def install(model, adapters, strict=True, source="adapter"):
             "nothing was loaded."
         )
     if has_lora:
+        if adapter_name is not None:
+            _into_named_adapter(model, known, source, adapter_name)
+            return model
         covered = {a.path for a in known}
         missing = [p for p, _ in lora_layers(model) if p not in covered]
         report(
@@ -202,10 +233,39 @@ def install(model, adapters, strict=True, source="adapter"):
         )
         _check_and_assign(model, known, source)
         return model
-    return _apply_then_assign(model, known, source)
+    return _apply_then_assign(model, known, source, adapter_name or "default")
 
 
-def _apply_then_assign(model, adapters, source):
+def _into_named_adapter(model, adapters, source, name):
+    """Loads `adapters` into adapter `name`, adding it where missing; on
+    failure the added adapters go again. Active adapters do not change."""
+    layers = dict(iter_layers(model))
+    added, previous = [], {}
+    try:
+        for adapter in adapters:
+            layer = layers[adapter.path]
+            previous[adapter.path] = list(layer._active)
+            if name not in layer.adapter_names:
+                layer.add_adapter(
+                    name,
+                    rank=adapter.rank,
+                    alpha=adapter.alpha,
+                    use_rslora=adapter.use_rslora,
+                    **adapter.options,
+                )
+                added.append(layer)
+            layer.set_active_adapters([name])
+        _check_and_assign(model, adapters, source, warn_scale=not added)
+    except Exception:
+        for layer in added:
+            layer.delete_adapter(name)
+        raise
+    finally:
+        for path, active in previous.items():
+            layers[path].set_active_adapters(active)
+
+
+def _apply_then_assign(model, adapters, source, adapter_name="default"):
     for adapter in adapters:
         layer = dict(iter_layers(model))[adapter.path]
         if lora_class_for(layer) is None:
@@ -215,11 +275,12 @@ def _apply_then_assign(model, adapters, source):
             )
     ranks = sorted({a.rank for a in adapters})
     rules = sorted({a.use_rslora for a in adapters})
-    if len(ranks) > 1 or len(rules) > 1:
+    options = {tuple(sorted(a.options.items())) for a in adapters}
+    if len(ranks) > 1 or len(rules) > 1 or len(options) > 1:
         raise ValueError(
-            f"{source} mixes ranks {ranks} (or scale rules) across layers; "
-            "load_adapter can only apply one rank to a plain model. Apply LoRA "
-            "yourself (layer by layer) and load into that model."
+            f"{source} mixes ranks {ranks} (or scale rules or variants) across "
+            "layers; load_adapter can only apply one rank to a plain model. "
+            "Apply LoRA yourself (layer by layer) and load into that model."
         )
     ids = {id(dict(iter_layers(model))[a.path]) for a in adapters}
 
@@ -234,6 +295,8 @@ def _apply_then_assign(model, adapters, source):
             rank=ranks[0],
             alpha=adapters[0].alpha,
             use_rslora=rules[0],
+            adapter_name=adapter_name,
+            **adapters[0].options,
         )
         _check_and_assign(lora_model, adapters, source, warn_scale=False)
     except Exception:
@@ -248,16 +311,7 @@ def _check_and_assign(model, adapters, source, warn_scale=True):
     plan = []
     for adapter in adapters:
         layer = layers[adapter.path]
-        if getattr(layer, "use_dora", False) or getattr(layer, "init", None) in (
-            "pissa",
-            "olora",
-        ):
-            raise ValueError(
-                f"Layer '{adapter.path}' of model '{model.name}' is a DoRA, "
-                "PiSSA or OLoRA layer; "
-                f"{source} holds a plain LoRA adapter, which would not "
-                "reproduce it. Load into a plain LoRA layer or the base model."
-            )
+        _check_variant(layer, adapter, model, source)
         base = getattr(layer, "layer", layer)
         if adapter.base_type and adapter.base_type not in {
             cls.__name__ for cls in type(base).__mro__
@@ -267,7 +321,10 @@ def _check_and_assign(model, adapters, source, warn_scale=True):
                 f"'{adapter.path}', but that layer of model '{model.name}' is "
                 f"a {type(base).__name__}; nothing was loaded."
             )
-        for name, array in (("lora_a", adapter.a), ("lora_b", adapter.b)):
+        pairs = [("lora_a", adapter.a), ("lora_b", adapter.b)]
+        if adapter.use_dora:
+            pairs.append(("lora_magnitude", adapter.magnitude))
+        for name, array in pairs:
             variable = getattr(layer, name)
             expected = tuple(variable.shape)
             if tuple(array.shape) != expected:
@@ -308,3 +365,37 @@ def _check_and_assign(model, adapters, source, warn_scale=True):
     for adapter in adapters:
         layers[adapter.path].alpha = float(adapter.alpha)
         layers[adapter.path].use_rslora = bool(adapter.use_rslora)
+
+
+def _primary_adapter(layer):
+    return layer.get_adapter(layer.active_adapters[0])
+
+
+def _check_variant(layer, adapter, model, source):
+    """Raises unless `layer`'s (active) adapter is the variant `adapter` is."""
+    own = _primary_adapter(layer)
+    if own.use_dora != adapter.use_dora or own.init != adapter.init:
+        if own.use_dora == adapter.use_dora and not (
+            own.changes_base or adapter.init in ("pissa", "olora")
+        ):
+            return  # default vs gaussian: only the starting point differs
+        raise ValueError(
+            f"{source} holds a {_variant(adapter.init, adapter.use_dora)} "
+            f"adapter for '{adapter.path}', but that layer of model "
+            f"'{model.name}' is a {_variant(own.init, own.use_dora)} LoRA "
+            "layer; nothing was loaded. Load into the base model, or into a "
+            "LoRA layer of the same variant."
+        )
+    if own.changes_base and adapter.base_sha256 is not None:
+        if kernel_digest(layer) != adapter.base_sha256:
+            raise ValueError(
+                f"{source}: layer '{adapter.path}' uses init={adapter.init!r}, "
+                "whose residual kernel comes from the base kernel, but this "
+                "model's base kernel differs from the one the adapter was "
+                "trained on; nothing was loaded."
+            )
+
+
+def _variant(init, use_dora):
+    name = {"pissa": "PiSSA", "olora": "OLoRA"}.get(init, "plain")
+    return f"{name}{'+DoRA' if use_dora else ''}"

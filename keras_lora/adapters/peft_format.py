@@ -48,6 +48,10 @@ KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\."
     r"(?P<name>lora_[AB]\.weight|lora_embedding_[AB])$"
 )
+# DoRA's magnitude (PEFT saves it without the `.weight` of its module).
+MAGNITUDE = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(\.weight)?$"
+)
 CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 # Config fields that change nothing about the saved weights' meaning: kept
@@ -74,10 +78,16 @@ IGNORED_FIELDS = {
     "ensure_weight_tying",
 }
 # Fields keras_lora honours.
-HONOURED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "init_lora_weights"}
+HONOURED_FIELDS = {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "init_lora_weights",
+    "use_dora",
+}
 # Fields keras_lora cannot represent unless they have their neutral value.
 NEUTRAL_FIELDS = {
-    "use_dora": "DoRA adapters (a learned magnitude vector)",
     "bias": "trained biases",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained extra modules",
@@ -101,7 +111,7 @@ NEUTRAL_FIELDS = {
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 
 
-def save(model, directory, name_map):
+def save(model, directory, name_map, adapter=None):
     """Writes `model`'s adapters as a PEFT adapter directory, atomically."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -109,9 +119,33 @@ def save(model, directory, name_map):
             f"save_adapter(format='peft') writes a directory, but '{directory}' "
             "is a file."
         )
-    layers = savable_lora_layers(model, "save_adapter(format='peft')")
+    layers = savable_lora_layers(model, "save_adapter(format='peft')", adapter)
     for path, layer in layers:
         _check_keras_layer(layer.layer, path, "save_adapter(format='peft')")
+    for path, layer in layers:
+        if layer.init in ("pissa", "olora"):
+            raise ValueError(
+                f"save_adapter(format='peft'): layer '{path}' uses "
+                f"init={layer.init!r}. PEFT recomputes that residual from its "
+                "own decomposition of the base weights when it loads, which "
+                "keras_lora cannot vouch for. Save in the 'keras_lora' format, "
+                "or export the merged model (`merge_lora`)."
+            )
+        if layer.use_dora and not isinstance(layer.layer, keras.layers.Dense):
+            raise ValueError(
+                f"save_adapter(format='peft'): layer '{path}' is a DoRA "
+                f"{type(layer.layer).__name__}; the PEFT format is written for "
+                "DoRA on Dense (PEFT Linear) layers only. Use the 'keras_lora' "
+                "format."
+            )
+    variants = {(layer.dropout, layer.init, layer.use_dora) for _, layer in layers}
+    if len(variants) > 1:
+        raise ValueError(
+            "save_adapter(format='peft') needs one dropout, init and use_dora "
+            "for all layers (PEFT's lora_dropout, init_lora_weights, "
+            f"use_dora). Received: {sorted(variants)}"
+        )
+    dropout, init, use_dora = variants.pop()
     settings = {(layer.rank, layer.alpha, layer.use_rslora) for _, layer in layers}
     if len(settings) > 1:
         raise ValueError(
@@ -134,6 +168,11 @@ def save(model, directory, name_map):
         names = _tensor_names(kind)
         for name, array in zip(names, _to_peft_layout(kind, a, b), strict=True):
             tensors[f"{PREFIX}{module}.{name}"] = array
+        if use_dora:
+            magnitude = keras.ops.convert_to_numpy(layer.lora_magnitude.value)
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = np.ascontiguousarray(
+                magnitude
+            )
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -144,11 +183,11 @@ def save(model, directory, name_map):
         "lora_alpha": _number(alpha),
         "use_rslora": use_rslora,
         "target_modules": modules,
-        "lora_dropout": 0.0,
+        "lora_dropout": dropout,
         "fan_in_fan_out": False,
         "bias": "none",
-        "init_lora_weights": True,
-        "use_dora": False,
+        "init_lora_weights": "gaussian" if init == "gaussian" else True,
+        "use_dora": use_dora,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -177,8 +216,20 @@ def read(directory, name_map, model_layers, strict):
     alpha = float(config.get("lora_alpha", 8))
     use_rslora = bool(config.get("use_rslora", False))
     tensors = _read_weights(directory)
-    pairs, unknown = {}, []
+    use_dora = bool(config.get("use_dora", False))
+    options = {
+        "dropout": float(config.get("lora_dropout") or 0.0),
+        "init": "gaussian"
+        if config.get("init_lora_weights") == "gaussian"
+        else "default",
+        "use_dora": use_dora,
+    }
+    pairs, unknown, magnitudes = {}, [], {}
     for key, array in tensors.items():
+        dora = MAGNITUDE.match(key) if use_dora else None
+        if dora is not None:
+            magnitudes[dora["module"]] = array
+            continue
         match = KEY.match(key)
         if match is None:
             unknown.append(key)
@@ -235,8 +286,25 @@ def read(directory, name_map, model_layers, strict):
             )
         _check_keras_layer(base, path, "load_adapter")
         a, b = _to_keras_layout(kind, a, b)
+        magnitude = magnitudes.get(module)
+        if use_dora and (kind != "Linear" or magnitude is None):
+            raise ValueError(
+                f"PEFT module {module!r}: keras_lora reads DoRA adapters of "
+                "Linear modules, with their lora_magnitude_vector; this one is "
+                f"a {kind} adapter"
+                + ("." if magnitude is not None else " without a magnitude.")
+            )
         adapters.append(
-            LayerAdapter(f"{PREFIX}{module}", path, a, b, alpha, use_rslora)
+            LayerAdapter(
+                f"{PREFIX}{module}",
+                path,
+                a,
+                b,
+                alpha,
+                use_rslora,
+                magnitude=None if magnitude is None else magnitude.reshape(-1),
+                **options,
+            )
         )
     if unmapped:
         report(

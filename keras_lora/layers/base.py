@@ -13,6 +13,11 @@ import numpy as np
 from keras import ops
 
 from keras_lora.layers import host_merge
+from keras_lora.layers.variants import (
+    DEFAULT_NAME,
+    Adapter,
+    factor_kernel,
+)
 
 
 def validate_rank(rank):
@@ -75,8 +80,26 @@ class LoRALayer(keras.layers.Wrapper):
             scaled by `scale = alpha / rank`.
         use_rslora: if true, scale by `alpha / sqrt(rank)` instead
             (rank-stabilized LoRA, PEFT's `use_rslora`).
+        dropout: dropout rate in `[0, 1)` on the adapter's input path, in
+            training only (`training=True`); the base path never drops.
+        init: `"default"`, `"gaussian"`, `"pissa"` or `"olora"`; see
+            `keras_lora.layers.variants`. `"pissa"`/`"olora"` give the layer
+            a residual kernel of its own (one more kernel of memory); the
+            shared base kernel is never modified.
+        use_dora: DoRA: a trainable magnitude per output unit and the output
+            `m·(W + s·A·B)/‖W + s·A·B‖` (norm constant in the backward pass).
+        adapter_name: the name of this first adapter (`"default"`).
+        adapters: further adapters, as a list of dicts of `Adapter`
+            arguments (`name`, `rank`, `alpha`, ...); used by `get_config`.
+        active_adapters: names of the active adapters (default: the first).
         **kwargs: base `Layer` keyword arguments (`name`, `dtype`, ...).
             `name` and `dtype` default to the wrapped layer's.
+
+    Several named adapters can sit on one base (`add_adapter`). The active
+    ones (`set_active_adapters`) add up and are the only trainable ones;
+    `lora_a`, `lora_b`, `rank`, `alpha`, `scale` refer to the first active
+    adapter. The adapter named `"default"` has variables `lora_a`/`lora_b`
+    (`lora_magnitude` with DoRA), another one `lora_a_<name>`, ... .
     """
 
     base_class = None
@@ -84,22 +107,79 @@ class LoRALayer(keras.layers.Wrapper):
     # Keras quantization modes (`layer.quantize(mode)`) a base may have.
     quantization_modes = ()
 
-    def __init__(self, layer, rank=8, alpha=None, use_rslora=False, **kwargs):
+    def __init__(
+        self,
+        layer,
+        rank=8,
+        alpha=None,
+        use_rslora=False,
+        dropout=0.0,
+        init="default",
+        use_dora=False,
+        adapter_name=DEFAULT_NAME,
+        adapters=None,
+        active_adapters=None,
+        **kwargs,
+    ):
+        restoring = kwargs.pop("_restoring", False)
         self._check_base_layer(layer)
-        rank = validate_rank(rank)
-        alpha = validate_alpha(alpha)
+        specs = [
+            Adapter(adapter_name, rank, alpha, use_rslora, dropout, init, use_dora)
+        ]
+        specs += [Adapter(**dict(config)) for config in adapters or ()]
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Adapter names must be unique. Received: {names}")
+        for spec in specs:
+            self._check_variant(layer, spec, specs)
+        active = [names[0]] if active_adapters is None else list(active_adapters)
+        unknown = [name for name in active if name not in names]
+        if unknown:
+            raise ValueError(
+                f"`active_adapters` {unknown} are not adapters of this layer "
+                f"(adapters: {names})."
+            )
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", float_policy(layer))
         super().__init__(layer, **kwargs)
-        self.rank = rank
-        self.alpha = float(rank) if alpha is None else alpha
-        self.use_rslora = bool(use_rslora)
+        # Plain Python state, kept out of Keras's (and TensorFlow's) tracking.
+        object.__setattr__(self, "_adapters", {spec.name: spec for spec in specs})
+        object.__setattr__(self, "_active", active)
+        object.__setattr__(self, "_disabled", False)
+        object.__setattr__(self, "_merged", None)
+        object.__setattr__(self, "_restoring", bool(restoring))
+        self.seed_generator = None
+        if any(spec.dropout for spec in specs):
+            self.seed_generator = keras.random.SeedGenerator()
         self.layer.trainable = False
         if self.layer.built:
             self._build_adapters()
 
+    def _check_variant(self, layer, spec, specs):
+        """Raises if `spec`'s variant options cannot apply to `layer`."""
+        quantized = getattr(layer, "quantization_mode", None) is not None
+        if quantized and (spec.use_dora or spec.changes_base):
+            raise ValueError(
+                f"Layer '{layer.name}' is quantized: adapter '{spec.name}' "
+                f"cannot use init={spec.init!r} or use_dora=True there "
+                "(both need the float kernel). Use them on a float base."
+            )
+        changing = [s.name for s in specs if s.changes_base]
+        if len(changing) > 1:
+            raise ValueError(
+                f"Layer '{layer.name}': only one adapter per layer can use "
+                f"init='pissa' or 'olora' (they rewrite the frozen kernel); "
+                f"received {changing}."
+            )
+
     @classmethod
     def _check_base_layer(cls, layer):
+        if cls.base_class is None:
+            raise TypeError(
+                f"{cls.__name__} is the abstract base class of the LoRA layers; "
+                "use the one for your layer type (LoRADense, LoRAEinsumDense, "
+                "LoRAEmbedding, LoRAConv)."
+            )
         if isinstance(layer, LoRALayer):
             raise TypeError(
                 f"`layer` is already a LoRA layer ('{layer.name}', "
@@ -130,21 +210,368 @@ class LoRALayer(keras.layers.Wrapper):
     def build(self, input_shape=None):
         if not self.layer.built:
             self.layer.build(input_shape)
-        if not hasattr(self, "lora_a"):
-            self._build_adapters()
+        self._build_adapters()
         self.built = True
 
     def _build_adapters(self):
-        a_shape, b_shape = self.adapter_shapes()
-        a_init, b_init = self.adapter_initializers()
-        dtype = adapter_dtype(self.variable_dtype)
-        self.lora_a = self.add_weight(
-            name="lora_a", shape=a_shape, initializer=a_init, dtype=dtype
-        )
-        self.lora_b = self.add_weight(
-            name="lora_b", shape=b_shape, initializer=b_init, dtype=dtype
-        )
+        tracker = getattr(self, "_tracker", None)
+        locked = tracker is not None and tracker.locked
+        if locked:
+            tracker.unlock()
+        try:
+            for adapter in self._adapters.values():
+                if adapter.a is None:
+                    self._create_adapter(adapter, initialize=not self._restoring)
+        finally:
+            if locked:
+                tracker.lock()
+        object.__setattr__(self, "_restoring", False)
+        self._sync_trainable()
         self.built = True
+
+    def _create_adapter(self, adapter, initialize=True):
+        """Creates `adapter`'s variables; with `initialize`, computes the
+        data-dependent starting values (PiSSA/OLoRA factors, DoRA norms)."""
+        a_shape, b_shape = self.adapter_shapes()
+        a_shape = tuple(a_shape[:-1]) + (adapter.rank,)
+        b_shape = (adapter.rank,) + tuple(b_shape[1:])
+        a_init, b_init = self.adapter_initializers()
+        if adapter.init == "gaussian":
+            normal = keras.initializers.RandomNormal(stddev=1.0 / adapter.rank)
+            if b_init == "zeros":
+                a_init = normal
+            else:
+                b_init = normal
+        elif adapter.changes_base:
+            a_init = b_init = "zeros"
+        dtype = adapter_dtype(self.variable_dtype)
+        suffix = "" if adapter.name == DEFAULT_NAME else f"_{adapter.name}"
+        adapter.a = self.add_weight(
+            name=f"lora_a{suffix}", shape=a_shape, initializer=a_init, dtype=dtype
+        )
+        adapter.b = self.add_weight(
+            name=f"lora_b{suffix}", shape=b_shape, initializer=b_init, dtype=dtype
+        )
+        kernel = self.base_kernel
+        if adapter.use_dora:
+            shape = [
+                d for i, d in enumerate(kernel.shape) if i not in self._norm_axes()
+            ]
+            adapter.magnitude = self.add_weight(
+                name=f"lora_magnitude{suffix}",
+                shape=tuple(shape),
+                initializer="ones",
+                dtype=dtype,
+            )
+        if adapter.changes_base:
+            adapter.residual = self.add_weight(
+                name=f"lora_residual_kernel{suffix}",
+                shape=tuple(kernel.shape),
+                initializer="zeros",
+                dtype=kernel.dtype,
+                trainable=False,
+            )
+            value = np.asarray(ops.convert_to_numpy(kernel))
+            if initialize:
+                matrix = value.astype(np.float64).reshape(-1, kernel.shape[-1])
+                a, b = factor_kernel(matrix, adapter.rank, adapter.scale, adapter.init)
+                adapter.a.assign(a.reshape(a_shape).astype(dtype))
+                adapter.b.assign(b.astype(dtype))
+                residual = matrix - adapter.scale * (
+                    np.asarray(a.reshape(a_shape).astype(dtype), np.float64).reshape(
+                        -1, adapter.rank
+                    )
+                    @ np.asarray(b.astype(dtype), np.float64)
+                )
+                value = residual.reshape(value.shape)
+            adapter.residual.assign(value.astype(adapter.residual.dtype))
+        if adapter.use_dora:
+            frozen = ops.cast(self._frozen_for([adapter]), "float32")
+            norm = self._column_norm(ops.add(frozen, self._adapter_delta(adapter)))
+            adapter.magnitude.assign(ops.cast(norm, adapter.magnitude.dtype))
+
+    # ----- named adapters -------------------------------------------------
+
+    @property
+    def adapter_names(self):
+        """The names of this layer's adapters, in creation order."""
+        return list(self._adapters)
+
+    @property
+    def active_adapters(self):
+        """The names of the active adapters (their updates add up)."""
+        return [name for name in self._active if name in self._adapters]
+
+    def get_adapter(self, name):
+        """The `Adapter` (options and variables) named `name`."""
+        if name not in self._adapters:
+            raise ValueError(
+                f"LoRA layer '{self.name}' has no adapter {name!r} "
+                f"(adapters: {self.adapter_names})."
+            )
+        return self._adapters[name]
+
+    def add_adapter(self, name, rank=8, alpha=None, **options):
+        """Adds an inactive adapter `name` (same options as the constructor:
+        `use_rslora`, `dropout`, `init`, `use_dora`) on the same frozen base."""
+        adapter = Adapter(name, rank, alpha, **options)
+        if name in self._adapters:
+            raise ValueError(f"LoRA layer '{self.name}' already has adapter {name!r}.")
+        specs = list(self._adapters.values()) + [adapter]
+        self._check_variant(self.layer, adapter, specs)
+        if adapter.dropout and self.seed_generator is None:
+            self._unlocked(
+                lambda: setattr(self, "seed_generator", keras.random.SeedGenerator())
+            )
+        self._adapters[name] = adapter
+        if self.built or self.layer.built:
+            try:
+                self._build_adapters()
+            except Exception:
+                self._remove_variables(adapter)
+                del self._adapters[name]
+                raise
+        return adapter
+
+    def set_active_adapters(self, names):
+        """Makes `names` (a name or a list) the active, trainable adapters.
+        Names this layer lacks are ignored; with none left the layer computes
+        its base output."""
+        names = [names] if isinstance(names, str) else list(names)
+        names = [name for name in names if name in self._adapters]
+        object.__setattr__(self, "_active", names)
+        self._sync_trainable()
+
+    def delete_adapter(self, name):
+        """Deletes adapter `name` and its variables. If it was active, the
+        other active adapters stay active; if none is left, the first
+        remaining adapter becomes active. The last adapter cannot go."""
+        adapter = self.get_adapter(name)
+        if len(self._adapters) == 1:
+            raise ValueError(
+                f"Adapter {name!r} is the only adapter of LoRA layer "
+                f"'{self.name}'; a LoRA layer needs one. Merge "
+                "(`merge_lora`) or rebuild the model instead."
+            )
+        self._remove_variables(adapter)
+        del self._adapters[name]
+        active = [n for n in self._active if n != name]
+        if name in self._active and not any(n in self._adapters for n in active):
+            active = [next(iter(self._adapters))]
+        object.__setattr__(self, "_active", active)
+        self._sync_trainable()
+
+    @property
+    def adapters_disabled(self):
+        """While true, the layer computes exactly its base layer's output."""
+        return self._disabled
+
+    @adapters_disabled.setter
+    def adapters_disabled(self, value):
+        object.__setattr__(self, "_disabled", bool(value))
+
+    def _unlocked(self, fn):
+        tracker = self._tracker
+        locked = tracker.locked
+        tracker.unlock()
+        try:
+            return fn()
+        finally:
+            if locked:
+                tracker.lock()
+
+    def _remove_variables(self, adapter):
+        doomed = {id(v) for v in adapter.variables}
+        if adapter.residual is not None:
+            doomed.add(id(adapter.residual))
+        for store in ("trainable_variables", "non_trainable_variables"):
+            variables = getattr(self, f"_{store}")
+            variables[:] = [v for v in variables if id(v) not in doomed]
+            self._tracker.stored_ids[store] -= doomed
+        adapter.a = adapter.b = adapter.magnitude = adapter.residual = None
+
+    def _sync_trainable(self):
+        """Active adapters follow `trainable`; the others are frozen."""
+        adapters = getattr(self, "_adapters", None)
+        if adapters is None:
+            return
+        active = set(self._active)
+        for adapter in adapters.values():
+            on = self._trainable and adapter.name in active
+            for variable in adapter.variables:
+                variable.trainable = on
+
+    def _primary(self):
+        for name in self._active:
+            if name in self._adapters:
+                return self._adapters[name]
+        return next(iter(self._adapters.values()))
+
+    def _primary_variable(self, attr):
+        adapters = self.__dict__.get("_adapters")
+        value = getattr(self._primary(), attr) if adapters else None
+        if value is None:
+            raise AttributeError(f"LoRA layer '{self.name}' has no {attr} (not built)")
+        return value
+
+    @property
+    def lora_a(self):
+        """`A` of the first active adapter."""
+        return self._primary_variable("a")
+
+    @property
+    def lora_b(self):
+        """`B` of the first active adapter."""
+        return self._primary_variable("b")
+
+    @property
+    def lora_magnitude(self):
+        """DoRA's magnitude of the first active adapter, or `None`."""
+        return self._primary().magnitude
+
+    @property
+    def rank(self):
+        return self._primary().rank
+
+    @property
+    def alpha(self):
+        return self._primary().alpha
+
+    @alpha.setter
+    def alpha(self, value):
+        value = validate_alpha(value)
+        self._primary().alpha = float(self._primary().rank if value is None else value)
+
+    @property
+    def use_rslora(self):
+        return self._primary().use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value):
+        self._primary().use_rslora = bool(value)
+
+    @property
+    def dropout(self):
+        return self._primary().dropout
+
+    @property
+    def init(self):
+        return self._primary().init
+
+    @property
+    def use_dora(self):
+        return self._primary().use_dora
+
+    # ----- the forward pass, shared by the layer types ---------------------
+
+    def _call_adapters(self):
+        """The adapters this call applies (decided in Python, at trace time)."""
+        if self._disabled or self._merged is not None:
+            return []
+        return [self._adapters[n] for n in self._active if n in self._adapters]
+
+    def _bypass(self):
+        """Whether a call is exactly the base layer's call."""
+        return self._disabled or (
+            self._merged is None and not self._call_adapters() and not self._residual()
+        )
+
+    def _residual(self):
+        for adapter in self._call_adapters():
+            if adapter.residual is not None:
+                return adapter.residual
+        return None
+
+    def _frozen_kernel(self):
+        """The kernel the call multiplies by: the in-place merged one, the
+        active PiSSA/OLoRA residual, or the base kernel."""
+        if self._merged is not None:
+            return self._merged
+        residual = self._residual()
+        if residual is not None:
+            return residual
+        return getattr(self.layer, self.kernel_attr)
+
+    def _frozen_for(self, adapters):
+        for adapter in adapters:
+            if adapter.residual is not None:
+                return adapter.residual
+        return self.base_kernel
+
+    def _base_call(self, inputs, training=None):
+        """The base layer's own call: exact base output."""
+        return self.layer.call(inputs)
+
+    # Whether `dropout` applies to the call's inputs; a layer type whose
+    # inputs cannot be dropped (token ids) applies it in `_update` instead.
+    drops_inputs = True
+
+    def _update(self, inputs, adapter, dtype, training=None):
+        """`scale·(x·A)·B` of one adapter, shaped like the output."""
+        raise NotImplementedError
+
+    def _dropout(self, x, adapter, training):
+        if adapter.dropout and training:
+            return keras.random.dropout(x, adapter.dropout, seed=self.seed_generator)
+        return x
+
+    def _add_updates(self, inputs, base, training, dtype, adapters=None):
+        """`base` (`x·W`, no bias yet) plus every active adapter's update.
+
+        A DoRA adapter adds `(c - 1)·x·W + c·s·x·A·B` with
+        `c = m / ‖W + s·A·B‖` (PEFT's sum over adapters); alone, that is
+        `c·(x·W + s·x·A·B)`.
+        """
+        out = base
+        for adapter in self._call_adapters() if adapters is None else adapters:
+            x = (
+                self._dropout(inputs, adapter, training)
+                if self.drops_inputs
+                else inputs
+            )
+            update = self._update(x, adapter, dtype, training)
+            if adapter.magnitude is None:
+                out = ops.add(out, update)
+                continue
+            c = ops.cast(self._dora_factor(adapter), dtype)
+            out = ops.add(
+                out,
+                ops.add(
+                    self._scale_output(base, ops.subtract(c, 1.0)),
+                    self._scale_output(update, c),
+                ),
+            )
+        return out
+
+    def _norm_axes(self):
+        """The kernel axes that DoRA's column norm reduces (the input axes)."""
+        return tuple(range(len(self.base_kernel.shape) - 1))
+
+    def _column_norm(self, kernel):
+        return ops.sqrt(ops.sum(ops.square(kernel), axis=self._norm_axes()))
+
+    def _dora_factor(self, adapter):
+        """`m / ‖W + s·A·B‖` per output unit, the norm without gradient."""
+        frozen = ops.cast(self._frozen_for([adapter]), "float32")
+        norm = self._column_norm(ops.add(frozen, self._adapter_delta(adapter)))
+        norm = ops.stop_gradient(norm)
+        return ops.divide(ops.cast(adapter.magnitude, "float32"), norm)
+
+    def _scale_output(self, y, c):
+        """`y` times the per-output-unit factor `c` (last axis by default)."""
+        return ops.multiply(y, c)
+
+    def _expand_to_kernel(self, c):
+        for axis in sorted(self._norm_axes()):
+            c = ops.expand_dims(c, axis)
+        return c
+
+    def _adapter_delta(self, adapter):
+        """`scale·A·B` of one adapter, shaped like the kernel, float32."""
+        a = ops.reshape(ops.cast(adapter.a, "float32"), (-1, adapter.rank))
+        b = ops.cast(adapter.b, "float32")
+        delta = ops.multiply(ops.matmul(a, b), adapter.scale)
+        return ops.reshape(delta, self.base_kernel.shape)
 
     def adapter_shapes(self):
         """Returns `(a_shape, b_shape)`; `A·B` reshapes to the kernel's shape."""
@@ -166,19 +593,16 @@ class LoRALayer(keras.layers.Wrapper):
     @trainable.setter
     def trainable(self, value):
         # Unlike `Layer.trainable`, never propagate to the base layer: its
-        # weights stay frozen whatever a user or a parent model sets.
-        value = bool(value)
-        self._trainable = value
-        for variable in self._trainable_variables:
-            variable.trainable = value
+        # weights stay frozen whatever a user or a parent model sets. Only
+        # the active adapters follow the flag.
+        self._trainable = bool(value)
+        self._sync_trainable()
 
     @property
     def scale(self):
-        """The factor on the update: `alpha / rank`, or `alpha / sqrt(rank)`
-        with `use_rslora`."""
-        if self.use_rslora:
-            return self.alpha / float(np.sqrt(self.rank))
-        return self.alpha / self.rank
+        """The factor on the (first active) update: `alpha / rank`, or
+        `alpha / sqrt(rank)` with `use_rslora`."""
+        return self._primary().scale
 
     @property
     def quantization_mode(self):
@@ -227,18 +651,44 @@ class LoRALayer(keras.layers.Wrapper):
         return variable if variable.dtype == dtype else ops.cast(variable, dtype)
 
     def delta(self):
-        """The kernel update `scale·A·B`, shaped like the base kernel (float32)."""
-        a = ops.cast(self.lora_a, "float32")
-        b = ops.cast(self.lora_b, "float32")
-        a = ops.reshape(a, (-1, self.rank))
-        delta = ops.matmul(a, b) * self.scale
-        return ops.reshape(delta, self.base_kernel.shape)
+        """The kernel update of the active adapters, shaped like the base
+        kernel (float32): `scale·A·B` for one plain adapter."""
+        kernel = ops.cast(self.base_kernel, "float32")
+        return ops.subtract(self._merged_float32(), kernel)
+
+    def _merged_float32(self):
+        adapters = [self._adapters[n] for n in self._active if n in self._adapters]
+        frozen = ops.cast(self._frozen_for(adapters), "float32")
+        total = frozen
+        for adapter in adapters:
+            delta = self._adapter_delta(adapter)
+            if adapter.magnitude is None:
+                total = ops.add(total, delta)
+                continue
+            c = self._expand_to_kernel(self._dora_factor(adapter))
+            total = ops.add(
+                total,
+                ops.add(
+                    ops.multiply(ops.subtract(c, 1.0), frozen), ops.multiply(c, delta)
+                ),
+            )
+        return total
+
+    def _plain_merge(self):
+        """Whether the merge is `W + scale·A·B` of one plain adapter."""
+        adapters = [self._adapters[n] for n in self._active if n in self._adapters]
+        return (
+            len(adapters) == 1
+            and adapters[0].magnitude is None
+            and adapters[0].residual is None
+        )
 
     def merged_kernel(self):
-        """Returns `W + scale·A·B` in the base kernel's dtype."""
+        """Returns the kernel the active adapters amount to, in the base
+        kernel's dtype: `W + scale·A·B` for one plain adapter; with several,
+        their sum; PiSSA/OLoRA start from the residual; DoRA scales columns."""
         kernel = self.base_kernel
-        merged = ops.add(ops.cast(kernel, "float32"), self.delta())
-        return ops.cast(merged, kernel.dtype)
+        return ops.cast(self._merged_float32(), kernel.dtype)
 
     def merged_layer(self, check_finite=True, requantize=False):
         """Returns a new, built base layer holding the merged kernel.
@@ -254,7 +704,7 @@ class LoRALayer(keras.layers.Wrapper):
         """
         base = self.layer
         mode = self.quantization_mode
-        if mode is None:
+        if mode is None and self._plain_merge():
             merged = host_merge.merged_kernel_array(
                 self.base_kernel, self.lora_a, self.lora_b, self.scale, self.rank
             )
@@ -319,12 +769,20 @@ class LoRALayer(keras.layers.Wrapper):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"rank": self.rank, "alpha": self.alpha})
-        if self.use_rslora:
-            config["use_rslora"] = True
+        adapters = list(self._adapters.values())
+        config.update(adapters[0].config(with_name=False))
+        if adapters[0].name != DEFAULT_NAME:
+            config["adapter_name"] = adapters[0].name
+        if len(adapters) > 1:
+            config["adapters"] = [adapter.config() for adapter in adapters[1:]]
+        if self._active != [adapters[0].name]:
+            config["active_adapters"] = list(self._active)
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        # `Wrapper.from_config` pops "layer" from the dict it is given.
-        return super().from_config(dict(config), custom_objects=custom_objects)
+        # `Wrapper.from_config` pops "layer" from the dict it is given. The
+        # weights load next, so data-dependent inits (PiSSA's SVD) are skipped.
+        config = dict(config)
+        config["_restoring"] = True
+        return super().from_config(config, custom_objects=custom_objects)

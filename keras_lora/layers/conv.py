@@ -58,23 +58,20 @@ class LoRAConv(LoRALayer):
             data_format=layer.data_format,
         )
 
+    def _padding(self):
+        # Causal padding is applied to the inputs first, then "valid".
+        padding = self.layer.padding
+        return "valid" if padding == "causal" else padding
+
     def call(self, inputs, training=None):
+        if self._bypass():  # adapters disabled or none active: the base exactly
+            return self.layer.call(inputs)
         layer = self.layer
         dtype = inputs.dtype
-        padding = layer.padding
-        if padding == "causal":
+        if layer.padding == "causal":
             inputs = ops.pad(inputs, layer._compute_causal_padding())
-            padding = "valid"
-        outputs = self._conv(inputs, layer.kernel, padding)
-        update = self._conv(inputs, self._adapter(self.lora_a, dtype), padding)
-        if self.scale != 1.0:
-            update = ops.multiply(update, ops.cast(self.scale, dtype))
-        b = self._adapter(self.lora_b, dtype)
-        if layer.data_format == "channels_last":
-            update = ops.matmul(update, b)
-        else:
-            update = ops.moveaxis(ops.matmul(ops.moveaxis(update, 1, -1), b), -1, 1)
-        outputs = ops.add(outputs, update)
+        outputs = self._conv(inputs, self._frozen_kernel(), self._padding())
+        outputs = self._add_updates(inputs, outputs, training, dtype)
         if layer.use_bias:
             if layer.data_format == "channels_last":
                 bias_shape = (1,) * (layer.rank + 1) + (layer.filters,)
@@ -84,3 +81,17 @@ class LoRAConv(LoRALayer):
         if layer.activation is not None:
             outputs = layer.activation(outputs)
         return outputs
+
+    def _update(self, inputs, adapter, dtype, training=None):
+        update = self._conv(inputs, self._adapter(adapter.a, dtype), self._padding())
+        if adapter.scale != 1.0:
+            update = ops.multiply(update, ops.cast(adapter.scale, dtype))
+        b = self._adapter(adapter.b, dtype)
+        if self.layer.data_format == "channels_last":
+            return ops.matmul(update, b)
+        return ops.moveaxis(ops.matmul(ops.moveaxis(update, 1, -1), b), -1, 1)
+
+    def _scale_output(self, y, c):
+        if self.layer.data_format == "channels_last":
+            return ops.multiply(y, c)
+        return ops.multiply(y, ops.reshape(c, (1, -1) + (1,) * self.layer.rank))

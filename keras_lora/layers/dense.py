@@ -52,22 +52,28 @@ class LoRADense(LoRALayer):
         return (input_dim, self.rank), (self.rank, units)
 
     def call(self, inputs, training=None):
+        if self._bypass():  # adapters disabled or none active: the base exactly
+            return self.layer.call(inputs, training=training)
         layer = self.layer
         dtype = inputs.dtype
-        update = ops.matmul(inputs, self._adapter(self.lora_a, dtype))
-        if self.scale != 1.0:
-            update = ops.multiply(update, ops.cast(self.scale, dtype))
-        update = ops.matmul(update, self._adapter(self.lora_b, dtype))
-        if self.quantization_mode is not None:
+        if self.quantization_mode is not None and self._merged is None:
             # A frozen int8 base (QLoRA-style): Keras's own quantized matmul.
-            x = ops.add(self._quantized_base_call(inputs, training), update)
+            base = self._quantized_base_call(inputs, training)
+            x = self._add_updates(inputs, base, training, dtype)
         else:
-            x = ops.add(ops.matmul(inputs, layer.kernel), update)
+            base = ops.matmul(inputs, self._frozen_kernel())
+            x = self._add_updates(inputs, base, training, dtype)
             if layer.bias is not None:
                 x = ops.add(x, layer.bias)
         if layer.activation is not None:
             x = layer.activation(x)
         return x
+
+    def _update(self, inputs, adapter, dtype, training=None):
+        update = ops.matmul(inputs, self._adapter(adapter.a, dtype))
+        if adapter.scale != 1.0:
+            update = ops.multiply(update, ops.cast(adapter.scale, dtype))
+        return ops.matmul(update, self._adapter(adapter.b, dtype))
 
     def to_dense(self, check_finite=True):
         """Returns a plain `Dense` with this layer's config, name and the

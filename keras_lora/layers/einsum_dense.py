@@ -84,22 +84,43 @@ class LoRAEinsumDense(LoRALayer):
         return shape[:-1] + (self.rank,), (self.rank, shape[-1])
 
     def call(self, inputs, training=None):
+        if self._bypass():  # adapters disabled or none active: the base exactly
+            return self.layer.call(inputs, training=training)
         layer = self.layer
         dtype = inputs.dtype
-        update = ops.einsum(self._first, inputs, self._adapter(self.lora_a, dtype))
-        if self.scale != 1.0:
-            update = ops.multiply(update, ops.cast(self.scale, dtype))
-        b = self._adapter(self.lora_b, dtype)
-        if self._is_matmul:
-            update = ops.matmul(update, b)
+        if self.quantization_mode is not None and self._merged is None:
+            base = self._quantized_base_call(inputs, training)
+            x = self._add_updates(inputs, base, training, dtype)
         else:
-            update = ops.einsum(self._second, update, b)
-        if self.quantization_mode is not None:
-            x = ops.add(self._quantized_base_call(inputs, training), update)
-        else:
-            x = ops.add(ops.einsum(layer.equation, inputs, layer.kernel), update)
+            base = ops.einsum(layer.equation, inputs, self._frozen_kernel())
+            x = self._add_updates(inputs, base, training, dtype)
             if layer.bias is not None:
                 x = ops.add(x, layer.bias)
         if layer.activation is not None:
             x = layer.activation(x)
         return x
+
+    def _update(self, inputs, adapter, dtype, training=None):
+        update = ops.einsum(self._first, inputs, self._adapter(adapter.a, dtype))
+        if adapter.scale != 1.0:
+            update = ops.multiply(update, ops.cast(adapter.scale, dtype))
+        b = self._adapter(adapter.b, dtype)
+        if self._is_matmul:
+            return ops.matmul(update, b)
+        return ops.einsum(self._second, update, b)
+
+    def _specs(self):
+        lhs, output = self.layer.equation.replace(" ", "").split("->")
+        return lhs.split(",")[1], output
+
+    def _norm_axes(self):
+        # DoRA's norm runs over the kernel axes that do not reach the output.
+        k_spec, output = self._specs()
+        return tuple(i for i, c in enumerate(k_spec) if c not in output)
+
+    def _scale_output(self, y, c):
+        k_spec, output = self._specs()
+        c_spec = "".join(ch for ch in k_spec if ch in output)
+        if output.endswith(c_spec):
+            return ops.multiply(y, c)
+        return ops.einsum(f"{output},{c_spec}->{output}", y, c)

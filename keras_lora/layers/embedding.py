@@ -43,19 +43,27 @@ class LoRAEmbedding(LoRALayer):
     def adapter_initializers(self):
         return "zeros", keras.initializers.RandomNormal(stddev=1.0)
 
-    def call(self, inputs, reverse=False):
+    # Token ids cannot be dropped: `dropout` drops the looked-up rows of A.
+    drops_inputs = False
+
+    def call(self, inputs, reverse=False, training=None):
         layer = self.layer
         if reverse:
             return self._reverse(inputs)
+        if self._bypass():  # adapters disabled or none active: the base exactly
+            return layer.call(inputs)
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         dtype = layer.compute_dtype
-        outputs = ops.cast(ops.take(layer.embeddings, inputs, axis=0), dtype)
-        rows = ops.take(self._adapter(self.lora_a, dtype), inputs, axis=0)
-        if self.scale != 1.0:
-            rows = ops.multiply(rows, ops.cast(self.scale, dtype))
-        update = ops.matmul(rows, self._adapter(self.lora_b, dtype))
-        return ops.add(outputs, update)
+        outputs = ops.cast(ops.take(self._frozen_kernel(), inputs, axis=0), dtype)
+        return self._add_updates(inputs, outputs, training, dtype)
+
+    def _update(self, inputs, adapter, dtype, training=None):
+        rows = ops.take(self._adapter(adapter.a, dtype), inputs, axis=0)
+        rows = self._dropout(rows, adapter, training)
+        if adapter.scale != 1.0:
+            rows = ops.multiply(rows, ops.cast(adapter.scale, dtype))
+        return ops.matmul(rows, self._adapter(adapter.b, dtype))
 
     def _reverse(self, inputs):
         layer = self.layer
@@ -65,16 +73,29 @@ class LoRAEmbedding(LoRALayer):
                 "`keras.layers.ReversibleEmbedding` base; this one is a "
                 f"{type(layer).__name__}."
             )
-        if not layer.tie_weights:
+        if not layer.tie_weights or self._bypass():
             return layer.call(inputs, reverse=True)
-        kernel = ops.transpose(layer.embeddings)
-        a = ops.transpose(self.lora_a)
-        b = ops.transpose(self.lora_b)
         dtype = layer.reverse_dtype or inputs.dtype
         inputs = ops.cast(inputs, dtype)
-        update = ops.matmul(ops.matmul(inputs, ops.cast(b, dtype)), ops.cast(a, dtype))
-        logits = ops.matmul(inputs, ops.cast(kernel, dtype))
-        logits = ops.add(logits, ops.multiply(update, ops.cast(self.scale, dtype)))
+        # x·(E + Σ update)ᵀ without forming the adapted table.
+        logits = ops.matmul(
+            inputs, ops.cast(ops.transpose(self._frozen_kernel()), dtype)
+        )
+        for adapter in self._call_adapters():
+            x = inputs
+            if adapter.magnitude is not None:
+                c = ops.cast(self._dora_factor(adapter), dtype)
+                base = ops.cast(ops.transpose(self._frozen_kernel()), dtype)
+                logits = ops.add(
+                    logits, ops.matmul(ops.multiply(inputs, ops.subtract(c, 1.0)), base)
+                )
+                x = ops.multiply(inputs, c)
+            a = ops.cast(ops.transpose(adapter.a), dtype)
+            b = ops.cast(ops.transpose(adapter.b), dtype)
+            update = ops.matmul(ops.matmul(x, b), a)
+            logits = ops.add(
+                logits, ops.multiply(update, ops.cast(adapter.scale, dtype))
+            )
         if layer.logit_soft_cap is not None:
             cap = layer.logit_soft_cap
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)

@@ -1,0 +1,392 @@
+"""Several named adapters on one model, switching, combining, and merging
+in place with an exact unmerge.
+
+Every LoRA layer holds one or more named adapters on its frozen base (see
+`LoRALayer`). `apply_lora(model, ..., adapter_name="default")` creates the
+first; `add_adapter` adds more on the same frozen base without cloning the
+model. The active adapters are the only trainable ones and their updates
+add up; the others are kept but neither trained nor applied.
+
+Switching is a Python-level choice made when a call is traced, so these
+functions clear the model's compiled `predict`/`evaluate`/`train`
+functions: `model(x)`, `predict` and `evaluate` see the new adapter at
+once. Training after a switch needs `model.compile(...)` again: the set of
+trainable variables changed, and Keras builds its optimizer (and JAX/TF its
+compiled train step) for one fixed set.
+"""
+
+import contextlib
+import math
+import numbers
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora.layers import LoRALayer
+from keras_lora.layers.host_merge import all_finite
+from keras_lora.layers.variants import validate_adapter_name
+from keras_lora.targets import iter_layers, match_layers
+
+
+def _lora_layers(model, function):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{function}: `model` must be a keras.Model. Received: {model!r} "
+            f"of type {type(model).__name__}"
+        )
+    layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
+    if not layers:
+        raise ValueError(
+            f"{function}: model '{model.name}' has no LoRA layers. Use "
+            "`apply_lora` first."
+        )
+    return layers
+
+
+def _reset_compiled(model):
+    """Drops the model's traced predict/test/train functions: they baked in
+    the previous choice of adapters."""
+    for attr in ("predict_function", "test_function", "train_function"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+
+
+def _refuse_if_merged(layers, function):
+    merged = [p for p, layer in layers if layer._merged is not None]
+    if merged:
+        raise ValueError(
+            f"{function}: layers {merged} are merged in place; call "
+            "`unmerge_lora(model)` first."
+        )
+
+
+def list_adapters(model):
+    """Returns `{adapter name: [layer paths]}`, in creation order."""
+    names = {}
+    for path, layer in _lora_layers(model, "list_adapters"):
+        for name in layer.adapter_names:
+            names.setdefault(name, []).append(path)
+    return names
+
+
+def active_adapters(model):
+    """The names of the adapters active in at least one layer."""
+    names = []
+    for _, layer in _lora_layers(model, "active_adapters"):
+        names += [n for n in layer.active_adapters if n not in names]
+    return names
+
+
+def add_adapter(model, name, rank=8, alpha=None, targets=None, **options):
+    """Adds a new, inactive adapter `name` to LoRA layers of `model`.
+
+    It sits on the same frozen base as the existing adapters; the model is
+    not cloned. Make it active (and trainable) with `set_adapter`.
+
+    Args:
+        model: a model with LoRA layers (from `apply_lora`).
+        name: the new adapter's name.
+        rank, alpha: as for `apply_lora`.
+        targets: which LoRA layers get it: `None` for all, else the forms of
+            `apply_lora`'s `targets` (names, paths, regex, callable),
+            matched by `match_layers` among the LoRA layers.
+        **options: variant options: `use_rslora`, `dropout`, `init`,
+            `use_dora`. A layer holds at most one PiSSA/OLoRA adapter.
+
+    Returns:
+        `model`.
+
+    Raises:
+        ValueError: no LoRA layers, a target that matches none, a layer that
+            already has `name`, or bad options; nothing is added then.
+    """
+    validate_adapter_name(name)
+    layers = _lora_layers(model, "add_adapter")
+    _refuse_if_merged(layers, "add_adapter")
+    if targets is not None:
+        all_layers = list(iter_layers(model))
+        layers = match_layers(
+            targets, all_layers, "targets", lambda lay: isinstance(lay, LoRALayer)
+        )
+    taken = [p for p, layer in layers if name in layer.adapter_names]
+    if taken:
+        raise ValueError(f"add_adapter: layers {taken} already have adapter {name!r}.")
+    added = []
+    try:
+        for _, layer in layers:
+            layer.add_adapter(name, rank=rank, alpha=alpha, **options)
+            added.append(layer)
+    except Exception:
+        for layer in added:
+            layer.delete_adapter(name)
+        raise
+    _reset_compiled(model)
+    return model
+
+
+def set_adapter(model, names):
+    """Makes adapter `names` (a name or a list) the active ones.
+
+    Active adapters are the only trainable ones; several active adapters
+    add their updates. A layer without any of them computes its base
+    output. Recompile before training again (see the module docstring).
+
+    Raises:
+        ValueError: a name no layer has.
+    """
+    if not isinstance(names, (str, list, tuple)) or not all(
+        isinstance(n, str) for n in ([names] if isinstance(names, str) else names)
+    ):
+        raise TypeError(
+            "set_adapter: `names` must be an adapter name or a list of names. "
+            f"Received: {names!r} of type {type(names).__name__}"
+        )
+    if not isinstance(names, (str, list, tuple)) or not all(
+        isinstance(n, str) for n in ([names] if isinstance(names, str) else names)
+    ):
+        raise TypeError(
+            "set_adapter: `names` must be an adapter name or a list of names. "
+            f"Received: {names!r}"
+        )
+    names = [names] if isinstance(names, str) else list(names)
+    layers = _lora_layers(model, "set_adapter")
+    _refuse_if_merged(layers, "set_adapter")
+    known = {n for _, layer in layers for n in layer.adapter_names}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(
+            f"set_adapter: unknown adapter(s) {unknown or names}; model "
+            f"'{model.name}' has adapters {sorted(known)}."
+        )
+    for _, layer in layers:
+        layer.set_active_adapters(names)
+    _reset_compiled(model)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Context manager: inside it, `model` computes exactly its base model.
+
+    Every LoRA layer calls its base layer's own `call`, so outputs are
+    bitwise those of the model `apply_lora` was given (PiSSA/OLoRA residuals
+    and in-place merges are bypassed too).
+    """
+    layers = _lora_layers(model, "disable_adapters")
+    previous = [(layer, layer.adapters_disabled) for _, layer in layers]
+    for layer, _ in previous:
+        layer.adapters_disabled = True
+    _reset_compiled(model)
+    try:
+        yield model
+    finally:
+        for layer, flag in previous:
+            layer.adapters_disabled = flag
+        _reset_compiled(model)
+
+
+def delete_adapter(model, name):
+    """Deletes adapter `name` and its variables from every layer.
+
+    Deleting an active adapter falls back: the other active adapters stay
+    active; a layer left with none activates its first remaining adapter
+    (a warning says so). A layer whose only adapter is `name` cannot lose
+    it: that raises `ValueError` and nothing is deleted.
+    """
+    layers = _lora_layers(model, "delete_adapter")
+    _refuse_if_merged(layers, "delete_adapter")
+    having = [(p, layer) for p, layer in layers if name in layer.adapter_names]
+    if not having:
+        raise ValueError(f"delete_adapter: no LoRA layer has adapter {name!r}.")
+    alone = [p for p, layer in having if len(layer.adapter_names) == 1]
+    if alone:
+        raise ValueError(
+            f"delete_adapter: {name!r} is the only adapter of layers {alone}; "
+            "a LoRA layer needs one. Use `merge_lora` to drop LoRA instead."
+        )
+    fallback = {}
+    for path, layer in having:
+        was_active = name in layer.active_adapters
+        layer.delete_adapter(name)
+        if was_active and len(layer.active_adapters) == 1:
+            fallback.setdefault(layer.active_adapters[0], []).append(path)
+    if fallback:
+        warnings.warn(
+            f"delete_adapter: {name!r} was active; now active: {fallback}.",
+            stacklevel=2,
+        )
+    _reset_compiled(model)
+    return model
+
+
+def combine_adapters(model, weights, name="mix"):
+    """Adds adapter `name`, the weighted sum of existing adapters, exactly.
+
+    Method: concatenation (PEFT's `"cat"`). In each layer, with adapters
+    `i` of scale `s_i`, the new adapter has `A = [A_1, ..., A_n]` (along the
+    rank axis) and `B = [w_1·s_1·B_1; ...; w_n·s_n·B_n]`, rank `Σ r_i` and
+    `alpha = rank` (scale 1), so its update is exactly `Σ w_i·s_i·A_i·B_i`.
+    `{"a": 1.0}` therefore equals adapter `a`. Layers with none of the
+    adapters get none. DoRA and PiSSA/OLoRA adapters are not linear in
+    `A·B` and cannot be combined. The new adapter is inactive.
+
+    Args:
+        model: a model with LoRA layers.
+        weights: `{adapter name: weight}`, weights finite numbers.
+        name: the new adapter's name.
+
+    Returns:
+        `model`.
+    """
+    validate_adapter_name(name)
+    layers = _lora_layers(model, "combine_adapters")
+    _refuse_if_merged(layers, "combine_adapters")
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(
+            "combine_adapters: `weights` must be a non-empty dict "
+            f"{{adapter name: weight}}. Received: {weights!r}"
+        )
+    for key, weight in weights.items():
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, numbers.Real)
+            or not math.isfinite(weight)
+        ):
+            raise ValueError(
+                f"combine_adapters: the weight of {key!r} must be a finite "
+                f"number. Received: {weight!r}"
+            )
+    known = {n for _, layer in layers for n in layer.adapter_names}
+    unknown = [n for n in weights if n not in known]
+    if unknown:
+        raise ValueError(
+            f"combine_adapters: unknown adapter(s) {unknown}; model "
+            f"'{model.name}' has adapters {sorted(known)}."
+        )
+    plan = []
+    for path, layer in layers:
+        if name in layer.adapter_names:
+            raise ValueError(f"combine_adapters: layer '{path}' already has {name!r}.")
+        parts = [
+            (layer.get_adapter(n), w)
+            for n, w in weights.items()
+            if n in layer.adapter_names
+        ]
+        if not parts:
+            continue
+        for adapter, _ in parts:
+            if adapter.use_dora or adapter.changes_base:
+                raise ValueError(
+                    f"combine_adapters: adapter {adapter.name!r} of layer "
+                    f"'{path}' uses DoRA or init={adapter.init!r}, which a "
+                    "weighted sum of A·B cannot represent."
+                )
+        a = np.concatenate(
+            [np.asarray(ops.convert_to_numpy(ad.a), np.float32) for ad, _ in parts],
+            axis=-1,
+        )
+        b = np.concatenate(
+            [
+                np.float32(w * ad.scale)
+                * np.asarray(ops.convert_to_numpy(ad.b), np.float32)
+                for ad, w in parts
+            ],
+            axis=0,
+        )
+        plan.append((layer, a, b))
+    added = []
+    try:
+        for layer, a, b in plan:
+            rank = a.shape[-1]
+            adapter = layer.add_adapter(name, rank=rank, alpha=rank)
+            added.append(layer)
+            adapter.a.assign(a.astype(keras.backend.standardize_dtype(adapter.a.dtype)))
+            adapter.b.assign(b.astype(keras.backend.standardize_dtype(adapter.b.dtype)))
+    except Exception:
+        for layer in added:
+            layer.delete_adapter(name)
+        raise
+    _reset_compiled(model)
+    return model
+
+
+@contextlib.contextmanager
+def only_adapter(model, name):
+    """Context manager: adapter `name` alone is active in the layers that
+    have it, and no adapter in the others. `None` changes nothing."""
+    if name is None:
+        yield model
+        return
+    layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
+    if not any(name in layer.adapter_names for _, layer in layers):
+        raise ValueError(
+            f"No LoRA layer of model '{model.name}' has an adapter named {name!r}."
+        )
+    previous = [(layer, list(layer._active)) for _, layer in layers]
+    try:
+        for _, layer in layers:
+            layer.set_active_adapters([name] if name in layer.adapter_names else [])
+        yield model
+    finally:
+        for layer, active in previous:
+            layer.set_active_adapters(active)
+
+
+def merge_in_place(model, check_finite=True, adapter=None):
+    """`merge_lora(model, in_place=True)`: see there."""
+    layers = _lora_layers(model, "merge_lora")
+    _refuse_if_merged(layers, "merge_lora(in_place=True)")
+    merged = []
+    with only_adapter(model, adapter):
+        for path, layer in layers:
+            kernel = ops.convert_to_numpy(layer.merged_kernel())
+            if check_finite and not all_finite(kernel):
+                raise ValueError(
+                    f"Merging LoRA layer '{path}' (adapters "
+                    f"{layer.active_adapters}) gives NaN or Inf in its kernel; "
+                    "nothing was merged. Check the adapters, or pass "
+                    "check_finite=False to merge anyway."
+                )
+            merged.append((layer, kernel))
+    for layer, kernel in merged:
+        dtype = layer.compute_dtype if layer.quantization_mode is None else "float32"
+        value = ops.convert_to_tensor(
+            kernel.astype(keras.backend.standardize_dtype(dtype))
+        )
+        object.__setattr__(layer, "_merged", value)
+    _reset_compiled(model)
+    return model
+
+
+def unmerge_lora(model):
+    """Undoes `merge_lora(model, in_place=True)`, exactly.
+
+    An in-place merge never writes the base kernel (which `apply_lora`
+    shares with the original model): each LoRA layer holds the merged
+    kernel beside it and calls with it alone. Unmerging drops the merged
+    kernel, so every weight is bitwise what it was, with no subtraction
+    (PEFT's subtracting unmerge drifts in low precision, peft#1388).
+
+    Raises:
+        ValueError: nothing in `model` is merged in place.
+    """
+    layers = _lora_layers(model, "unmerge_lora")
+    merged = [layer for _, layer in layers if layer._merged is not None]
+    if not merged:
+        raise ValueError(
+            f"unmerge_lora: model '{model.name}' is not merged in place "
+            "(`merge_lora(model, in_place=True)`)."
+        )
+    for layer in merged:
+        object.__setattr__(layer, "_merged", None)
+    _reset_compiled(model)
+    return model
+
+
+def is_merged(model):
+    """Whether `model`'s LoRA layers are merged in place."""
+    return any(
+        layer._merged is not None for _, layer in _lora_layers(model, "is_merged")
+    )

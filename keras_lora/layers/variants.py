@@ -1,0 +1,172 @@
+"""LoRA variants and named adapters: the per-adapter state of a `LoRALayer`.
+
+A LoRA layer holds one or more named adapters (`Adapter`) on one frozen
+base. Each adapter has its own rank, alpha, scale rule and variant options:
+
+- `dropout`: dropout on the adapter's input path, in training only;
+- `use_rslora`: scale `alpha / sqrt(rank)` (rank-stabilized LoRA);
+- `init`: `"default"` (small random A, zero B), `"gaussian"` (A from
+  `N(0, 1/rank)`, zero B, PEFT's `"gaussian"`), `"pissa"` (A, B from the
+  top-`rank` singular triplets of W, PiSSA) or `"olora"` (A, B from a QR
+  decomposition of W, OLoRA). `"pissa"` and `"olora"` move the part of W they
+  put into `scale·A·B` out of the frozen kernel: the layer holds that
+  *residual* kernel as a variable of its own, because the base kernel is
+  shared with the model `apply_lora` was given and must not change. This
+  costs one extra kernel of memory per layer;
+- `use_dora`: DoRA (weight-decomposed LoRA), a trainable magnitude per
+  output unit, initialised to the norms of the columns of W, and the output
+  `m · (W + s·A·B) / ‖W + s·A·B‖`, the norm held constant for the backward
+  pass. The norm needs `W + s·A·B` itself, so a DoRA layer forms it (with
+  no gradient through it) on every call: one extra kernel-sized product.
+"""
+
+import numbers
+import re
+
+import numpy as np
+
+INITS = ("default", "gaussian", "pissa", "olora")
+# Inits that rewrite the frozen kernel into a residual.
+BASE_CHANGING_INITS = ("pissa", "olora")
+DEFAULT_NAME = "default"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def validate_dropout(dropout):
+    """Returns `dropout` as a float in `[0, 1)`, else raises."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(
+            f"`dropout` must be a number in [0, 1). Received: dropout={dropout!r} "
+            f"of type {type(dropout).__name__}"
+        )
+    if not np.isfinite(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(
+            f"`dropout` must be a number in [0, 1). Received: dropout={dropout}"
+        )
+    return float(dropout)
+
+
+def validate_init(init):
+    """Returns `init` if it is one of `INITS`, else raises."""
+    if init is True or init is None:
+        return "default"
+    if not isinstance(init, str) or init not in INITS:
+        raise ValueError(f"`init` must be one of {INITS}. Received: init={init!r}")
+    return init
+
+
+def validate_adapter_name(name):
+    """Returns `name` if it is a usable adapter name, else raises."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            "An adapter name must be a non-empty string of letters, digits, "
+            f"'_', '.' and '-' (not starting with '.' or '-'). Received: {name!r}"
+        )
+    return name
+
+
+class Adapter:
+    """One named adapter of a LoRA layer: its options and its variables.
+
+    Attributes:
+        name, rank, alpha, use_rslora, dropout, init, use_dora: the options.
+        a, b: the `lora_a`/`lora_b` variables (set when the layer builds).
+        magnitude: DoRA's magnitude variable, or `None`.
+        residual: the residual kernel variable of a `"pissa"`/`"olora"`
+            adapter, or `None`.
+    """
+
+    def __init__(
+        self,
+        name,
+        rank,
+        alpha,
+        use_rslora=False,
+        dropout=0.0,
+        init="default",
+        use_dora=False,
+    ):
+        from keras_lora.layers.base import validate_alpha, validate_rank
+
+        self.name = validate_adapter_name(name)
+        self.rank = validate_rank(rank)
+        alpha = validate_alpha(alpha)
+        self.alpha = float(self.rank) if alpha is None else alpha
+        self.use_rslora = bool(use_rslora)
+        self.dropout = validate_dropout(dropout)
+        self.init = validate_init(init)
+        self.use_dora = bool(use_dora)
+        self.a = self.b = self.magnitude = self.residual = None
+
+    @property
+    def scale(self):
+        """`alpha / rank`, or `alpha / sqrt(rank)` with `use_rslora`."""
+        if self.use_rslora:
+            return self.alpha / float(np.sqrt(self.rank))
+        return self.alpha / self.rank
+
+    @property
+    def changes_base(self):
+        return self.init in BASE_CHANGING_INITS
+
+    @property
+    def variables(self):
+        return [v for v in (self.a, self.b, self.magnitude) if v is not None]
+
+    def config(self, with_name=True):
+        """The options as constructor keyword arguments; defaults left out."""
+        config = {"rank": self.rank, "alpha": self.alpha}
+        if with_name:
+            config["name"] = self.name
+        if self.use_rslora:
+            config["use_rslora"] = True
+        if self.dropout:
+            config["dropout"] = self.dropout
+        if self.init != "default":
+            config["init"] = self.init
+        if self.use_dora:
+            config["use_dora"] = True
+        return config
+
+    def describe(self):
+        """All options, defaults included (for adapter-file metadata)."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "dropout": self.dropout,
+            "init": self.init,
+            "use_dora": self.use_dora,
+        }
+
+
+def factor_kernel(matrix, rank, scale, init):
+    """PiSSA or OLoRA factors of a 2-D `matrix` (fan_in, out), in float64.
+
+    Returns `(a, b)` with `a` `(fan_in, rank)` and `b` `(rank, out)`; the
+    residual is `matrix - scale·a·b`.
+
+    - `"pissa"`: with `matrix = U·S·Vᵀ`, `a = U_r·sqrt(S_r/scale)` and
+      `b = sqrt(S_r/scale)·V_rᵀ`, so `scale·a·b` is the best rank-r part
+      (as PEFT, which divides `S` by the scaling).
+    - `"olora"`: with `matrixᵀ = Q·R` (PEFT's `weight = Q·R` in torch's
+      `(out, in)` layout), `b = Q_rᵀ` and `a = R_rᵀ`, as PEFT.
+    """
+    m = np.asarray(matrix, np.float64)
+    if init == "pissa":
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        root = np.sqrt(s[:rank] / scale)
+        a = u[:, :rank] * root
+        b = root[:, None] * vt[:rank]
+    elif init == "olora":
+        q, r = np.linalg.qr(m.T)
+        a = r[:rank].T
+        b = q[:, :rank].T
+    else:
+        raise ValueError(init)
+    if a.shape[1] < rank:
+        raise ValueError(
+            f"init={init!r} needs rank <= min(kernel dims) = {a.shape[1]}; "
+            f"received rank={rank}."
+        )
+    return a, b
