@@ -1,5 +1,15 @@
 """keras_lora: LoRA adapters for Keras 3 on TensorFlow, JAX and PyTorch."""
 
+from keras_lora.adapter_management import (
+    active_adapters,
+    add_adapter,
+    combine_adapters,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
+    unmerge_lora,
+)
 from keras_lora.adapters import load_adapter, save_adapter
 from keras_lora.distribution import lora_layout_map
 from keras_lora.exporting import export
@@ -16,6 +26,14 @@ from keras_lora.surgery import apply_lora, merge_lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "active_adapters",
+    "add_adapter",
+    "combine_adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "list_adapters",
+    "set_adapter",
+    "unmerge_lora",
     "LoRAConv",
     "LoRADense",
     "LoRAEinsumDense",

@@ -132,7 +132,9 @@ def apply_lora(
     return lora_model
 
 
-def merge_lora(model, check_finite=True, requantize=False):
+def merge_lora(
+    model, check_finite=True, requantize=False, adapter=None, in_place=False
+):
     """Returns a plain model with every LoRA layer merged into its base type.
 
     Each LoRA layer becomes its base layer class (same config and name)
@@ -152,6 +154,15 @@ def merge_lora(model, check_finite=True, requantize=False):
         check_finite: if true (the default), a merged kernel with NaN or Inf
             raises `ValueError` naming the layer, and nothing is built.
         requantize: re-quantize layers whose base was quantized.
+        adapter: merge only the adapter of that name (in the layers that
+            have it; the others merge to their base). `None`: each layer's
+            active adapters.
+        in_place: instead of building a new model, make `model` itself
+            compute with merged kernels and no adapter math, and return it.
+            The base kernels (shared with the original model) are not
+            written: each LoRA layer keeps the merged kernel beside them (one
+            more kernel of memory), and `unmerge_lora(model)` restores the
+            unmerged model exactly.
 
     Returns:
         A new, uncompiled `keras.Model`. Layers keep their `trainable` flags,
@@ -163,6 +174,13 @@ def merge_lora(model, check_finite=True, requantize=False):
             or a merged kernel is not finite.
     """
     _check_model(model, "merge_lora")
+    if in_place or adapter is not None:
+        from keras_lora import adapter_management
+
+        if in_place:
+            return adapter_management.merge_in_place(model, check_finite, adapter)
+        with adapter_management.only_adapter(model, adapter):
+            return merge_lora(model, check_finite, requantize)
     lora_layers = [
         layer for _, layer in iter_layers(model) if isinstance(layer, LoRALayer)
     ]
