@@ -197,3 +197,25 @@ def test_one_adapter_per_file_and_files_load_side_by_side(tmp_path):
     np.testing.assert_allclose(to_numpy(named(X)), want["legal"], atol=1e-6)
     with pytest.raises(ValueError, match="adapter named 'nope'"):
         kl.save_adapter(lora, tmp_path / "n.safetensors", adapter="nope")
+
+
+def test_named_adapters_inside_multi_head_attention_round_trip(tmp_path):
+    inputs = keras.Input((4, 8))
+    x = keras.layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    lora = kl.apply_lora(model, targets=["query", "value"], rank=2, use_dora=True)
+    kl.add_adapter(lora, "b", rank=3)
+    kl.set_adapter(lora, ["default", "b"])
+    for _, layer in lora_layers(lora):
+        for v in layer.trainable_weights:
+            v.assign(to_numpy(v) + 0.1)
+    x = np.random.default_rng(0).normal(size=(2, 4, 8)).astype("float32")
+    want = to_numpy(lora(x))
+    lora.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(to_numpy(loaded(x)), want)
+    assert kl.list_adapters(loaded) == {
+        "default": ["mha/query", "mha/value"],
+        "b": ["mha/query", "mha/value"],
+    }
+    assert kl.active_adapters(loaded) == ["default", "b"]

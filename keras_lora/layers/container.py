@@ -360,7 +360,11 @@ class LoRAContainer(keras.layers.Wrapper):
 
     def get_config(self):
         config = super().get_config()
-        config["adapters"] = self.adapters
+        # Read the adapters afresh: named adapters may have been added,
+        # deleted or switched since this container was made.
+        config["adapters"] = (
+            self.adapters if self._pending else adapter_specs(self.layer)
+        )
         return config
 
     @classmethod
