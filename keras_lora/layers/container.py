@@ -96,9 +96,10 @@ def rebuild_container(old, child_fn, share_variables):
         ) from e
     build_config = old.get_build_config()
     if old.built:
-        if keras.src.utils.python_utils.is_default(new.build):
-            # Sublayers made in __init__, no build of its own: calling
-            # `build` would only warn. Its sublayers are swapped in below.
+        if not _needs_build(old, new):
+            # Every sublayer attribute already exists (made in __init__) and
+            # there are no own weights: building would only make weights to
+            # throw away. Its sublayers are swapped in below.
             _set(new, "_build_shapes_dict", getattr(old, "_build_shapes_dict", None))
             new.built = True
         elif build_config:
@@ -144,6 +145,33 @@ def rebuild_container(old, child_fn, share_variables):
     _share_own_variables(old, new, share_variables)
     _forget_torch_params(new)
     return new
+
+
+def _holds_sublayer(value, ids):
+    if isinstance(value, Layer):
+        return id(value) in ids
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, Layer) and id(v) in ids for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, Layer) and id(v) in ids for v in value.values())
+    return False
+
+
+def _needs_build(old, new):
+    """Whether `new` (fresh from config) must be built to match `old`."""
+    if keras.src.utils.python_utils.is_default(new.build):
+        return False  # nothing to build: Keras would only warn
+    if _own_variables(old):
+        return True
+    ids = {id(child) for child in old._layers}
+    new_attrs = _attributes(new)
+    return any(
+        attr not in new_attrs
+        for attr, value in _attributes(old).items()
+        if not attr.startswith(("_tracker", "_self_"))
+        and attr not in ("_layers", "_modules")
+        and _holds_sublayer(value, ids)
+    )
 
 
 def _own_variables(layer):
