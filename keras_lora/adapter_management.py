@@ -143,13 +143,6 @@ def set_adapter(model, names):
             "set_adapter: `names` must be an adapter name or a list of names. "
             f"Received: {names!r} of type {type(names).__name__}"
         )
-    if not isinstance(names, (str, list, tuple)) or not all(
-        isinstance(n, str) for n in ([names] if isinstance(names, str) else names)
-    ):
-        raise TypeError(
-            "set_adapter: `names` must be an adapter name or a list of names. "
-            f"Received: {names!r}"
-        )
     names = [names] if isinstance(names, str) else list(names)
     layers = _lora_layers(model, "set_adapter")
     _refuse_if_merged(layers, "set_adapter")

@@ -6,6 +6,7 @@ factored into `lora_a` and `lora_b` (`adapter_shapes`), and how it calls.
 """
 
 import numbers
+import sys
 import warnings
 
 import keras
@@ -46,6 +47,29 @@ def validate_alpha(alpha):
             f"`alpha` must be a positive number or None. Received: alpha={alpha}"
         )
     return float(alpha)
+
+
+def _warn_rank_above_kernel_rank(layer_name, adapter, a_shape, b_shape):
+    """A rank above `min(in, out)` is allowed (PEFT allows it too), but the
+    extra ranks add parameters and no expressiveness: warn."""
+    limit = min(int(np.prod(a_shape[:-1])), int(np.prod(b_shape[1:])))
+    if adapter.rank > limit:
+        warnings.warn(
+            f"LoRA layer '{layer_name}': rank {adapter.rank} is above "
+            f"min(in, out) = {limit} of its kernel, so `A·B` has rank at most "
+            f"{limit}; the extra ranks add parameters but nothing else.",
+            stacklevel=_caller_stacklevel(),
+        )
+
+
+def _caller_stacklevel():
+    """The `stacklevel` of the first frame outside keras_lora and Keras."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        ("keras_lora", "keras")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def float_policy(layer):
@@ -235,6 +259,8 @@ class LoRALayer(keras.layers.Wrapper):
         a_shape, b_shape = self.adapter_shapes()
         a_shape = tuple(a_shape[:-1]) + (adapter.rank,)
         b_shape = (adapter.rank,) + tuple(b_shape[1:])
+        if initialize:
+            _warn_rank_above_kernel_rank(self.name, adapter, a_shape, b_shape)
         a_init, b_init = self.adapter_initializers()
         if adapter.init == "gaussian":
             normal = keras.initializers.RandomNormal(stddev=1.0 / adapter.rank)
