@@ -82,3 +82,15 @@ def test_non_finite_merge_raises_names_layer_and_adapter_and_changes_nothing():
         kl.merge_lora(lora)
     kl.merge_lora(lora, in_place=True, check_finite=False)
     assert kl.adapter_management.is_merged(lora)
+
+
+def test_int8_base_merges_in_place_like_merge_lora_and_unmerges_exactly():
+    base = mlp()
+    base.get_layer("d1").quantize("int8")
+    lora = randomize_adapters(kl.apply_lora(base, rank=2, targets=["d1"]))
+    before = to_numpy(lora(X))
+    copy = to_numpy(kl.merge_lora(lora)(X))
+    kl.merge_lora(lora, in_place=True)
+    np.testing.assert_allclose(to_numpy(lora(X)), copy, atol=1e-5)
+    kl.unmerge_lora(lora)
+    np.testing.assert_array_equal(to_numpy(lora(X)), before)

@@ -327,3 +327,17 @@ def test_dora_adapter_matches_real_peft_both_ways(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "again"))
     back = kl.load_adapter(model, tmp_path / "again", name_map={"0": "t"})
     np.testing.assert_allclose(to_numpy(back(x)), want, atol=1e-5)
+
+
+def test_quantized_bases_refuse_dora_and_pissa():
+    model, _ = model_and_data("dense")
+    model.get_layer("t").quantize("int8")
+    for options, option in (
+        ({"use_dora": True}, "use_dora=True"),
+        ({"init": "pissa"}, "init='pissa'"),
+        ({"init": "olora"}, "init='olora'"),
+    ):
+        with pytest.raises(ValueError, match=f"quantized.*cannot use {option}"):
+            lora_of(model, **options)
+    lora, layer = lora_of(model, dropout=0.1, use_rslora=True, init="gaussian")
+    assert layer.quantization_mode == "int8"

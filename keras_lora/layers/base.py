@@ -183,10 +183,11 @@ class LoRALayer(keras.layers.Wrapper):
         """Raises if `spec`'s variant options cannot apply to `layer`."""
         quantized = getattr(layer, "quantization_mode", None) is not None
         if quantized and (spec.use_dora or spec.changes_base):
+            option = "use_dora=True" if spec.use_dora else f"init={spec.init!r}"
             raise ValueError(
                 f"Layer '{layer.name}' is quantized: adapter '{spec.name}' "
-                f"cannot use init={spec.init!r} or use_dora=True there "
-                "(both need the float kernel). Use them on a float base."
+                f"cannot use {option} there (DoRA and PiSSA/OLoRA need the "
+                "float kernel). Use them on a float base."
             )
         changing = [s.name for s in specs if s.changes_base]
         if len(changing) > 1:
