@@ -126,8 +126,12 @@ def _write_summary(out_dir, all_results):
     from benchmarks import chart, machine, report
 
     info = all_results[0]["machine"]
-    text = f"Machine: {machine.one_line(info)}\n\n" + report.summary_markdown(
-        all_results
+    loads = "; ".join(
+        f"{r['backend']} {r['machine']['load_average_at_start']}" for r in all_results
+    )
+    text = (
+        f"Machine: {machine.one_line(info)}. Load average (1, 5, 15 min) at the "
+        f"start of each backend: {loads}.\n\n" + report.summary_markdown(all_results)
     )
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(text)

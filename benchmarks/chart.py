@@ -1,5 +1,6 @@
 """The PNG chart (matplotlib, from the optional `bench` extra)."""
 
+SHORT = {"tensorflow": "tf", "jax": "jax", "torch": "torch"}
 ROWS = ("full", "core_lora", "keras_lora", "floor", "peft")
 COLORS = {
     "full": "#9e9e9e",
@@ -49,14 +50,17 @@ def write(path, all_results):
     for r in all_results:
         for batch, d in r["sections"].get("inference", {}).get("batches", {}).items():
             for key in ("unmerged/plain", "merged/plain"):
-                labels.append(f"{r['backend'][:5]} b{batch}\n{key.split('/')[0]}")
+                labels.append(f"{SHORT.get(r['backend'], r['backend'])} b{batch}")
                 values.append(d["ratios"][key])
-    colors = ["#1e88e5" if "unmerged" in label else "#43a047" for label in labels]
+    colors = ["#1e88e5", "#43a047"] * (len(labels) // 2)
     ax.bar(range(len(values)), values, color=colors)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(1.15, color="#e57373", linestyle="--", linewidth=0.8)
     ax.axhline(1.03, color="#43a047", linestyle=":", linewidth=0.8)
-    ax.set_xticks(range(len(labels)), labels, fontsize=6)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=60)
+    ax.bar([], [], color="#1e88e5", label="unmerged / plain")
+    ax.bar([], [], color="#43a047", label="merged / plain")
+    ax.legend(fontsize=7)
     ax.set_ylabel("latency / plain Dense")
     ax.set_title("Inference (targets: merged 1.03, unmerged 1.15)")
 
@@ -77,7 +81,7 @@ def write(path, all_results):
             [p["params"] for p in points],
             [p["numpy_s"] for p in points],
             "k--",
-            label="NumPy W + s*A@B",
+            label=f"NumPy W + s*A@B ({all_results[0]['backend']} run)",
         )
     ax.set_xlabel("parameters merged")
     ax.set_ylabel("seconds")

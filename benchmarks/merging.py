@@ -6,7 +6,8 @@ after a warm-up merge of a tiny model, as the median of up to
 `merge_repeats` runs (fewer once 5 s are spent); the same for NumPy.
 The NumPy reference computes `W + s * A @ B` for every layer on the same
 arrays, already in host memory. In the full run every size has its own
-process, so one size's memory never inflates the next.
+process, so one size's memory never inflates the next; quick mode runs its
+small sizes in the calling process.
 """
 
 import gc
@@ -23,8 +24,8 @@ def run(config, backend):
             run_isolated(backend, "merge_scaling", dict(c, sizes=[size]))[0]
             for size in c["sizes"]
         ]
-    else:
-        points = run_isolated(backend, "merge_scaling", c)
+    else:  # quick mode: small sizes, no process of their own
+        points = merge_scaling_worker(c)
     first, last = points[0], points[-1]
     return {
         "config": c,

@@ -5,11 +5,16 @@ backend, and targets are reported by the benchmark, never tested.
 """
 
 import json
+import pathlib
+import sys
 
 import pytest
 
-from benchmarks import __main__ as cli
-from benchmarks import chart, report
+# `benchmarks/` sits next to `tests/` and is not installed with the package.
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import __main__ as cli  # noqa: E402
+from benchmarks import chart, report  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -23,13 +23,17 @@ def host_view(x):
 
     Treat the result as read-only: it may share memory with `x`.
     """
-    # `convert_to_numpy` copies on JAX, and on torch goes through a slow
-    # `np.array(tensor)`; CPU arrays of both expose their buffer instead.
+    # `convert_to_numpy` copies on JAX, and on torch and TensorFlow goes
+    # through a slow `np.array(tensor)`; CPU arrays of JAX and torch expose
+    # their buffer, and a TensorFlow tensor's own `numpy()` is a fast copy.
     backend = keras.backend.backend()
     value = x.value if isinstance(x, keras.Variable) else x
     if backend == "jax":
         if all(d.platform == "cpu" for d in value.devices()):
             return np.asarray(value)
+    elif backend == "tensorflow":
+        if hasattr(value, "numpy"):
+            return value.numpy()
     elif backend == "torch":
         import torch
 
