@@ -88,8 +88,7 @@ def _export_in_tensorflow_subprocess(model, out_dir, verbose):
         )
         if result.returncode != 0:
             raise RuntimeError(
-                "Exporting under the TensorFlow backend failed:\n"
-                f"{result.stderr or ''}"
+                f"Exporting under the TensorFlow backend failed:\n{result.stderr or ''}"
             )
 
 

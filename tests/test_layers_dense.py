@@ -3,7 +3,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import backend, to_numpy
+from conftest import to_numpy
 
 import keras_lora as kl
 

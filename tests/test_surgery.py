@@ -81,7 +81,11 @@ def test_sequential_and_nested_functional():
     lora_inner = lora_outer.get_layer("inner")
     assert lora_inner is not inner
     # Output layers of a nested model are not outputs of the outer model.
-    assert types(lora_inner) == {"d1": "LoRADense", "d2": "LoRADense", "head": "LoRADense"}
+    assert types(lora_inner) == {
+        "d1": "LoRADense",
+        "d2": "LoRADense",
+        "head": "LoRADense",
+    }
     assert types(inner) == {"d1": "Dense", "d2": "Dense", "head": "Dense"}
     np.testing.assert_array_equal(lora_outer.predict(X, verbose=0), before)
     by_path = kl.apply_lora(outer, targets=["inner/d2"], rank=2)
@@ -115,14 +119,20 @@ def test_exclude_and_trainable_head():
     assert names == ["bias", "kernel", "lora_a", "lora_b"]
     lora_model.compile(keras.optimizers.Adam(0.01), "mse")
     lora_model.fit(X, y, epochs=3, verbose=0)
-    assert not np.array_equal(to_numpy(lora_model.get_layer("head").kernel), head_before)
+    assert not np.array_equal(
+        to_numpy(lora_model.get_layer("head").kernel), head_before
+    )
     np.testing.assert_array_equal(to_numpy(model.get_layer("head").kernel), head_before)
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"targets": ["d1", "dense_typo"]}, ValueError, r"'dense_typo' matches no layer.*'d1'"),
+        (
+            {"targets": ["d1", "dense_typo"]},
+            ValueError,
+            r"'dense_typo' matches no layer.*'d1'",
+        ),
         ({"targets": "nothing.*"}, ValueError, "matches no layer"),
         ({"targets": lambda layer: False}, ValueError, "matches no layer"),
         ({"targets": 3}, TypeError, "`targets` must be None, a list"),
@@ -184,8 +194,8 @@ def test_merged_model_loads_where_keras_lora_is_never_imported(tmp_path):
     np.save(os.path.join(tmp_path, "x.npy"), X)
     code = (
         "import sys, numpy as np, keras\n"
-        f"m = keras.saving.load_model({path!r})\n"
-        f"np.save({str(tmp_path / 'y.npy')!r}, m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))\n"
+        "m = keras.saving.load_model('merged.keras')\n"
+        "np.save('y.npy', m.predict(np.load('x.npy'), verbose=0))\n"
         "assert 'keras_lora' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
