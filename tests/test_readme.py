@@ -16,7 +16,10 @@ def api_blocks():
 
 def test_readme_api_examples_run_and_print_what_they_claim(tmp_path, monkeypatch):
     blocks = api_blocks()
-    assert len(blocks) >= 2
+    # A block whose first line is "# not run: <why>" is a sketch that needs
+    # devices or data a test can't have; its calls are tested elsewhere.
+    blocks = [b for b in blocks if not b.startswith("# not run:")]
+    assert len(blocks) >= 8
     monkeypatch.chdir(tmp_path)
     namespace = {}
     for block in blocks:
