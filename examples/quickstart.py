@@ -53,8 +53,10 @@ def main():
     model.fit(x_a, y_a, epochs=6, batch_size=64, validation_split=0.1)
 
     print("\n2. Converting with apply_lora (rank 4, alpha 8)")
-    lora_model = kl.apply_lora(model, rank=4, alpha=8)
+    print("full fine-tuning would train:", end=" ")
     kl.trainable_summary(model)
+    lora_model = kl.apply_lora(model, rank=4, alpha=8)
+    print("LoRA trains:", end=" ")
     kl.trainable_summary(lora_model)
 
     print("\n3. Fine-tuning on task B")

@@ -143,3 +143,18 @@ def test_unsupported_quantized_bases_are_refused():
     emb.quantize("int8")
     with pytest.raises(ValueError, match="LoRAEmbedding does not support quantized"):
         kl.LoRAEmbedding(emb, rank=2)
+
+
+def test_disabled_adapters_over_int8_bases_give_the_int8_output_exactly():
+    inputs = keras.Input((6, 8))
+    attention = keras.layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
+    x = keras.layers.Dense(8, activation="relu", name="d1")(attention)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(x))
+    model.quantize("int8")
+    x = np.random.default_rng(3).normal(size=(4, 6, 8)).astype("float32")
+    before = to_numpy(model(x))
+    lora_model = kl.apply_lora(model, targets=["d1", "query", "value"], rank=2)
+    randomize_adapters(lora_model, scale=0.5)
+    assert rel_max(to_numpy(lora_model(x)), before) > 1e-3  # adapters count
+    with kl.disable_adapters(lora_model):
+        np.testing.assert_array_equal(to_numpy(lora_model(x)), before)

@@ -343,3 +343,12 @@ def test_quantized_bases_refuse_dora_and_pissa():
             lora_of(model, **options)
     lora, layer = lora_of(model, dropout=0.1, use_rslora=True, init="gaussian")
     assert layer.quantization_mode == "int8"
+
+
+@pytest.mark.parametrize("argument", ["use_rslora", "use_dora"])
+def test_flags_must_be_real_booleans(argument):
+    dense = keras.layers.Dense(4)
+    dense.build((None, 4))
+    with pytest.raises(TypeError, match=f"`{argument}` must be True or False"):
+        kl.LoRADense(dense, rank=2, **{argument: "false"})
+    assert dense.trainable

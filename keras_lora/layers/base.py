@@ -18,6 +18,7 @@ from keras_lora.layers.variants import (
     DEFAULT_NAME,
     Adapter,
     factor_kernel,
+    validate_flag,
 )
 
 
@@ -156,7 +157,12 @@ class LoRALayer(keras.layers.Wrapper):
             raise ValueError(f"Adapter names must be unique. Received: {names}")
         for spec in specs:
             self._check_variant(layer, spec, specs)
-        active = [names[0]] if active_adapters is None else list(active_adapters)
+        if active_adapters is None:
+            active = [names[0]]
+        elif isinstance(active_adapters, str):
+            active = [active_adapters]
+        else:
+            active = list(active_adapters)
         unknown = [name for name in active if name not in names]
         if unknown:
             raise ValueError(
@@ -475,7 +481,7 @@ class LoRALayer(keras.layers.Wrapper):
 
     @use_rslora.setter
     def use_rslora(self, value):
-        self._primary().use_rslora = bool(value)
+        self._primary().use_rslora = validate_flag(value, "use_rslora")
 
     @property
     def dropout(self):
@@ -526,7 +532,9 @@ class LoRALayer(keras.layers.Wrapper):
         return self.base_kernel
 
     def _base_call(self, inputs, training=None):
-        """The base layer's own call: exact base output."""
+        """The base layer's own call, quantized or not: exact base output."""
+        if self.quantization_mode is not None:
+            return self.layer.quantized_call(inputs, training=training)
         return self.layer.call(inputs)
 
     # Whether `dropout` applies to the call's inputs; a layer type whose
@@ -675,7 +683,10 @@ class LoRALayer(keras.layers.Wrapper):
 
     def _adapter(self, variable, dtype):
         # Under a mixed policy Keras autocasts on read; this covers the rest.
-        return variable if variable.dtype == dtype else ops.cast(variable, dtype)
+        same = keras.backend.standardize_dtype(variable.dtype) == (
+            keras.backend.standardize_dtype(dtype)
+        )
+        return variable if same else ops.cast(variable, dtype)
 
     def delta(self):
         """The kernel update of the active adapters, shaped like the base

@@ -65,7 +65,7 @@ class LoRAConv(LoRALayer):
 
     def call(self, inputs, training=None):
         if self._bypass():  # adapters disabled or none active: the base exactly
-            return self.layer.call(inputs)
+            return self._base_call(inputs, training)
         layer = self.layer
         dtype = inputs.dtype
         if layer.padding == "causal":

@@ -85,7 +85,7 @@ class LoRAEinsumDense(LoRALayer):
 
     def call(self, inputs, training=None):
         if self._bypass():  # adapters disabled or none active: the base exactly
-            return self.layer.call(inputs, training=training)
+            return self._base_call(inputs, training)
         layer = self.layer
         dtype = inputs.dtype
         if self.quantization_mode is not None and self._merged is None:

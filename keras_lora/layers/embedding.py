@@ -51,8 +51,8 @@ class LoRAEmbedding(LoRALayer):
         if reverse:
             return self._reverse(inputs)
         if self._bypass():  # adapters disabled or none active: the base exactly
-            return layer.call(inputs)
-        if inputs.dtype not in ("int32", "int64"):
+            return self._base_call(inputs, training)
+        if keras.backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         dtype = layer.compute_dtype
         outputs = ops.cast(ops.take(self._frozen_kernel(), inputs, axis=0), dtype)
@@ -92,10 +92,10 @@ class LoRAEmbedding(LoRALayer):
                 x = ops.multiply(inputs, c)
             a = ops.cast(ops.transpose(adapter.a), dtype)
             b = ops.cast(ops.transpose(adapter.b), dtype)
-            update = ops.matmul(ops.matmul(x, b), a)
-            logits = ops.add(
-                logits, ops.multiply(update, ops.cast(adapter.scale, dtype))
-            )
+            low_rank = ops.matmul(x, b)
+            if adapter.scale != 1.0:
+                low_rank = ops.multiply(low_rank, ops.cast(adapter.scale, dtype))
+            logits = ops.add(logits, ops.matmul(low_rank, a))
         if layer.logit_soft_cap is not None:
             cap = layer.logit_soft_cap
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)

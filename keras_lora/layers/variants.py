@@ -32,6 +32,16 @@ DEFAULT_NAME = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
+def validate_flag(value, argument):
+    """Returns `value` if it is a real bool: `"false"` must not mean True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"`{argument}` must be True or False. Received: {argument}={value!r} "
+            f"of type {type(value).__name__}"
+        )
+    return bool(value)
+
+
 def validate_dropout(dropout):
     """Returns `dropout` as a float in `[0, 1)`, else raises."""
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
@@ -92,10 +102,10 @@ class Adapter:
         self.rank = validate_rank(rank)
         alpha = validate_alpha(alpha)
         self.alpha = float(self.rank) if alpha is None else alpha
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = validate_flag(use_rslora, "use_rslora")
         self.dropout = validate_dropout(dropout)
         self.init = validate_init(init)
-        self.use_dora = bool(use_dora)
+        self.use_dora = validate_flag(use_dora, "use_dora")
         self.a = self.b = self.magnitude = self.residual = None
 
     @property
