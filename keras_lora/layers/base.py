@@ -531,6 +531,37 @@ class LoRALayer(keras.layers.Wrapper):
                 return adapter.residual
         return self.base_kernel
 
+    @staticmethod
+    def _scaled(x, adapter, dtype):
+        """`scale·x` on a rank-sized tensor; no op when the scale is 1."""
+        if adapter.scale == 1.0:
+            return x
+        return ops.multiply(x, ops.cast(adapter.scale, dtype))
+
+    def call(self, inputs, training=None):
+        """`activation(x·W + updates + bias)`, `x·W` being the type's
+        `_base_op`; layer types with another shape of call override it."""
+        if self._bypass():  # adapters disabled or none active: the base exactly
+            return self._base_call(inputs, training)
+        layer = self.layer
+        dtype = inputs.dtype
+        if self.quantization_mode is not None and self._merged is None:
+            # A frozen int8 base (QLoRA-style): Keras's own quantized op.
+            base = self._quantized_base_call(inputs, training)
+            x = self._add_updates(inputs, base, training, dtype)
+        else:
+            base = self._base_op(inputs, self._frozen_kernel())
+            x = self._add_updates(inputs, base, training, dtype)
+            if layer.bias is not None:
+                x = ops.add(x, layer.bias)
+        if layer.activation is not None:
+            x = layer.activation(x)
+        return x
+
+    def _base_op(self, inputs, kernel):
+        """The base layer's product of inputs and kernel, before bias."""
+        raise NotImplementedError
+
     def _base_call(self, inputs, training=None):
         """The base layer's own call, quantized or not: exact base output."""
         if self.quantization_mode is not None:

@@ -51,28 +51,12 @@ class LoRADense(LoRALayer):
         input_dim, units = self.layer.kernel.shape
         return (input_dim, self.rank), (self.rank, units)
 
-    def call(self, inputs, training=None):
-        if self._bypass():  # adapters disabled or none active: the base exactly
-            return self._base_call(inputs, training)
-        layer = self.layer
-        dtype = inputs.dtype
-        if self.quantization_mode is not None and self._merged is None:
-            # A frozen int8 base (QLoRA-style): Keras's own quantized matmul.
-            base = self._quantized_base_call(inputs, training)
-            x = self._add_updates(inputs, base, training, dtype)
-        else:
-            base = ops.matmul(inputs, self._frozen_kernel())
-            x = self._add_updates(inputs, base, training, dtype)
-            if layer.bias is not None:
-                x = ops.add(x, layer.bias)
-        if layer.activation is not None:
-            x = layer.activation(x)
-        return x
+    def _base_op(self, inputs, kernel):
+        return ops.matmul(inputs, kernel)
 
     def _update(self, inputs, adapter, dtype, training=None):
         update = ops.matmul(inputs, self._adapter(adapter.a, dtype))
-        if adapter.scale != 1.0:
-            update = ops.multiply(update, ops.cast(adapter.scale, dtype))
+        update = self._scaled(update, adapter, dtype)
         return ops.matmul(update, self._adapter(adapter.b, dtype))
 
     def to_dense(self, check_finite=True):

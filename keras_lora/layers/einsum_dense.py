@@ -83,27 +83,12 @@ class LoRAEinsumDense(LoRALayer):
         shape = tuple(self.layer.kernel.shape)
         return shape[:-1] + (self.rank,), (self.rank, shape[-1])
 
-    def call(self, inputs, training=None):
-        if self._bypass():  # adapters disabled or none active: the base exactly
-            return self._base_call(inputs, training)
-        layer = self.layer
-        dtype = inputs.dtype
-        if self.quantization_mode is not None and self._merged is None:
-            base = self._quantized_base_call(inputs, training)
-            x = self._add_updates(inputs, base, training, dtype)
-        else:
-            base = ops.einsum(layer.equation, inputs, self._frozen_kernel())
-            x = self._add_updates(inputs, base, training, dtype)
-            if layer.bias is not None:
-                x = ops.add(x, layer.bias)
-        if layer.activation is not None:
-            x = layer.activation(x)
-        return x
+    def _base_op(self, inputs, kernel):
+        return ops.einsum(self.layer.equation, inputs, kernel)
 
     def _update(self, inputs, adapter, dtype, training=None):
         update = ops.einsum(self._first, inputs, self._adapter(adapter.a, dtype))
-        if adapter.scale != 1.0:
-            update = ops.multiply(update, ops.cast(adapter.scale, dtype))
+        update = self._scaled(update, adapter, dtype)
         b = self._adapter(adapter.b, dtype)
         if self._is_matmul:
             return ops.matmul(update, b)

@@ -61,8 +61,7 @@ class LoRAEmbedding(LoRALayer):
     def _update(self, inputs, adapter, dtype, training=None):
         rows = ops.take(self._adapter(adapter.a, dtype), inputs, axis=0)
         rows = self._dropout(rows, adapter, training)
-        if adapter.scale != 1.0:
-            rows = ops.multiply(rows, ops.cast(adapter.scale, dtype))
+        rows = self._scaled(rows, adapter, dtype)
         return ops.matmul(rows, self._adapter(adapter.b, dtype))
 
     def _reverse(self, inputs):
@@ -92,9 +91,7 @@ class LoRAEmbedding(LoRALayer):
                 x = ops.multiply(inputs, c)
             a = ops.cast(ops.transpose(adapter.a), dtype)
             b = ops.cast(ops.transpose(adapter.b), dtype)
-            low_rank = ops.matmul(x, b)
-            if adapter.scale != 1.0:
-                low_rank = ops.multiply(low_rank, ops.cast(adapter.scale, dtype))
+            low_rank = self._scaled(ops.matmul(x, b), adapter, dtype)
             logits = ops.add(logits, ops.matmul(low_rank, a))
         if layer.logit_soft_cap is not None:
             cap = layer.logit_soft_cap
