@@ -113,15 +113,11 @@ def add_adapter(model, name, rank=8, alpha=None, targets=None, **options):
     taken = [p for p, layer in layers if name in layer.adapter_names]
     if taken:
         raise ValueError(f"add_adapter: layers {taken} already have adapter {name!r}.")
-    added = []
-    try:
-        for _, layer in layers:
-            layer.add_adapter(name, rank=rank, alpha=alpha, **options)
-            added.append(layer)
-    except Exception:
-        for layer in added:
-            layer.delete_adapter(name)
-        raise
+    _add_to_all(
+        [layer for _, layer in layers],
+        name,
+        lambda layer: layer.add_adapter(name, rank=rank, alpha=alpha, **options),
+    )
     _reset_compiled(model)
     return model
 
@@ -289,20 +285,32 @@ def combine_adapters(model, weights, name="mix"):
             axis=0,
         )
         plan.append((layer, a, b))
-    added = []
-    try:
-        for layer, a, b in plan:
-            rank = a.shape[-1]
-            adapter = layer.add_adapter(name, rank=rank, alpha=rank)
-            added.append(layer)
-            adapter.a.assign(a.astype(keras.backend.standardize_dtype(adapter.a.dtype)))
-            adapter.b.assign(b.astype(keras.backend.standardize_dtype(adapter.b.dtype)))
-    except Exception:
-        for layer in added:
-            layer.delete_adapter(name)
-        raise
+    factors = {id(layer): (a, b) for layer, a, b in plan}
+
+    def add_combined(layer):
+        a, b = factors[id(layer)]
+        adapter = layer.add_adapter(name, rank=a.shape[-1], alpha=a.shape[-1])
+        adapter.a.assign(a.astype(keras.backend.standardize_dtype(adapter.a.dtype)))
+        adapter.b.assign(b.astype(keras.backend.standardize_dtype(adapter.b.dtype)))
+
+    _add_to_all([layer for layer, _, _ in plan], name, add_combined)
     _reset_compiled(model)
     return model
+
+
+def _add_to_all(layers, name, add):
+    """Calls `add(layer)` for each layer. If one fails, adapter `name` is
+    removed again from every layer that got it: nothing is half-added."""
+    done = []
+    try:
+        for layer in layers:
+            done.append(layer)
+            add(layer)
+    except Exception:
+        for layer in done:
+            if name in layer.adapter_names:
+                layer.delete_adapter(name)
+        raise
 
 
 @contextlib.contextmanager
