@@ -24,9 +24,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lora.config import validate_adapter_name
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.host_merge import all_finite
-from keras_lora.layers.variants import validate_adapter_name
 from keras_lora.targets import iter_layers, match_layers
 
 

@@ -21,8 +21,8 @@ is rebuilt the same way, but its own config cannot carry adapters (see
 
 import keras
 
+from keras_lora.config import validate_alpha, validate_rank
 from keras_lora.layers import LoRALayer, lora_class_for
-from keras_lora.layers.base import validate_alpha, validate_rank
 from keras_lora.layers.container import (
     LoRAContainer,
     children,

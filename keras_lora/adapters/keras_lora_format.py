@@ -46,7 +46,7 @@ from keras_lora.adapters.loading import (
 )
 from keras_lora.adapters.safetensors_io import read_safetensors
 from keras_lora.atomic import atomic_output
-from keras_lora.layers.variants import validate_dropout, validate_init
+from keras_lora.config import validate_dropout, validate_init
 
 METADATA_KEY = "keras_lora"
 FORMAT_VERSION = 2

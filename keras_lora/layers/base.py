@@ -5,7 +5,6 @@ differs for its base layer: which Keras class it wraps, how the kernel is
 factored into `lora_a` and `lora_b` (`adapter_shapes`), and how it calls.
 """
 
-import numbers
 import sys
 import warnings
 
@@ -13,41 +12,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora.layers import host_merge
-from keras_lora.layers.variants import (
+from keras_lora.config import (  # noqa: F401  (validate_rank: older imports)
     DEFAULT_NAME,
-    Adapter,
-    factor_kernel,
+    validate_alpha,
     validate_flag,
+    validate_rank,
 )
-
-
-def validate_rank(rank):
-    """Returns `rank` if it is a positive integer, else raises."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(
-            f"`rank` must be a positive integer. Received: rank={rank!r} "
-            f"of type {type(rank).__name__}"
-        )
-    if rank <= 0:
-        raise ValueError(f"`rank` must be a positive integer. Received: rank={rank}")
-    return int(rank)
-
-
-def validate_alpha(alpha):
-    """Returns `alpha` as a float if it is `None` or positive, else raises."""
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(
-            f"`alpha` must be a positive number or None. Received: alpha={alpha!r} "
-            f"of type {type(alpha).__name__}"
-        )
-    if not np.isfinite(alpha) or alpha <= 0:
-        raise ValueError(
-            f"`alpha` must be a positive number or None. Received: alpha={alpha}"
-        )
-    return float(alpha)
+from keras_lora.layers import host_merge
+from keras_lora.layers.variants import Adapter, factor_kernel
 
 
 def _warn_rank_above_kernel_rank(layer_name, adapter, a_shape, b_shape):

@@ -20,59 +20,19 @@ base. Each adapter has its own rank, alpha, scale rule and variant options:
   no gradient through it) on every call: one extra kernel-sized product.
 """
 
-import numbers
-import re
-
 import numpy as np
 
-INITS = ("default", "gaussian", "pissa", "olora")
-# Inits that rewrite the frozen kernel into a residual.
-BASE_CHANGING_INITS = ("pissa", "olora")
-DEFAULT_NAME = "default"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-def validate_flag(value, argument):
-    """Returns `value` if it is a real bool: `"false"` must not mean True."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"`{argument}` must be True or False. Received: {argument}={value!r} "
-            f"of type {type(value).__name__}"
-        )
-    return bool(value)
-
-
-def validate_dropout(dropout):
-    """Returns `dropout` as a float in `[0, 1)`, else raises."""
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-        raise TypeError(
-            f"`dropout` must be a number in [0, 1). Received: dropout={dropout!r} "
-            f"of type {type(dropout).__name__}"
-        )
-    if not np.isfinite(dropout) or not 0.0 <= dropout < 1.0:
-        raise ValueError(
-            f"`dropout` must be a number in [0, 1). Received: dropout={dropout}"
-        )
-    return float(dropout)
-
-
-def validate_init(init):
-    """Returns `init` if it is one of `INITS`, else raises."""
-    if init is True or init is None:
-        return "default"
-    if not isinstance(init, str) or init not in INITS:
-        raise ValueError(f"`init` must be one of {INITS}. Received: init={init!r}")
-    return init
-
-
-def validate_adapter_name(name):
-    """Returns `name` if it is a usable adapter name, else raises."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            "An adapter name must be a non-empty string of letters, digits, "
-            f"'_', '.' and '-' (not starting with '.' or '-'). Received: {name!r}"
-        )
-    return name
+from keras_lora.config import (  # noqa: F401  (re-exported for older imports)
+    BASE_CHANGING_INITS,
+    DEFAULT_NAME,
+    INITS,
+    validate_adapter_name,
+    validate_alpha,
+    validate_dropout,
+    validate_flag,
+    validate_init,
+    validate_rank,
+)
 
 
 class Adapter:
@@ -96,8 +56,6 @@ class Adapter:
         init="default",
         use_dora=False,
     ):
-        from keras_lora.layers.base import validate_alpha, validate_rank
-
         self.name = validate_adapter_name(name)
         self.rank = validate_rank(rank)
         alpha = validate_alpha(alpha)
