@@ -21,7 +21,7 @@ from keras_lora.layers import (
     LoRALayer,
 )
 from keras_lora.summary import TrainableSummary, trainable_summary
-from keras_lora.surgery import apply_lora, merge_lora
+from keras_lora.model.surgery import apply_lora, merge_lora
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,1 @@
+"""Model-level LoRA: the layer walk, target selection, surgery and merge."""

@@ -1,0 +1,390 @@
+"""Reaching layers nested inside other layers, and keeping them on reload.
+
+A Functional or Sequential model serializes every layer of its graph, so a
+LoRA layer placed there by `keras.models.clone_model` survives a `.keras`
+round trip. A layer *inside* another layer does not: `MultiHeadAttention`
+creates its `query`/`key`/`value` projections in `build`, a user's custom
+block creates its `Dense` layers in `__init__`, and a subclassed model does
+the same. Their configs do not carry sublayers, so reloading them from
+config rebuilds plain sublayers.
+
+`rebuild_container` makes a new container of the same class from config,
+builds it, and points its sublayer attributes at the original (shared)
+sublayers, at LoRA wrappers around them, or at copies; the original
+container is left as it was. `LoRAContainer` then holds such a container
+in a model's graph and records where its adapters are (attribute paths,
+rank, alpha), so that loading re-wraps the same sublayers before the
+weights are read back: the `.keras` round trip keeps the adapters.
+"""
+
+import keras
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.model.walk import graph_model
+
+Layer = keras.layers.Layer
+Variable = keras.Variable
+
+
+def _attributes(owner):
+    """`owner`'s attributes. On the torch backend a layer is a
+    `torch.nn.Module`, which keeps its sublayers in `_modules`."""
+    attrs = dict(vars(owner))
+    attrs.update(attrs.get("_modules") or {})
+    return attrs
+
+
+def _set(owner, attr, value):
+    # Built layers lock their tracker; sublayer lists are fixed separately.
+    modules = vars(owner).get("_modules")
+    if modules is not None and attr in modules:
+        modules[attr] = value
+    else:
+        object.__setattr__(owner, attr, value)
+
+
+def _forget_torch_params(layer):
+    # torch: a built layer caches its parameters; let it recollect them.
+    modules = vars(layer).get("_modules")
+    if modules is not None:
+        modules.pop("_torch_params", None)
+
+
+def _replace_in_sublayers(owner, old, new):
+    layers = owner._layers
+    for i, layer in enumerate(layers):
+        if layer is old:
+            layers[i] = new
+
+
+def rebuild_container(old, child_fn, share_variables):
+    """Returns a new, built `old.__class__` whose sublayers are
+    `child_fn(child)` for each direct sublayer `child` of `old`.
+
+    The new container comes from `old`'s config and build config. Its own
+    variables (those not in a sublayer) are `old`'s very variables if
+    `share_variables`, else copies of their values. Sublayers are found
+    through `old`'s attributes (a layer, or a list, tuple or dict of
+    layers); anything else raises `ValueError`.
+    """
+    cls = type(old)
+    try:
+        new = cls.from_config(old.get_config())
+    except Exception as e:
+        raise ValueError(
+            f"Cannot reach the layers inside '{old.name}' ({cls.__name__}): "
+            f"recreating it from its config failed ({type(e).__name__}: {e}). "
+            "Give the class a `get_config` that returns its constructor "
+            "arguments."
+        ) from e
+    build_config = old.get_build_config()
+    if old.built:
+        if not _needs_build(old, new):
+            # Every sublayer attribute already exists (made in __init__) and
+            # there are no own weights: building would only make weights to
+            # throw away. Its sublayers are swapped in below.
+            _set(new, "_build_shapes_dict", getattr(old, "_build_shapes_dict", None))
+            new.built = True
+        elif build_config:
+            new.build_from_config(build_config)
+        if not new.built:
+            raise ValueError(
+                f"Cannot reach the layers inside '{old.name}' ({cls.__name__}): "
+                "it has no build config to rebuild it from. Build it by "
+                "calling it on data (or on a `keras.Input`) first."
+            )
+    mapping = {id(child): child_fn(child) for child in old._layers}
+    placed = set()
+
+    def swap(value):
+        if isinstance(value, Layer) and id(value) in mapping:
+            placed.add(id(value))
+            return mapping[id(value)], True
+        if isinstance(value, (list, tuple)) and any(
+            isinstance(v, Layer) and id(v) in mapping for v in value
+        ):
+            items = [swap(v)[0] for v in value]
+            return (tuple(items) if isinstance(value, tuple) else items), True
+        if isinstance(value, dict) and any(
+            isinstance(v, Layer) and id(v) in mapping for v in value.values()
+        ):
+            return {k: swap(v)[0] for k, v in value.items()}, True
+        return value, False
+
+    for attr, value in _attributes(old).items():
+        if attr.startswith("_tracker") or attr in ("_layers", "_modules"):
+            continue
+        replacement, changed = swap(value)
+        if changed:
+            _set(new, attr, replacement)
+    missing = [c.name for c in old._layers if id(c) not in placed]
+    if missing:
+        raise ValueError(
+            f"Cannot reach sublayers {missing} of '{old.name}' "
+            f"({cls.__name__}): they are not held in an attribute (or a "
+            "list, tuple or dict attribute) of the layer."
+        )
+    new._layers[:] = [mapping[id(c)] for c in old._layers]
+    _share_own_variables(old, new, share_variables)
+    _forget_torch_params(new)
+    return new
+
+
+def _holds_sublayer(value, ids):
+    if isinstance(value, Layer):
+        return id(value) in ids
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, Layer) and id(v) in ids for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, Layer) and id(v) in ids for v in value.values())
+    return False
+
+
+def _needs_build(old, new):
+    """Whether `new` (fresh from config) must be built to match `old`."""
+    if keras.src.utils.python_utils.is_default(new.build):
+        return False  # nothing to build: Keras would only warn
+    if _own_variables(old):
+        return True
+    ids = {id(child) for child in old._layers}
+    new_attrs = _attributes(new)
+    return any(
+        attr not in new_attrs
+        for attr, value in _attributes(old).items()
+        if not attr.startswith(("_tracker", "_self_"))
+        and attr not in ("_layers", "_modules")
+        and _holds_sublayer(value, ids)
+    )
+
+
+def _own_variables(layer):
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def _share_own_variables(old, new, share):
+    old_vars, new_vars = _own_variables(old), _own_variables(new)
+    if len(old_vars) != len(new_vars) or any(
+        tuple(o.shape) != tuple(n.shape)
+        for o, n in zip(old_vars, new_vars, strict=True)
+    ):
+        raise ValueError(
+            f"Cannot rebuild '{old.name}' ({type(old).__name__}): rebuilt from "
+            "its config it has different weights of its own."
+        )
+    if not share:
+        for o, n in zip(old_vars, new_vars, strict=True):
+            n.assign(o)
+        return
+    by_id = {id(n): o for o, n in zip(old_vars, new_vars, strict=True)}
+    for attr, value in _attributes(new).items():
+        if isinstance(value, Variable) and id(value) in by_id:
+            _set(new, attr, by_id[id(value)])
+    new._trainable_variables[:] = list(old._trainable_variables)
+    new._non_trainable_variables[:] = list(old._non_trainable_variables)
+    for variable in old_vars:
+        variable.trainable = False
+
+
+def _frozen_own(layer):
+    own = layer._trainable_variables
+    return bool(own) and not any(v.trainable for v in own)
+
+
+def adapter_specs(container):
+    """Where the LoRA layers inside `container` are, and which of its
+    sublayers are frozen: a list of `{"path": [attr, index or key, ...],
+    "class_name", "config"}` (a LoRA layer) and `{"path", "frozen":
+    "layer"}` (a frozen sublayer) or `"own"` (frozen own weights)."""
+    specs = []
+    wrapped = set()
+    if _frozen_own(container):
+        specs.append({"path": [], "frozen": "own"})
+
+    def walk(owner, trail, seen):
+        if id(owner) in seen:
+            return
+        seen.add(id(owner))
+        for attr, value in sorted(_attributes(owner).items()):
+            # `_self_*`: TensorFlow's own tracking of the same attributes.
+            if attr.startswith(("_tracker", "_self_")) or attr in (
+                "_layers",
+                "_modules",
+            ):
+                continue
+            entries = [((attr,), value)]
+            if isinstance(value, (list, tuple)):
+                entries = [((attr, i), v) for i, v in enumerate(value)]
+            elif isinstance(value, dict):
+                entries = [((attr, k), v) for k, v in value.items()]
+            for path, item in entries:
+                if isinstance(item, LoRALayer):
+                    if id(item) in wrapped:
+                        continue
+                    wrapped.add(id(item))
+                    config = item.get_config()
+                    config.pop("layer")
+                    specs.append(
+                        {
+                            "path": list(trail + path),
+                            "class_name": keras.saving.get_registered_name(type(item)),
+                            "config": config,
+                        }
+                    )
+                elif isinstance(item, Layer) and id(item) not in seen:
+                    if not item.trainable:
+                        seen.add(id(item))
+                        specs.append({"path": list(trail + path), "frozen": "layer"})
+                        continue
+                    if _frozen_own(item):
+                        specs.append({"path": list(trail + path), "frozen": "own"})
+                    if not graph_model(item):
+                        walk(item, trail + path, seen)
+
+    walk(container, (), set())
+    return specs
+
+
+def _get(owner, step):
+    return (
+        owner[step] if isinstance(owner, (list, tuple, dict)) else getattr(owner, step)
+    )
+
+
+def _resolve(container, specs):
+    """`(spec, parent, holder, last, base)` for each spec; raises
+    AttributeError, KeyError or IndexError if a path is not there (yet)."""
+    resolved = []
+    for spec in specs:
+        if not spec["path"]:
+            resolved.append((spec, None, None, None, container))
+            continue
+        *trail, last = spec["path"]
+        parent = container
+        holder = container
+        for step in trail:
+            parent = _get(parent, step)
+            if isinstance(parent, Layer):
+                holder = parent
+        base = _get(parent, last)
+        if not isinstance(base, Layer):
+            raise AttributeError(f"{spec['path']} is not a layer")
+        resolved.append((spec, parent, holder, last, base))
+    return resolved
+
+
+def attach_adapters(container, specs):
+    """Wraps the sublayers of `container` named by `specs` in place."""
+    for spec, parent, holder, last, base in _resolve(container, specs):
+        if spec.get("frozen") == "layer":
+            base.trainable = False
+            continue
+        if spec.get("frozen") == "own":
+            for variable in base._trainable_variables:
+                variable.trainable = False
+            continue
+        if isinstance(base, LoRALayer):
+            continue  # the container's own config brought it back already
+        cls = keras.saving.get_registered_object(spec["class_name"])
+        if cls is None:
+            raise ValueError(f"Unknown LoRA layer class {spec['class_name']!r}")
+        wrapper = cls(base, **spec["config"])
+        if isinstance(parent, Layer):
+            _set(parent, last, wrapper)
+        elif isinstance(parent, tuple):
+            # Rebuild the tuple on its holder: find the attribute holding it.
+            attr = next(a for a, v in _attributes(holder).items() if v is parent)
+            items = list(parent)
+            items[last] = wrapper
+            _set(holder, attr, tuple(items))
+        elif isinstance(parent, list):
+            list.__setitem__(parent, last, wrapper)  # past a locked tracker
+        else:
+            dict.__setitem__(parent, last, wrapper)
+        _replace_in_sublayers(holder, base, wrapper)
+        _forget_torch_params(holder)
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAContainer(keras.layers.Wrapper):
+    """Holds, in a model's graph, a layer with LoRA layers inside it.
+
+    `apply_lora` puts one around a layer of a Functional or Sequential
+    model (a `MultiHeadAttention`, a custom block, a subclassed model used
+    as a layer) when it adapts sublayers inside it. It calls the held layer
+    unchanged, is transparent to `iter_layers` paths, forwards attribute
+    reads it does not have to the held layer, and records where the
+    adapters are so that a `.keras` round trip restores them.
+    `merge_lora` replaces it by the plain, merged layer.
+
+    Args:
+        layer: the (rebuilt) layer holding LoRA layers.
+        adapters: the adapter specs; `None` reads them from `layer`.
+    """
+
+    # `keras_lora.model.walk` treats it as its held layer.
+    holds_layer_transparently = True
+
+    def __init__(self, layer, adapters=None, **kwargs):
+        kwargs.setdefault("name", layer.name)
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        super().__init__(layer, **kwargs)
+        # Given adapters (from a config) are attached at the first call, once
+        # the held layer has built its sublayers.
+        _set(self, "_pending", [] if adapters is None else list(adapters))
+        self.adapters = adapter_specs(layer) if adapters is None else adapters
+        self.supports_masking = layer.supports_masking
+        if layer.built:
+            self.built = True
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails (and, on torch, after
+        # `torch.nn.Module`'s own lookup): public attributes read through to
+        # the held layer (`container.num_heads`, say).
+        parent = getattr(super(), "__getattr__", None)
+        if parent is not None:
+            try:
+                return parent(name)
+            except AttributeError:
+                pass
+        layer = _attributes(self).get("layer")
+        if name.startswith("_") or layer is None:
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}'"
+            )
+        return getattr(layer, name)
+
+    def build(self, *args, **kwargs):
+        self.built = True
+
+    def build_from_config(self, config):
+        self.built = True
+
+    def call(self, *args, **kwargs):
+        if self._pending:
+            try:
+                _resolve(self.layer, self._pending)
+            except (AttributeError, KeyError, IndexError):
+                self.layer(*args, **kwargs)  # builds the sublayers
+            attach_adapters(self.layer, self._pending)
+            _set(self, "_pending", [])
+        return self.layer(*args, **kwargs)
+
+    def compute_mask(self, *args, **kwargs):
+        return self.layer.compute_mask(*args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        # Read the adapters afresh: named adapters may have been added,
+        # deleted or switched since this container was made.
+        config["adapters"] = (
+            self.adapters if self._pending else adapter_specs(self.layer)
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(
+            config.pop("layer"), custom_objects=custom_objects
+        )
+        return cls(layer, **config)

@@ -1,0 +1,348 @@
+"""Model surgery: select layers, wrap them, clone the model; and merge back.
+
+`apply_lora` clones a Functional or Sequential model with
+`keras.models.clone_model`. Selected layers come back wrapped in their LoRA
+type around the *same* base layer object, so base weights are shared, not
+copied. Layers named in `trainable` are copied, so training them leaves the
+original model alone. Every other layer is shared and frozen.
+
+Layers nested inside other layers are reached too. `clone_model` cannot
+reach them: a `MultiHeadAttention`, a custom block or a subclassed model is
+one opaque layer to it. Such a container is rebuilt instead (see
+`keras_lora.model.containers.rebuild_container`): a new object of its class
+from its config, whose sublayer attributes point at the original sublayers
+(shared, frozen), at LoRA wrappers around them, or at copies. The original
+container is not modified. Inside a Functional or Sequential model the
+rebuilt container is held by a `LoRAContainer`, which records where its
+adapters are so that `.keras` files keep them. A subclassed top-level model
+is rebuilt the same way, but its own config cannot carry adapters (see
+`LoRALayer.save_own_variables`).
+"""
+
+import keras
+
+from keras_lora.config import validate_alpha, validate_rank
+from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.model.containers import LoRAContainer, rebuild_container
+from keras_lora.model.targets import match_layers
+from keras_lora.model.walk import children, graph_model, iter_layers
+
+
+def apply_lora(
+    model,
+    targets=None,
+    rank=8,
+    alpha=None,
+    exclude=None,
+    trainable=None,
+    **layer_kwargs,
+):
+    """Returns a copy of `model` with LoRA layers on the selected layers.
+
+    Args:
+        model: a built `keras.Model`: Functional (a Functional subclass
+            comes back as a plain Functional, as `keras.models.clone_model`
+            does), Sequential, or subclassed (see the module docstring).
+        targets: which layers get adapters: `Dense`, `EinsumDense`,
+            `Embedding`, `Conv1D/2D/3D`, at any depth (inside
+            `MultiHeadAttention`, custom layers, nested models). `None`
+            selects every `Dense` that does not produce a model output
+            (Functional and Sequential models only). Otherwise a list of
+            layer names or paths (`"query"`, `"block_0/mha/query"`), a regex
+            string (full match on name or path), or a callable
+            `layer -> bool`.
+        rank: positive integer, the rank of every adapter.
+        alpha: positive number or `None` (`alpha = rank`).
+        exclude: layers never to adapt, in the same forms as `targets`.
+        trainable: layers to keep fully trainable next to the adapters (a
+            new head, say), in the same forms. They are copied.
+        **layer_kwargs: passed on to each LoRA layer's constructor.
+
+    Returns:
+        A new, uncompiled `keras.Model`. The base layers it shares with
+        `model` are frozen in both (they are the same objects); `model`
+        still computes exactly what it did.
+
+    Raises:
+        TypeError, ValueError: on bad arguments, with `model` unchanged.
+    """
+    _check_model(model, "apply_lora")
+    rank = validate_rank(rank)
+    alpha = validate_alpha(alpha)
+    layers = list(iter_layers(model))
+    existing = [path for path, layer in layers if isinstance(layer, LoRALayer)]
+    if existing:
+        raise ValueError(
+            f"Model '{model.name}' already has LoRA layers: {existing}. "
+            "Apply LoRA to the base model, or merge first with `merge_lora`."
+        )
+    to_wrap = _select_targets(model, layers, targets, exclude)
+    to_copy = _expand(
+        match_layers(trainable, layers, "trainable") if trainable is not None else []
+    )
+    overlap = [p for p, layer in to_copy if id(layer) in to_wrap]
+    if overlap:
+        raise ValueError(
+            f"Layers {overlap} are both LoRA targets and in `trainable`; "
+            "exclude them from one of the two."
+        )
+    to_copy = {id(layer) for _, layer in to_copy}
+    reaches = _Reaches(to_wrap | to_copy)
+
+    saved_flags = _trainable_flags(model)
+    copies = []
+
+    def clone(layer, in_graph=True):
+        if id(layer) in to_wrap:
+            return lora_class_for(layer)(layer, rank=rank, alpha=alpha, **layer_kwargs)
+        if id(layer) in to_copy:
+            return _copy(layer, copies if in_graph else None, trainable=True)
+        if reaches(layer):
+            if graph_model(layer):
+                return keras.models.clone_model(
+                    layer, clone_function=clone, recursive=True
+                )
+            inner = rebuild_container(layer, nested_clone, share_variables=True)
+            return LoRAContainer(inner) if in_graph else inner
+        layer.trainable = False
+        return layer
+
+    def nested_clone(layer):
+        return clone(layer, in_graph=False)
+
+    try:
+        if graph_model(model):
+            lora_model = keras.models.clone_model(
+                model, clone_function=clone, recursive=True
+            )
+        else:
+            lora_model = rebuild_container(model, nested_clone, share_variables=True)
+            for _, layer in lora_layers(lora_model):
+                layer._reload_warning = model.name
+        for old, new in copies:
+            new.set_weights(old.get_weights())
+            new.trainable = True
+    except Exception:
+        _restore_trainable_flags(saved_flags)
+        raise
+    return lora_model
+
+
+def merge_lora(
+    model, check_finite=True, requantize=False, adapter=None, in_place=False
+):
+    """Returns a plain model with every LoRA layer merged into its base type.
+
+    Each LoRA layer becomes its base layer class (same config and name)
+    holding `W + scale·A·B`; every other layer is copied with its weights.
+    Containers holding LoRA layers (`LoRAContainer`, a rebuilt
+    `MultiHeadAttention` or custom block) become plain copies of their
+    class. The result contains no keras_lora class, and `model` is not
+    modified.
+
+    A quantized (`"int8"`) base is dequantized and merged in float, so the
+    merged layer is a float layer. With `requantize=True` every such layer
+    is quantized again in its base's mode after merging, which rounds the
+    merged kernel (see the README for the error this adds).
+
+    Args:
+        model: a `keras.Model` with LoRA layers, as `apply_lora` returns.
+        check_finite: if true (the default), a merged kernel with NaN or Inf
+            raises `ValueError` naming the layer, and nothing is built.
+        requantize: re-quantize layers whose base was quantized.
+        adapter: merge only the adapter of that name (in the layers that
+            have it; the others merge to their base). `None`: each layer's
+            active adapters.
+        in_place: instead of building a new model, make `model` itself
+            compute with merged kernels and no adapter math, and return it.
+            The base kernels (shared with the original model) are not
+            written: each LoRA layer keeps the merged kernel beside them (one
+            more kernel of memory), and `unmerge_lora(model)` restores the
+            unmerged model exactly.
+
+    Returns:
+        A new, uncompiled `keras.Model`. Layers keep their `trainable` flags,
+        so base layers stay frozen; set `merged.trainable = True` to train
+        it fully.
+
+    Raises:
+        ValueError: `model` has no LoRA layers (there is nothing to merge),
+            or a merged kernel is not finite.
+    """
+    _check_model(model, "merge_lora")
+    if in_place or adapter is not None:
+        from keras_lora import adapter_management
+
+        if in_place:
+            return adapter_management.merge_in_place(model, check_finite, adapter)
+        with adapter_management.only_adapter(model, adapter):
+            return merge_lora(model, check_finite, requantize)
+    lora_layers = [
+        layer for _, layer in iter_layers(model) if isinstance(layer, LoRALayer)
+    ]
+    if not lora_layers:
+        raise ValueError(
+            f"merge_lora: model '{model.name}' has no LoRA layers, so there is "
+            "nothing to merge. Use `keras.models.clone_model` to copy a plain model."
+        )
+    merged = {
+        id(layer): layer.merged_layer(check_finite, requantize=requantize)
+        for layer in lora_layers
+    }
+    reaches = _Reaches(set(merged))
+    copies = []
+
+    def clone(layer, in_graph=True):
+        if id(layer) in merged:
+            return merged[id(layer)]
+        if isinstance(layer, LoRAContainer):
+            layer = layer.layer
+        if reaches(layer):
+            if graph_model(layer):
+                return keras.models.clone_model(
+                    layer, clone_function=clone, recursive=True
+                )
+            return rebuild_container(layer, nested_clone, share_variables=False)
+        return _copy(layer, copies if in_graph else None)
+
+    def nested_clone(layer):
+        return clone(layer, in_graph=False)
+
+    if graph_model(model):
+        plain = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    else:
+        plain = rebuild_container(model, nested_clone, share_variables=False)
+    for old, new in copies:
+        new.set_weights(old.get_weights())
+    return plain
+
+
+def lora_layers(model):
+    """Returns `(path, layer)` for every LoRA layer in `model`."""
+    return [
+        (p, layer) for p, layer in iter_layers(model) if isinstance(layer, LoRALayer)
+    ]
+
+
+def _check_model(model, function):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{function}: `model` must be a keras.Model. Received: {model!r} "
+            f"of type {type(model).__name__}"
+        )
+    if graph_model(model):
+        built = model.built and getattr(model, "inputs", None)
+    else:
+        built = model.built
+    if not built:
+        raise ValueError(
+            f"{function}: model '{model.name}' is not built. Give it an Input "
+            "(or call it on data, or `model.build(input_shape)`) first."
+        )
+
+
+class _Reaches:
+    """`reaches(layer)`: whether `layer` holds, at any depth, one of `ids`."""
+
+    def __init__(self, ids):
+        self.ids = ids
+        self.memo = {}
+
+    def __call__(self, layer):
+        key = id(layer)
+        if key not in self.memo:
+            self.memo[key] = False  # guards against cycles
+            self.memo[key] = any(
+                id(child) in self.ids or self(child) for child in children(layer)
+            )
+        return self.memo[key]
+
+
+def _copy(layer, deferred, trainable=None):
+    """A copy of `layer` from its config. Its weights are set now, or, if
+    `deferred` is a list, once the model around it is built. A bare
+    operation of a graph (`ops.not_equal` from a mask, say) has no state
+    and is shared."""
+    if not isinstance(layer, keras.layers.Layer):
+        return layer
+    new = layer.__class__.from_config(layer.get_config())
+    if deferred is not None:
+        deferred.append((layer, new))
+        return new
+    build_config = layer.get_build_config()
+    if layer.built and build_config:
+        new.build_from_config(build_config)
+    if layer.weights:
+        new.set_weights(layer.get_weights())
+    if trainable is not None:
+        new.trainable = trainable
+    return new
+
+
+def _select_targets(model, layers, targets, exclude):
+    supported = lambda layer: lora_class_for(layer) is not None  # noqa: E731
+    if targets is None:
+        if not graph_model(model):
+            raise ValueError(
+                f"`targets=None` selects the Dense layers that do not produce "
+                f"an output, which needs a Functional or Sequential model; "
+                f"'{model.name}' is a subclassed {type(model).__name__}. Pass "
+                f"`targets`. Layers: {[p for p, _ in layers]}"
+            )
+        outputs = _output_layer_ids(model)
+        selected = [
+            (p, layer)
+            for p, layer in layers
+            if isinstance(layer, keras.layers.Dense) and id(layer) not in outputs
+        ]
+        if not selected:
+            raise ValueError(
+                f"Model '{model.name}' has no Dense layer outside its output "
+                "layers, so `targets=None` selects nothing. Pass `targets`. "
+                f"Layers: {[p for p, _ in layers]}"
+            )
+    else:
+        selected = match_layers(targets, layers, "targets", supported)
+    if exclude is not None:
+        excluded = {id(layer) for _, layer in match_layers(exclude, layers, "exclude")}
+        selected = [(p, layer) for p, layer in selected if id(layer) not in excluded]
+        if not selected:
+            raise ValueError("`exclude` removes every layer `targets` selected.")
+    return {id(layer) for _, layer in selected}
+
+
+def _output_layer_ids(model):
+    """The layers whose outputs are `model`'s outputs, nested models opened."""
+    ids = set()
+    for tensor in keras.tree.flatten(model.outputs):
+        layer = tensor._keras_history.operation
+        ids.add(id(layer))
+        if graph_model(layer):
+            ids |= _output_layer_ids(layer)
+        else:  # the layers inside an output layer produce the output too
+            ids |= {id(inner) for _, inner in iter_layers(layer)}
+    return ids
+
+
+def _expand(selected):
+    """A selected nested model stands for all the layers inside it; a
+    selected layer with sublayers (copied whole) for itself and them."""
+    out = []
+    for path, layer in selected:
+        if not graph_model(layer):
+            out.append((path, layer))
+        out.extend(iter_layers(layer, prefix=f"{path}/"))
+    return out
+
+
+def _trainable_flags(model):
+    flags = [(layer, layer._trainable) for _, layer in iter_layers(model)]
+    return flags, [(v, v.trainable) for v in model.weights]
+
+
+def _restore_trainable_flags(saved):
+    layer_flags, variable_flags = saved
+    for layer, flag in layer_flags:
+        layer._trainable = flag
+    for variable, flag in variable_flags:
+        variable.trainable = flag
