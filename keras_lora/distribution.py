@@ -50,7 +50,7 @@ or load the base model, and call `apply_lora`, inside
 
 Only the JAX backend has Keras's distribution API in working order: the
 torch backend has none, and the TensorFlow backend's is an unfinished
-prototype (use `tf.distribute.MirroredStrategy` there, see the README).
+prototype (use `tf.distribute.MirroredStrategy` there, see docs/distributed.md).
 """
 
 import re
@@ -114,7 +114,7 @@ def lora_layout_map(device_mesh, model=None, model_axis=MODEL_AXIS, layout_map=N
             f"`LayoutMap`) works on the JAX backend only; this is the {backend!r} "
             "backend. Keras's torch backend has no distribution API, and its "
             "TensorFlow one is an unfinished prototype: on TensorFlow train "
-            "under `tf.distribute.MirroredStrategy` instead (see the README)."
+            "under `tf.distribute.MirroredStrategy` instead (see docs/distributed.md)."
         )
     distribution = keras.distribution
     if not isinstance(device_mesh, distribution.DeviceMesh):
