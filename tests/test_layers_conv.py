@@ -59,7 +59,7 @@ def test_unmerged_path_equals_merged_kernel(cls, kwargs, input_shape):
     )
 
 
-def test_channels_first_conv2d():
+def test_channels_first_conv2d(channels_first_conv):
     base = keras.layers.Conv2D(4, 3, data_format="channels_first", name="conv")
     base.build((None, 3, 6, 6))
     lora = kl.LoRAConv(base, rank=2)
