@@ -10,7 +10,7 @@ from keras_lora.adapter_management import (
     set_adapter,
     unmerge_lora,
 )
-from keras_lora.adapters import load_adapter, save_adapter
+from keras_lora.io import load_adapter, save_adapter
 from keras_lora.distribution import lora_layout_map
 from keras_lora.exporting import export
 from keras_lora.layers import (

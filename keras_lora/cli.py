@@ -288,7 +288,7 @@ def _merge(args):
 
 
 def _apply(args):
-    from keras_lora.adapters import load_adapter
+    from keras_lora.io import load_adapter
     from keras_lora.atomic import atomic_output
     from keras_lora.surgery import merge_lora
 

@@ -34,7 +34,7 @@ import safetensors.numpy
 from conftest import mlp, randomize_adapters, to_numpy
 
 import keras_lora as kl
-from keras_lora.adapters import keras_lora_format
+from keras_lora.io import keras_lora_format
 
 BACKEND = keras.backend.backend()
 
@@ -1049,7 +1049,7 @@ CASES = [
         "bad name",
         lambda e: kl.add_adapter(e.lora, "no spaces!"),
         ValueError,
-        r"adapter name must be.*'no spaces!'",
+        r"adapter_name` must be.*'no spaces!'",
         "lora",
     ),
     C(
@@ -1057,7 +1057,7 @@ CASES = [
         "name=int",
         lambda e: kl.add_adapter(e.lora, 7),
         ValueError,
-        r"adapter name must be.*7",
+        r"adapter_name` must be.*7",
         "lora",
     ),
     C(

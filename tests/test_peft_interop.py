@@ -213,7 +213,7 @@ def write_peft_dir(directory, config_changes=(), tensors=None):
         ({"some_future_field": 3}, "some_future_field=3"),
         ({"r": 0}, "`r` must be a positive integer"),
         ({"r": 3}, "says r=3"),
-        ({"lora_alpha": -1}, "`lora_alpha` must be a positive number"),
+        ({"lora_alpha": -1}, "`lora_alpha` must be a finite positive number"),
     ],
 )
 def test_refuses_what_it_cannot_represent(tmp_path, changes, message):
@@ -425,7 +425,7 @@ def test_bfloat16_peft_adapter_loads(tmp_path):
     restored = kl.load_adapter(base, tmp_path / "p", name_map={"0": "fc1"})
     np.testing.assert_allclose(_np(restored(X)), want, atol=1e-5)
     # The byte-level reader used when numpy has no bfloat16 dtype registered.
-    from keras_lora.adapters.safetensors_io import _read_bfloat16
+    from keras_lora.io.safetensors_io import _read_bfloat16
 
     raw = _read_bfloat16(weights, list(tensors))
     for key, value in tensors.items():

@@ -1,26 +1,36 @@
 """Adapter files: save a model's LoRA weights alone, and load them back.
 
-Two formats:
+Formats, each a module with the same functions (`check`, `save`, `claims`,
+`read`), chosen by lookup in `WRITERS` and `READERS`:
 
 - `"keras_lora"`: one `.safetensors` file keyed by stable layer path, with
   JSON metadata in its header (see `keras_lora_format`).
 - `"peft"`: a PEFT LoRA adapter directory that `peft.PeftModel.from_pretrained`
   loads into the equivalent PyTorch model (see `peft_format`).
+- KerasHub's `*.lora.h5` files from `backbone.save_lora_weights`, read
+  only (see `kerashub_format`).
 
-Both are written atomically and read without pickle.
+The flow is the same for all: saving collects one `LayerRecord` per LoRA
+layer in one walk of the model (`records.collect`), the format checks them,
+then writes atomically. Loading reads the file into validated records (no
+pickle), and `install.install` checks them against the model before it
+assigns anything.
 """
 
 import os
-import warnings
 
 import keras
 
-from keras_lora.adapters import keras_lora_format, peft_format
-from keras_lora.adapters.loading import install, user_stacklevel
-from keras_lora.surgery import lora_layers
-from keras_lora.targets import iter_layers
+from keras_lora.io import keras_lora_format, kerashub_format, peft_format
+from keras_lora.io.install import install
+from keras_lora.io.names import check_name_map
+from keras_lora.io.records import collect
+from keras_lora.model.walk import iter_layers
 
-FORMATS = ("keras_lora", "peft")
+WRITERS = {fmt.NAME: fmt for fmt in (keras_lora_format, peft_format)}
+# Tried in order; the keras_lora reader claims whatever the others do not.
+READERS = (peft_format, kerashub_format, keras_lora_format)
+FORMATS = tuple(WRITERS)
 
 
 def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
@@ -62,36 +72,16 @@ def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
     ...                 name_map={"dense": "0", "dense_1": "2"})
     """
     _check_path(path)
-    if format not in FORMATS:
+    writer = WRITERS.get(format) if isinstance(format, str) else None
+    if writer is None:
         raise ValueError(
             f"`format` must be one of {FORMATS}. Received: format={format!r}"
         )
     _check_model(model, "save_adapter")
-    _check_name_map(name_map)
-    if not lora_layers(model):
-        raise ValueError(
-            f"save_adapter: model '{model.name}' has no LoRA layers, so there is "
-            "no adapter to save. Use `apply_lora` first."
-        )
-    unbuilt = [path for path, layer in lora_layers(model) if not layer.built]
-    if unbuilt:
-        raise ValueError(
-            f"save_adapter: LoRA layers {unbuilt} of model '{model.name}' are "
-            "not built, so they have no adapter weights yet. Build the model "
-            "(call it on data or a `keras.Input`) first."
-        )
-    if format == "keras_lora" and name_map is not None:
-        raise ValueError(
-            "`name_map` applies to format='peft' only; the keras_lora format "
-            "always keys by Keras layer path."
-        )
-    _warn_unsaved_trainables(model)
-    from keras_lora.adapter_management import only_adapter
-
-    with only_adapter(model, adapter):
-        if format == "peft":
-            return peft_format.save(model, path, name_map, adapter=adapter)
-        return keras_lora_format.save(model, path, adapter=adapter)
+    check_name_map(name_map)
+    records = collect(model, f"save_adapter(format={format!r})", adapter)
+    writer.check(records, path, name_map)
+    return writer.save(model, records, path, name_map)
 
 
 def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
@@ -137,18 +127,15 @@ def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
     """
     _check_path(path)
     _check_model(model, "load_adapter")
-    _check_name_map(name_map)
+    check_name_map(name_map)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No adapter file or PEFT directory at '{path}'.")
+    reader = next(fmt for fmt in READERS if fmt.claims(path))
     layers = list(iter_layers(model))
-    if peft_format.is_peft_directory(path):
-        adapters = peft_format.read(path, name_map, layers, strict)
-        source = f"PEFT adapter '{path}'"
-    else:
-        adapters = keras_lora_format.read(path, name_map, layers, strict)
-        source = f"adapter file '{path}'"
+    records = reader.read(path, name_map, model, layers, strict)
+    source = f"{reader.DESCRIPTION} '{path}'"
     return install(
-        model, adapters, strict=strict, source=source, adapter_name=adapter_name
+        model, records, layers, strict=strict, source=source, adapter_name=adapter_name
     )
 
 
@@ -165,28 +152,6 @@ def _check_model(model, function):
         raise TypeError(
             f"{function}: `model` must be a keras.Model. Received: {model!r} "
             f"of type {type(model).__name__}"
-        )
-
-
-def _check_name_map(name_map):
-    if name_map is not None and not (isinstance(name_map, dict) or callable(name_map)):
-        raise TypeError(
-            "`name_map` must be None, a dict or a callable. Received: "
-            f"{name_map!r} of type {type(name_map).__name__}"
-        )
-
-
-def _warn_unsaved_trainables(model):
-    lora_ids = {
-        id(v) for _, layer in lora_layers(model) for v in layer.trainable_weights
-    }
-    extra = sorted({v.path for v in model.trainable_weights if id(v) not in lora_ids})
-    if extra:
-        warnings.warn(
-            "save_adapter saves LoRA weights only; these trainable weights "
-            f"are not in the adapter: {extra}. Save them separately (or the "
-            "whole model with `model.save`).",
-            stacklevel=user_stacklevel(),
         )
 
 

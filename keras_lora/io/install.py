@@ -1,0 +1,327 @@
+"""Putting the records read from a file into a model: check all, then assign.
+
+Every format reads a file into validated `LayerRecord`s keyed by Keras
+layer path, then hands them to `install`. `install` checks everything that
+depends on the model (targets, layer types, variants, factoring, shapes)
+before it assigns anything or creates any layer, so a failed load never
+leaves a half-loaded model.
+"""
+
+import inspect
+import warnings
+
+import keras
+import numpy as np
+
+from keras_lora.config import LEGACY_FACTORING
+from keras_lora.io.records import kernel_digest, layer_factoring
+from keras_lora.io.report import report, user_stacklevel
+from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.model.surgery import apply_lora
+from keras_lora.model.walk import iter_layers
+
+
+def install(model, records, layers, strict=True, source="adapter", adapter_name=None):
+    """Loads `records` into `model` and returns the model to use.
+
+    On a model without LoRA layers, LoRA is first applied (with
+    `apply_lora`) to exactly the records' layers, with their rank, alpha,
+    scale rule, variant and factoring; the new model is returned and `model`
+    itself computes what it did. On a model with LoRA layers, the records
+    load into them and `model` is returned.
+
+    Args:
+        model: a `keras.Model`.
+        records: validated `LayerRecord`s whose `path` is checked against
+            `model`.
+        layers: `model`'s `(path, layer)` pairs, from the one walk.
+        strict: whether records for layers `model` lacks, and LoRA layers of
+            `model` the file has no adapter for, are errors (else warnings).
+        source: what was read, for messages.
+        adapter_name: load into the adapter of that name, added (inactive)
+            to the layers that lack it; on a plain model, the name of the
+            adapter `apply_lora` creates. `None`: the active adapter (on a
+            plain model, `"default"`).
+
+    Raises:
+        ValueError: on anything that does not fit; nothing was changed.
+    """
+    by_path = dict(layers)
+    lora = [p for p, layer in layers if isinstance(layer, LoRALayer)]
+    paths = [r.path for r in records]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ValueError(
+            f"{source}: several entries map to the same layer of model "
+            f"'{model.name}': {twice}. Check `name_map`."
+        )
+    fits = LoRALayer if lora else keras.layers.Layer
+    known = [r for r in records if isinstance(by_path.get(r.path), fits)]
+    unknown = [r for r in records if r not in known]
+    if unknown:
+        candidates = [
+            p
+            for p, layer in layers
+            if (isinstance(layer, LoRALayer) if lora else lora_class_for(layer))
+        ]
+        report(
+            [f"{r.key!r} -> layer '{r.path}'" for r in unknown],
+            strict,
+            f"{source} has keys that match no {'LoRA ' if lora else ''}layer "
+            f"of model '{model.name}' (candidates: {candidates})",
+        )
+    if not known:
+        raise ValueError(
+            f"{source} has no adapter for any layer of model '{model.name}'; "
+            "nothing was loaded."
+        )
+    for record in known:
+        _check_layer(by_path[record.path], record, model, source)
+    if not lora:
+        for record in known:
+            _check_base_kernel(by_path[record.path], record, source)
+        return _apply_then_assign(
+            model, by_path, known, source, adapter_name or "default"
+        )
+    if adapter_name is not None:
+        _into_named_adapter(model, by_path, known, source, adapter_name)
+        return model
+    covered = {r.path for r in known}
+    report(
+        [repr(p) for p in lora if p not in covered],
+        strict,
+        f"Model '{model.name}' has LoRA layers that {source} has no adapter for",
+    )
+    for record in known:
+        _check_variant(by_path[record.path], record, model, source)
+    _assign(_plan(model, by_path, known, source), by_path, known, source)
+    return model
+
+
+def _check_layer(layer, record, model, source):
+    """Raises unless `record` can go into `layer` (a LoRA layer or its base)."""
+    base = layer.layer if isinstance(layer, LoRALayer) else layer
+    if lora_class_for(base) is None:
+        raise ValueError(
+            f"{source}: layer '{record.path}' of model '{model.name}' is a "
+            f"{type(base).__name__}, which keras_lora cannot adapt."
+        )
+    if record.base_type and record.base_type not in {
+        cls.__name__ for cls in type(base).__mro__
+    }:
+        raise ValueError(
+            f"{source} has an adapter for a {record.base_type} at "
+            f"'{record.path}', but that layer of model '{model.name}' is "
+            f"a {type(base).__name__}; nothing was loaded."
+        )
+    if isinstance(layer, LoRALayer) and isinstance(base, keras.layers.EinsumDense):
+        wanted = record.factoring or LEGACY_FACTORING
+        own = layer_factoring(layer)
+        if wanted != own:
+            raise ValueError(
+                f"{source} holds an EinsumDense adapter for '{record.path}' "
+                f"factored {wanted!r}, but that LoRA layer of model "
+                f"'{model.name}' is factored {own!r}; the two factorings give "
+                "different A and B, so nothing was loaded. Load into the base "
+                f"model, or apply LoRA with factoring={wanted!r}."
+            )
+
+
+def _check_variant(layer, record, model, source):
+    """Raises unless `layer`'s active adapter is the variant `record` is."""
+    own = layer.get_adapter(layer.active_adapters[0])
+    if own.use_dora != record.use_dora or own.init != record.init:
+        if own.use_dora == record.use_dora and not (
+            own.changes_base or record.init in ("pissa", "olora")
+        ):
+            return  # default vs gaussian: only the starting point differs
+        raise ValueError(
+            f"{source} holds a {_variant(record.init, record.use_dora)} "
+            f"adapter for '{record.path}', but that layer of model "
+            f"'{model.name}' is a {_variant(own.init, own.use_dora)} LoRA "
+            "layer; nothing was loaded. Load into the base model, or into a "
+            "LoRA layer of the same variant."
+        )
+    if own.changes_base:
+        _check_base_kernel(layer, record, source)
+
+
+def _check_base_kernel(layer, record, source):
+    """Raises if a PiSSA/OLoRA `record` was trained on another base kernel:
+    loading recomputes its residual from this one."""
+    if record.base_sha256 is not None and kernel_digest(layer) != record.base_sha256:
+        raise ValueError(
+            f"{source}: layer '{record.path}' uses init={record.init!r}, "
+            "whose residual kernel comes from the base kernel, but this "
+            "model's base kernel differs from the one the adapter was "
+            "trained on; nothing was loaded."
+        )
+
+
+def _variant(init, use_dora):
+    name = {"pissa": "PiSSA", "olora": "OLoRA"}.get(init, "plain")
+    return f"{name}{'+DoRA' if use_dora else ''}"
+
+
+def _plan(model, by_path, records, source):
+    """`(variable, array)` pairs to assign; raises on any shape or dtype
+    mismatch, before anything is assigned."""
+    mismatches, plan = [], []
+    for record in records:
+        layer = by_path[record.path]
+        pairs = [("lora_a", record.a), ("lora_b", record.b)]
+        if record.use_dora:
+            pairs.append(("lora_magnitude", record.magnitude))
+        for name, array in pairs:
+            variable = getattr(layer, name)
+            expected = tuple(variable.shape)
+            if tuple(array.shape) != expected:
+                mismatches.append(
+                    f"layer '{record.path}' {name}: the model expects shape "
+                    f"{expected}, {source} has {tuple(array.shape)} "
+                    f"(key {record.key!r})"
+                )
+            else:
+                dtype = keras.backend.standardize_dtype(variable.dtype)
+                plan.append((variable, np.asarray(array, dtype=dtype)))
+    if mismatches:
+        raise ValueError(
+            f"Shape mismatch loading {source} into model '{model.name}'; "
+            "nothing was loaded:\n  " + "\n  ".join(mismatches)
+        )
+    return plan
+
+
+def _assign(plan, by_path, records, source, warn_scale=True):
+    changed = [
+        f"'{r.path}': alpha {by_path[r.path].alpha} -> {r.alpha}, "
+        f"use_rslora {by_path[r.path].use_rslora} -> {r.use_rslora}"
+        for r in records
+        if (by_path[r.path].alpha, by_path[r.path].use_rslora)
+        != (r.alpha, r.use_rslora)
+    ]
+    if changed and warn_scale:
+        warnings.warn(
+            f"{source} records another scale than these LoRA layers had; "
+            "they now use the recorded one:\n  " + "\n  ".join(changed),
+            stacklevel=user_stacklevel(),
+        )
+    for variable, array in plan:
+        variable.assign(array)
+    for record in records:
+        by_path[record.path].alpha = record.alpha
+        by_path[record.path].use_rslora = record.use_rslora
+
+
+def _into_named_adapter(model, by_path, records, source, name):
+    """Loads `records` into adapter `name`, adding it where missing; on
+    failure the added adapters go again. Active adapters do not change."""
+    added, previous = [], {}
+    try:
+        for record in records:
+            layer = by_path[record.path]
+            previous[record.path] = layer.active_adapters
+            if name not in layer.adapter_names:
+                layer.add_adapter(
+                    name,
+                    rank=record.rank,
+                    alpha=record.alpha,
+                    use_rslora=record.use_rslora,
+                    **record.options,
+                )
+                added.append(layer)
+            layer.set_active_adapters([name])
+        for record in records:
+            _check_variant(by_path[record.path], record, model, source)
+        plan = _plan(model, by_path, records, source)
+        _assign(plan, by_path, records, source, warn_scale=not added)
+    except Exception:
+        for layer in added:
+            layer.delete_adapter(name)
+        raise
+    finally:
+        for path, active in previous.items():
+            by_path[path].set_active_adapters(active)
+
+
+def _apply_then_assign(model, by_path, records, source, adapter_name):
+    kwargs = _common_options(by_path, records, source)
+    ids = {id(by_path[r.path]) for r in records}
+    flags = _trainable_state(model)
+    try:
+        lora_model = apply_lora(
+            model,
+            targets=lambda layer: id(layer) in ids,
+            adapter_name=adapter_name,
+            **kwargs,
+        )
+        lora_layers = dict(iter_layers(lora_model))
+        plan = _plan(lora_model, lora_layers, records, source)
+    except Exception:
+        _restore_trainable_state(flags)
+        raise
+    _assign(plan, lora_layers, records, source, warn_scale=False)
+    return lora_model
+
+
+def _common_options(by_path, records, source):
+    """The `apply_lora` arguments that give every record's layer its
+    adapter's options; raises if the records differ in them."""
+    settings = {
+        (r.rank, r.use_rslora, tuple(sorted(r.options.items()))) for r in records
+    }
+    if len(settings) > 1:
+        raise ValueError(
+            f"{source} mixes ranks {sorted({r.rank for r in records})} (or "
+            "scale rules or variants) across layers; load_adapter can only "
+            "apply one rank to a plain model. Apply LoRA yourself (layer by "
+            "layer) and load into that model."
+        )
+    first = records[0]
+    kwargs = {
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "use_rslora": first.use_rslora,
+        **first.options,
+    }
+    einsum = [
+        r for r in records if isinstance(by_path[r.path], keras.layers.EinsumDense)
+    ]
+    factorings = {r.factoring or LEGACY_FACTORING for r in einsum}
+    if len(factorings) > 1:
+        raise ValueError(
+            f"{source} mixes EinsumDense factorings {sorted(factorings)}; "
+            "load_adapter applies one to a plain model. Apply LoRA yourself "
+            "and load into that model."
+        )
+    if factorings:
+        (kwargs["factoring"],) = factorings
+        others = len(einsum) < len(records)
+        if others and "factoring" not in inspect.signature(LoRALayer).parameters:
+            raise ValueError(
+                f"{source} holds EinsumDense adapters factored "
+                f"{kwargs['factoring']!r} beside adapters of other layer "
+                "types, and `apply_lora` passes `factoring` to every LoRA "
+                "layer type, while only LoRAEinsumDense takes it. Apply LoRA "
+                "yourself and load into that model."
+            )
+    return kwargs
+
+
+def _trainable_state(model):
+    """The `trainable` flags of `model`, its layers and variables."""
+    layers = [model] + [layer for _, layer in iter_layers(model)]
+    return [(lay, lay.trainable) for lay in layers], [
+        (v, v.trainable) for v in model.weights
+    ]
+
+
+def _restore_trainable_state(state):
+    # Parents come before their sublayers, and variables last, so that a
+    # layer's setter, which sets its sublayers too, is overridden by theirs.
+    layer_flags, variable_flags = state
+    for layer, flag in layer_flags:
+        if layer.trainable != flag:
+            layer.trainable = flag
+    for variable, flag in variable_flags:
+        variable.trainable = flag

@@ -1,0 +1,177 @@
+"""PEFT's `adapter_config.json`: which fields keras_lora honours, ignores
+or refuses, and its validation through `keras_lora.config`.
+"""
+
+import json
+
+from keras_lora.config import (
+    validate_alpha,
+    validate_dropout,
+    validate_flag,
+    validate_rank,
+)
+
+CONFIG_NAME = "adapter_config.json"
+# PEFT's default `lora_alpha`, for a config that leaves it out.
+DEFAULT_ALPHA = 8
+
+# Config fields that change nothing about the saved weights' meaning: kept
+# for information, or used only while training or to pick target modules.
+IGNORED_FIELDS = {
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "fan_in_fan_out",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
+# Fields keras_lora honours.
+HONOURED_FIELDS = {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "init_lora_weights",
+    "use_dora",
+}
+# Fields keras_lora cannot represent unless they have their neutral value.
+NEUTRAL_FIELDS = {
+    "bias": "trained biases",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "fully trained extra modules",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "layer_replication": "replicated layers",
+    "megatron_config": "Megatron parallel layers",
+    "trainable_token_indices": "trainable token embeddings",
+    "target_parameters": "LoRA on bare parameters",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+}
+# `init_lora_weights` values that only choose a starting point for A and B.
+# The others (pissa, olora, loftq, corda, lora_ga) also rewrite the base
+# weights, so the adapter alone does not reproduce the fine-tuned model.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+
+
+def read_config(directory):
+    """Reads `adapter_config.json` and returns its options, validated.
+
+    Returns:
+        A dict with `rank`, `alpha`, `use_rslora`, `dropout`, `init` and
+        `use_dora`, each checked by `keras_lora.config`.
+
+    Raises:
+        TypeError, ValueError: an option of the wrong type or value, a PEFT
+            feature keras_lora cannot represent, or no JSON object.
+    """
+    path = directory / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except OSError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"'{path}' is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"'{path}' must hold a JSON object, not {type(config).__name__}."
+        )
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"'{path}': keras_lora reads LoRA adapters (peft_type 'LORA'). "
+            f"Received peft_type={config.get('peft_type')!r}."
+        )
+    try:
+        options = {
+            "rank": validate_rank(config.get("r"), "r"),
+            "alpha": validate_alpha(
+                config.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha"
+            ),
+            "use_rslora": validate_flag(config.get("use_rslora", False), "use_rslora"),
+            "dropout": validate_dropout(
+                config.get("lora_dropout") or 0.0, "lora_dropout"
+            ),
+            "use_dora": validate_flag(config.get("use_dora", False), "use_dora"),
+        }
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"'{path}': {e}") from None
+    if options["alpha"] is None:
+        options["alpha"] = float(DEFAULT_ALPHA)
+    _refuse_what_cannot_load(config, path)
+    init = config.get("init_lora_weights", True)
+    options["init"] = "gaussian" if init == "gaussian" else "default"
+    return options
+
+
+def _refuse_what_cannot_load(config, path):
+    problems = []
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init in PLAIN_INITS):
+        problems.append(
+            f"init_lora_weights={init!r} (an initialization that also changes "
+            "the base weights, or one keras_lora does not know)"
+        )
+    for field, meaning in NEUTRAL_FIELDS.items():
+        value = config.get(field)
+        if field == "bias" and value in (None, "none"):
+            continue
+        if not _neutral(value):
+            problems.append(f"{field}={value!r} ({meaning})")
+    known = IGNORED_FIELDS | HONOURED_FIELDS | set(NEUTRAL_FIELDS)
+    for field in sorted(set(config) - known):
+        if not _neutral(config[field]):
+            problems.append(
+                f"{field}={config[field]!r} (a field keras_lora does not know)"
+            )
+    if problems:
+        raise ValueError(
+            f"'{path}' uses PEFT features keras_lora cannot represent:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def make_config(rank, alpha, use_rslora, dropout, init, use_dora, modules):
+    """The `adapter_config.json` contents for one plain LoRA adapter."""
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
+        "use_rslora": use_rslora,
+        "target_modules": modules,
+        "lora_dropout": dropout,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_lora_weights": "gaussian" if init == "gaussian" else True,
+        "use_dora": use_dora,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def _neutral(value):
+    return value is None or value is False or value == {} or value == [] or value == ""

@@ -1,0 +1,347 @@
+"""PEFT's LoRA adapter directory: `adapter_config.json` + `adapter_model.safetensors`.
+
+What `peft.PeftModel.from_pretrained` and `save_pretrained` read and write,
+without importing `peft` or `torch`:
+
+- for a Linear (our `Dense`), tensors `base_model.model.<module path>.lora_A.weight`
+  of shape `[r, in]` and `...lora_B.weight` of shape `[out, r]`: the
+  transposes of our `lora_a` `(in, r)` and `lora_b` `(r, out)`;
+- for an Embedding, `...lora_embedding_A` `[r, vocab]` and
+  `...lora_embedding_B` `[dim, r]`, again the transposes of ours;
+- for a Conv1d/2d/3d, `...lora_A.weight` `[r, in, *kernel_size]` (our
+  `(*kernel_size, in, r)`) and `...lora_B.weight` `[out, r, 1, ...]` (our
+  `(r, out)`), torch's conv layout against Keras's;
+- PEFT computes `x·Aᵀ·Bᵀ·scaling` with `scaling = lora_alpha / r`, or
+  `lora_alpha / sqrt(r)` with `use_rslora`: the same as our `scale`.
+
+Names: a PEFT module path is the dotted torch path without the
+`base_model.model.` prefix, e.g. `"encoder.0"`. `name_map` maps it to a Keras
+layer name or path (a dict, or a callable returning a str or `None`). Without
+an entry the default rule applies: dots become slashes and the result must be
+a Keras layer path (`"encoder.0"` -> `"encoder/0"`; `"fc1"` -> `"fc1"`).
+When saving, `name_map` maps the other way: Keras layer path (or name) ->
+PEFT module path, and the default rule turns slashes into dots. Both
+default rules sit in `module_for_layer` and `layer_for_module`, the only
+places that handle `name_map=None`.
+
+`adapter_config.json` is read and written by `keras_lora.io.peft_config`.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+import safetensors.numpy
+
+from keras_lora.atomic import atomic_output
+from keras_lora.io.names import lookup, resolve_layer
+from keras_lora.io.peft_config import CONFIG_NAME, make_config, read_config
+from keras_lora.io.records import make_record
+from keras_lora.io.report import report
+from keras_lora.io.safetensors_io import read_safetensors
+
+NAME = "peft"
+DESCRIPTION = "PEFT adapter"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\."
+    r"(?P<name>lora_[AB]\.weight|lora_embedding_[AB])$"
+)
+# DoRA's magnitude (PEFT saves it without the `.weight` of its module).
+MAGNITUDE = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(\.weight)?$"
+)
+CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+FUNCTION = "save_adapter(format='peft')"
+
+
+def check(records, directory, name_map):
+    """Raises if the records cannot be written as one PEFT adapter."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"{FUNCTION} writes a directory, but '{directory}' is a file.")
+    for record in records:
+        _check_keras_layer(record.layer.layer, record.path, FUNCTION)
+        if record.init in ("pissa", "olora"):
+            raise ValueError(
+                f"{FUNCTION}: layer '{record.path}' uses init={record.init!r}. "
+                "PEFT recomputes that residual from its own decomposition of "
+                "the base weights when it loads, which keras_lora cannot vouch "
+                "for. Save in the 'keras_lora' format, or export the merged "
+                "model (`merge_lora`)."
+            )
+        if record.use_dora and not isinstance(record.layer.layer, keras.layers.Dense):
+            raise ValueError(
+                f"{FUNCTION}: layer '{record.path}' is a DoRA "
+                f"{type(record.layer.layer).__name__}; the PEFT format is "
+                "written for DoRA on Dense (PEFT Linear) layers only. Use the "
+                "'keras_lora' format."
+            )
+    variants = {(r.dropout, r.init, r.use_dora) for r in records}
+    if len(variants) > 1:
+        raise ValueError(
+            f"{FUNCTION} needs one dropout, init and use_dora for all layers "
+            "(PEFT's lora_dropout, init_lora_weights, use_dora). "
+            f"Received: {sorted(variants)}"
+        )
+    settings = {(r.rank, r.alpha, r.use_rslora) for r in records}
+    if len(settings) > 1:
+        raise ValueError(
+            f"{FUNCTION} needs one rank, alpha and scale rule for all layers "
+            "(PEFT's r, lora_alpha, use_rslora). Received (rank, alpha, "
+            f"use_rslora): {sorted(settings)}"
+        )
+    modules = [module_for_layer(name_map, r) for r in records]
+    twice = sorted({m for m in modules if modules.count(m) > 1})
+    if twice:
+        raise ValueError(f"`name_map` maps two Keras layers to PEFT modules {twice}.")
+
+
+def save(model, records, directory, name_map=None):
+    """Writes `records` as a PEFT adapter directory, atomically."""
+    tensors, modules = {}, []
+    for record in records:
+        module = module_for_layer(name_map, record)
+        modules.append(module)
+        kind = _keras_kind(record.layer.layer)
+        peft_a, peft_b = _to_peft_layout(kind, record.a, record.b)
+        names = _tensor_names(kind)
+        tensors[f"{PREFIX}{module}.{names[0]}"] = peft_a
+        tensors[f"{PREFIX}{module}.{names[1]}"] = peft_b
+        if record.use_dora:
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = record.magnitude
+    first = records[0]
+    config = make_config(
+        first.rank,
+        first.alpha,
+        first.use_rslora,
+        first.dropout,
+        first.init,
+        first.use_dora,
+        modules,
+    )
+    with atomic_output(directory, directory=True) as tmp:
+        tmp.mkdir()
+        safetensors.numpy.save_file(
+            tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"}
+        )
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(directory)
+
+
+def claims(path):
+    """Whether `path` is a PEFT adapter directory."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def read(directory, name_map, model, layers, strict):
+    """Returns the validated `LayerRecord`s of the PEFT adapter in `directory`."""
+    directory = Path(directory)
+    source = f"PEFT adapter '{directory}'"
+    options = read_config(directory)
+    rank = options.pop("rank")
+    pairs, magnitudes = _group_tensors(directory, options["use_dora"], strict)
+    records, unmapped = [], []
+    by_path = dict(layers)
+    for module, pair in pairs.items():
+        kind, a, b = _peft_pair(module, pair, rank, directory)
+        path = layer_for_module(name_map, module, layers)
+        if path is None:
+            unmapped.append(module)
+            continue
+        layer = by_path[path]
+        base = getattr(layer, "layer", layer)
+        if _keras_kind(base) != kind:
+            raise ValueError(
+                f"PEFT module {module!r} is a {kind} adapter, but it maps to "
+                f"layer '{path}' of type {type(layer).__name__}; a {kind} "
+                f"adapter loads into a {_keras_type_name(kind)} layer."
+            )
+        _check_keras_layer(base, path, "load_adapter")
+        magnitude = magnitudes.get(module)
+        if options["use_dora"] and (kind != "Linear" or magnitude is None):
+            raise ValueError(
+                f"PEFT module {module!r}: keras_lora reads DoRA adapters of "
+                "Linear modules, with their lora_magnitude_vector; this one is "
+                f"a {kind} adapter"
+                + ("." if magnitude is not None else " without a magnitude.")
+            )
+        a, b = _to_keras_layout(kind, a, b)
+        records.append(
+            make_record(
+                source,
+                f"{PREFIX}{module}",
+                path,
+                a,
+                b,
+                magnitude=None if magnitude is None else magnitude.reshape(-1),
+                **options,
+            )
+        )
+    if unmapped:
+        report(
+            [repr(m) for m in sorted(unmapped)],
+            strict,
+            f"PEFT modules that map to no Keras layer (PEFT modules: "
+            f"{sorted(pairs)}; Keras layers: {[p for p, _ in layers]}; "
+            "pass `name_map`)",
+        )
+    return records
+
+
+def module_for_layer(name_map, record):
+    """The PEFT module path a record is saved under: `name_map`'s entry for
+    its layer path (or, in a dict, its layer name), else slashes to dots."""
+    module = lookup(name_map, record.path, record.path.rsplit("/", 1)[-1])
+    return module if module is not None else record.path.replace("/", ".")
+
+
+def layer_for_module(name_map, module, layers):
+    """The Keras layer path a PEFT module loads into, or `None`: `name_map`'s
+    entry, else the module path with dots as slashes, else as it is."""
+    target = lookup(name_map, module)
+    if target is not None:
+        return resolve_layer(target, layers)
+    paths = {p for p, _ in layers}
+    for candidate in (module.replace(".", "/"), module):
+        if candidate in paths:
+            return candidate
+    return None
+
+
+def _group_tensors(directory, use_dora, strict):
+    """`({module: {tensor name: array}}, {module: magnitude})` of the file."""
+    pairs, unknown, magnitudes = {}, [], {}
+    for key, array in _read_weights(directory).items():
+        dora = MAGNITUDE.match(key) if use_dora else None
+        if dora is not None:
+            magnitudes[dora["module"]] = array
+            continue
+        match = KEY.match(key)
+        if match is None:
+            unknown.append(key)
+            continue
+        pairs.setdefault(match["module"], {})[match["name"]] = array
+    report(
+        [repr(k) for k in sorted(unknown)],
+        strict,
+        f"PEFT adapter '{directory}' has tensors that are no LoRA A/B weight "
+        "(keras_lora reads `base_model.model.<module>.lora_A.weight`, "
+        "`.lora_B.weight`, `.lora_embedding_A` and `.lora_embedding_B`)",
+    )
+    return pairs, magnitudes
+
+
+def _peft_pair(module, pair, rank, directory):
+    """`(kind, A, B)` of one module's tensors, checked against `r`."""
+    embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair
+    names = _tensor_names("Embedding" if embedding else "Linear")
+    if sorted(pair) != sorted(names):
+        raise ValueError(
+            f"PEFT adapter '{directory}' is incomplete or mixed: module "
+            f"{module!r} has {sorted(pair)}, expected {list(names)}."
+        )
+    a, b = pair[names[0]], pair[names[1]]
+    kind = "Embedding" if embedding else _peft_kind(a)
+    if (
+        kind is None
+        or a.ndim != b.ndim
+        or (b.ndim > 2 and any(d != 1 for d in b.shape[2:]))
+    ):
+        raise ValueError(
+            f"PEFT module {module!r}: keras_lora reads Linear, Embedding and "
+            f"Conv1d/2d/3d adapters. Received lora_A shape {a.shape} and "
+            f"lora_B shape {b.shape}."
+        )
+    if a.shape[0] != rank or b.shape[1] != rank:
+        raise ValueError(
+            f"PEFT module {module!r}: adapter_config.json says r={rank}, but "
+            f"lora_A has shape {a.shape} and lora_B {b.shape}."
+        )
+    return kind, a, b
+
+
+def _read_weights(directory):
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = directory / "adapter_model.bin"
+        extra = (
+            f" It has {pickled.name}, a pickle file, which keras_lora never "
+            "loads (pickle can run code). Re-save with "
+            "`save_pretrained(..., safe_serialization=True)`."
+            if pickled.exists()
+            else ""
+        )
+        raise ValueError(f"PEFT adapter '{directory}' has no {WEIGHTS_NAME}.{extra}")
+    return read_safetensors(path)[0]
+
+
+def _keras_type_name(kind):
+    if kind.startswith("Conv"):
+        return kind[:-1] + "D"  # "Conv2d" -> "Conv2D"
+    return {"Linear": "Dense", "Embedding": "Embedding"}[kind]
+
+
+def _keras_kind(layer):
+    """The PEFT module kind matching a Keras base layer, or `None`."""
+    if isinstance(layer, keras.layers.Dense):
+        return "Linear"
+    if isinstance(layer, keras.layers.Embedding):
+        return "Embedding"
+    if isinstance(layer, CONV_TYPES):
+        return f"Conv{len(layer.kernel_size)}d"
+    return None
+
+
+def _peft_kind(a):
+    if a.ndim == 2:
+        return "Linear"
+    if a.ndim in (3, 4, 5):
+        return f"Conv{a.ndim - 2}d"
+    return None
+
+
+def _check_keras_layer(layer, path, function):
+    kind = _keras_kind(layer)
+    if kind is None:
+        raise ValueError(
+            f"{function}: PEFT interop covers Dense, Embedding and "
+            f"Conv1D/2D/3D layers; layer '{path}' is a {type(layer).__name__}."
+        )
+    if kind.startswith("Conv") and any(d != 1 for d in layer.dilation_rate):
+        raise ValueError(
+            f"{function}: layer '{path}' is a dilated convolution "
+            f"(dilation_rate={layer.dilation_rate}). PEFT applies lora_A "
+            "without dilation and keras_lora with it, so the outputs would "
+            "differ; PEFT interop supports dilation 1 only."
+        )
+
+
+def _tensor_names(kind):
+    if kind == "Embedding":
+        return ("lora_embedding_A", "lora_embedding_B")
+    return ("lora_A.weight", "lora_B.weight")
+
+
+def _to_keras_layout(kind, a, b):
+    """PEFT's A, B -> our `lora_a`, `lora_b`."""
+    if kind.startswith("Conv"):
+        a = np.transpose(a, (*range(2, a.ndim), 1, 0))  # [r, in, *k] -> (*k, in, r)
+        b = b.reshape(b.shape[:2]).T  # [out, r, 1, ...] -> (r, out)
+    else:
+        a, b = a.T, b.T
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def _to_peft_layout(kind, a, b):
+    """Our `lora_a`, `lora_b` -> PEFT's A, B."""
+    if kind.startswith("Conv"):
+        spatial = a.ndim - 2
+        a = np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(spatial)))
+        b = b.T.reshape(b.shape[1], b.shape[0], *(1,) * spatial)
+    else:
+        a, b = a.T, b.T
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
