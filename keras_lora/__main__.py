@@ -2,6 +2,6 @@
 
 import sys
 
-from keras_lora.cli import main
+from keras_lora_cli import main
 
 sys.exit(main())

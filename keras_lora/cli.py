@@ -1,132 +1,32 @@
-"""The `keras-lora` command line (also `python -m keras_lora`).
+"""The commands of the `keras-lora` command line (also `python -m keras_lora`).
 
-```
-keras-lora inspect MODEL.keras [--targets PATTERN ...] [--rank R]
-keras-lora merge LORA_MODEL.keras OUT.keras
-keras-lora apply BASE.keras ADAPTER OUT.keras [--merge] [--name-map PEFT=KERAS ...]
-keras-lora export MODEL.keras OUT_DIR [--format tf_saved_model]
-```
+The console script's launcher, the top-level module `keras_lora_cli`, parses
+the arguments and imports this module only to run a command, so that
+`--help`, `--version` and argument errors never import Keras.
 
 A missing or unreadable input is a one-line error and exit status 2; any
 other failure is a one-line error and exit status 1. Outputs are written
 beside their destination and renamed into place when complete.
 """
 
-import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 PROG = "keras-lora"
-EXPORT_FORMATS = ("tf_saved_model", "keras")
 
 
 class InputError(Exception):
     """A missing or unreadable input: exit status 2."""
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="LoRA adapters for Keras 3: inspect, merge, apply and export.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def run(args):
+    """Runs the command that `keras_lora_cli` parsed; returns the exit status.
 
-    p = sub.add_parser(
-        "inspect",
-        help="list the layers LoRA can adapt and the trainable share",
-        description=(
-            "Print a table of the layers LoRA can adapt (path, type, kernel "
-            "shape, LoRA parameters at rank R, whether targeted) and the "
-            "trainable percentage LoRA at rank R on the targets gives. On a "
-            "model that already has LoRA layers, list those with their ranks."
-        ),
-    )
-    p.add_argument("model", metavar="MODEL.keras", help="a .keras model file")
-    p.add_argument(
-        "--targets",
-        nargs="+",
-        metavar="PATTERN",
-        help=(
-            "regexes matched in full against layer names or paths (a plain "
-            "name matches itself). Default: every Dense that does not "
-            "produce a model output."
-        ),
-    )
-    p.add_argument(
-        "--rank", type=_positive_int, default=8, help="LoRA rank (default 8)"
-    )
-
-    p = sub.add_parser(
-        "merge",
-        help="write the merged plain model of a LoRA model",
-        description=(
-            "Merge every LoRA layer of LORA_MODEL.keras into its base layer "
-            "and write the plain model (no keras_lora inside) to OUT.keras."
-        ),
-    )
-    p.add_argument(
-        "model", metavar="LORA_MODEL.keras", help="a .keras model with LoRA layers"
-    )
-    p.add_argument("output", metavar="OUT.keras", help="the .keras file to write")
-
-    p = sub.add_parser(
-        "apply",
-        help="combine a base model and an adapter file",
-        description=(
-            "Load ADAPTER (a keras_lora .safetensors file or a PEFT adapter "
-            "directory) into BASE.keras and write the result to OUT.keras: "
-            "the LoRA model, or with --merge the merged plain model."
-        ),
-    )
-    p.add_argument("model", metavar="BASE.keras", help="the base .keras model")
-    p.add_argument("adapter", metavar="ADAPTER", help="adapter file or PEFT directory")
-    p.add_argument("output", metavar="OUT.keras", help="the .keras file to write")
-    p.add_argument("--merge", action="store_true", help="write the merged plain model")
-    p.add_argument(
-        "--name-map",
-        nargs="+",
-        metavar="SOURCE=KERAS",
-        default=None,
-        help=(
-            "map adapter names to Keras layer names or paths, e.g. "
-            "--name-map 0=dense 2=dense_1 (PEFT module paths on the left)"
-        ),
-    )
-    p.add_argument(
-        "--no-strict",
-        dest="strict",
-        action="store_false",
-        help="skip adapter entries that match no layer, with a warning",
-    )
-
-    p = sub.add_parser(
-        "export",
-        help="merge a LoRA model and export it (TensorFlow backend)",
-        description=(
-            "Merge MODEL.keras's LoRA layers and export the plain model to "
-            "OUT_DIR. This always runs under the TensorFlow backend (a "
-            ".keras file is backend-neutral), in a subprocess when this "
-            "process runs another backend. A model without LoRA layers is "
-            "exported as it is."
-        ),
-    )
-    p.add_argument("model", metavar="MODEL.keras", help="a .keras model file")
-    p.add_argument("output", metavar="OUT_DIR", help="the directory (or file) to write")
-    p.add_argument(
-        "--format",
-        choices=EXPORT_FORMATS,
-        default="tf_saved_model",
-        help="tf_saved_model (default) or keras (a merged .keras file)",
-    )
-    return parser
-
-
-def main(argv=None):
-    """Runs the command line; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    Args:
+        args: the `argparse.Namespace` of `keras_lora_cli.build_parser()`.
+    """
     commands = {
         "inspect": _inspect,
         "merge": _merge,
@@ -147,16 +47,6 @@ def _fail(message, status):
     text = " ".join(str(message).split())
     print(f"{PROG}: error: {text}", file=sys.stderr)
     return status
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
-    return value
 
 
 def _check_input_file(path):
@@ -288,8 +178,8 @@ def _merge(args):
 
 
 def _apply(args):
-    from keras_lora.io import load_adapter
     from keras_lora.atomic import atomic_output
+    from keras_lora.io import load_adapter
     from keras_lora.surgery import merge_lora
 
     _check_keras_output(args.output)
@@ -359,7 +249,3 @@ def _export(args):
             model.export(str(tmp), format="tf_saved_model", verbose=False)
     print(f"wrote {args.output}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
