@@ -95,3 +95,21 @@ def validate_adapter_name(name, argument="adapter_name"):
             f"Received: {argument}={name!r}"
         )
     return name
+
+
+FACTORINGS = ("standard", "keras")
+# What a config or adapter file without a `factoring` entry holds: every
+# file written before the option existed used Keras core's factoring.
+LEGACY_FACTORING = "keras"
+
+
+def validate_factoring(factoring, argument="factoring"):
+    """Returns `factoring` if it is `None` or one of `FACTORINGS`."""
+    if factoring is not None and (
+        not isinstance(factoring, str) or factoring not in FACTORINGS
+    ):
+        raise ValueError(
+            f"`{argument}` must be one of {FACTORINGS} or None. "
+            f"Received: {argument}={factoring!r}"
+        )
+    return factoring

@@ -12,15 +12,18 @@ def mse(model, x, y):
     return float(np.mean((to_numpy(model(x)) - y) ** 2))
 
 
-# (equation, output_shape, bias_axes, input_shape without batch)
+# (equation, output_shape, bias_axes, input_shape without batch,
+#  standard factoring's (A, B) shapes at rank 3, or None where it has none)
 EQUATIONS = [
-    ("ab,bc->ac", 6, "c", (5,)),  # a plain matmul
-    ("abc,cde->abde", (4, 2, 3), "de", (4, 5)),  # MHA query/key/value
-    ("abcd,cde->abe", (4, 6), "e", (4, 2, 3)),  # MHA attention_output
-    ("...b,bc->...c", 6, None, (3, 5)),  # ellipsis
-    ("abc,cd->adb", (6, 4), "d", (4, 5)),  # kernel's last axis not last
-    ("abc,bc->abc", (4, 5), None, (4, 5)),  # kernel axis shared with input
+    ("ab,bc->ac", 6, "c", (5,), ((5, 3), (3, 6))),  # a plain matmul
+    ("abc,cde->abde", (4, 2, 3), "de", (4, 5), ((5, 3), (3, 2, 3))),  # MHA query
+    ("abcd,cde->abe", (4, 6), "e", (4, 2, 3), ((2, 3, 3), (3, 6))),  # MHA output
+    ("...b,bc->...c", 6, None, (3, 5), ((5, 3), (3, 6))),  # ellipsis
+    ("abc,cd->adb", (6, 4), "d", (4, 5), ((5, 3), (3, 6))),  # last axis not last
+    ("abc,dc->abd", (4, 6), "d", (4, 5), ((5, 3), (3, 6))),  # kernel (out, in)
+    ("abc,bc->abc", (4, 5), None, (4, 5), None),  # kernel axis shared with input
 ]
+IDS = [e[0] for e in EQUATIONS]
 
 
 def einsum_layer(equation, output_shape, bias_axes, input_shape):
@@ -41,16 +44,31 @@ def randomize(lora, seed=0):
         w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
 
 
-@pytest.mark.parametrize("equation,output_shape,bias_axes,input_shape", EQUATIONS)
+def expected_shapes(factoring, kernel, standard):
+    if factoring == "keras" or standard is None:
+        return kernel[:-1] + (3,), (3, kernel[-1])
+    return standard
+
+
+@pytest.mark.parametrize("factoring", [None, "standard", "keras"])
+@pytest.mark.parametrize(
+    "equation,output_shape,bias_axes,input_shape,standard", EQUATIONS, ids=IDS
+)
 def test_unmerged_path_equals_merged_kernel(
-    equation, output_shape, bias_axes, input_shape
+    equation, output_shape, bias_axes, input_shape, standard, factoring
 ):
     base = einsum_layer(equation, output_shape, bias_axes, input_shape)
     x = np.random.default_rng(1).normal(size=(2,) + input_shape).astype("float32")
-    lora = kl.LoRAEinsumDense(base, rank=3, alpha=6)
+    if factoring == "standard" and standard is None:
+        with pytest.raises(ValueError, match="no standard factoring"):
+            kl.LoRAEinsumDense(base, rank=3, factoring=factoring)
+        return
+    lora = kl.LoRAEinsumDense(base, rank=3, alpha=6, factoring=factoring)
     kernel = tuple(base.kernel.shape)
-    assert tuple(lora.lora_a.shape) == kernel[:-1] + (3,)
-    assert tuple(lora.lora_b.shape) == (3, kernel[-1])
+    a_shape, b_shape = expected_shapes(factoring, kernel, standard)
+    assert tuple(lora.lora_a.shape) == a_shape
+    assert tuple(lora.lora_b.shape) == b_shape
+    assert lora.factoring == (factoring or ("standard" if standard else "keras"))
     # Fresh: B is zero, so exactly the base's output.
     np.testing.assert_array_equal(to_numpy(lora(x)), to_numpy(base(x)))
 
@@ -66,10 +84,42 @@ def test_unmerged_path_equals_merged_kernel(
     np.testing.assert_allclose(to_numpy(merged(x)), got, rtol=1e-5, atol=1e-5)
 
 
+def test_standard_factoring_is_lora_on_the_flattened_matrix():
+    """Query kernel (dim, heads, head_dim): `A·B` is the `(dim, heads*head_dim)`
+    matrix product, with no sharing across heads (PEFT's LoRA)."""
+    base = einsum_layer("abc,cde->abde", (4, 2, 3), "de", (4, 5))
+    lora = kl.LoRAEinsumDense(base, rank=3, alpha=3)
+    randomize(lora)
+    a, b = to_numpy(lora.lora_a), to_numpy(lora.lora_b)
+    expected = (a @ b.reshape(3, 6)).reshape(5, 2, 3)
+    np.testing.assert_allclose(to_numpy(lora.delta()), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_lora_equations_common_case_is_einsum_then_matmul():
     assert lora_equations("abc,cde->abde")[2] is True
     first, second, is_matmul = lora_equations("abc,bc->abc")
     assert not is_matmul and first.startswith("abc,b")
+
+
+def test_factoring_is_validated_and_kept_in_the_config():
+    base = einsum_layer("abc,cde->abde", (4, 2, 3), "de", (4, 5))
+    with pytest.raises(ValueError, match="factoring"):
+        kl.LoRAEinsumDense(base, rank=2, factoring="peft")
+    lora = kl.LoRAEinsumDense(base, rank=2, factoring="keras")
+    config = lora.get_config()
+    assert config["factoring"] == "keras"
+    assert kl.LoRAEinsumDense.from_config(config).factoring == "keras"
+    assert kl.LoRAEinsumDense(base, rank=2).get_config()["factoring"] == "standard"
+
+
+def test_a_config_without_factoring_means_keras():
+    """Configs written before `factoring` existed hold Keras's factoring."""
+    base = einsum_layer("abc,cde->abde", (4, 2, 3), "de", (4, 5))
+    config = kl.LoRAEinsumDense(base, rank=2, factoring="keras").get_config()
+    del config["factoring"]
+    restored = kl.LoRAEinsumDense.from_config(config)
+    assert restored.factoring == "keras"
+    assert tuple(restored.lora_a.shape) == (5, 2, 2)
 
 
 def test_trainable_weights_are_exactly_the_adapters_and_base_stays_frozen():

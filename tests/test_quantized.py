@@ -110,8 +110,10 @@ def test_int8_mha_query_value_adapters():
     merged = kl.merge_lora(lora_model)
     mq = merged.get_layer("mha")._query_dense
     assert type(mq) is keras.layers.EinsumDense and mq.quantization_mode is None
-    a = to_numpy(query.lora_a).reshape(-1, 2)
-    delta = (a @ to_numpy(query.lora_b)).reshape(mq.kernel.shape) * query.scale
+    # Standard factoring: A (dim, r), B (r, heads, head_dim).
+    assert query.factoring == "standard" and tuple(query.lora_a.shape) == (8, 2)
+    a, b = to_numpy(query.lora_a), to_numpy(query.lora_b).reshape(2, -1)
+    delta = (a @ b).reshape(mq.kernel.shape) * query.scale
     np.testing.assert_allclose(
         to_numpy(mq.kernel), dequantized(query.layer) + delta, rtol=1e-6, atol=1e-6
     )

@@ -15,9 +15,11 @@ from keras import ops
 from keras_lora.config import (  # noqa: F401  (validate_rank: older imports)
     DEFAULT_NAME,
     validate_alpha,
+    validate_factoring,
     validate_flag,
     validate_rank,
 )
+from keras_lora.layers import factoring as factoring_math
 from keras_lora.layers import host_merge
 from keras_lora.layers.variants import Adapter, factor_kernel
 
@@ -116,10 +118,12 @@ class LoRALayer(keras.layers.Wrapper):
         adapter_name=DEFAULT_NAME,
         adapters=None,
         active_adapters=None,
+        factoring=None,
         **kwargs,
     ):
         restoring = kwargs.pop("_restoring", False)
         self._check_base_layer(layer)
+        factoring = self._resolve_factoring(layer, factoring)
         specs = [
             Adapter(adapter_name, rank, alpha, use_rslora, dropout, init, use_dora)
         ]
@@ -150,12 +154,72 @@ class LoRALayer(keras.layers.Wrapper):
         object.__setattr__(self, "_disabled", False)
         object.__setattr__(self, "_merged", None)
         object.__setattr__(self, "_restoring", bool(restoring))
+        object.__setattr__(self, "_factoring", factoring)
+        self._setup_factoring()
         self.seed_generator = None
         if any(spec.dropout for spec in specs):
             self.seed_generator = keras.random.SeedGenerator()
         self.layer.trainable = False
         if self.layer.built:
             self._build_adapters()
+
+    @classmethod
+    def _resolve_factoring(cls, layer, factoring):
+        """The factoring this layer type uses for `layer` (see
+        `LoRAEinsumDense`); for the other types both names mean the same."""
+        validate_factoring(factoring)
+        return "standard"
+
+    def _setup_factoring(self):
+        """Hook: plain Python state that depends on the factoring."""
+
+    @property
+    def factoring(self):
+        """How `A·B` covers the kernel: `"standard"` or `"keras"`."""
+        return self._factoring
+
+    def kernel_layout(self):
+        """The factoring's `(permutation, n_in)`; see `layers.factoring`."""
+        return None, None
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails. A LoRA layer is a drop-in:
+        # public attributes it lacks (`kernel`, `units`, `equation`, ...)
+        # are read from the wrapped layer. Private names never fall through
+        # (Keras probes its own private state with `hasattr`), and writes
+        # never do (they go to this layer, as for any attribute).
+        parent = getattr(super(), "__getattr__", None)
+        if parent is not None:  # torch.nn.Module's: parameters, submodules
+            try:
+                return parent(name)
+            except AttributeError:
+                pass
+        if name.startswith("_") or name == "layer":
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}'"
+            )
+        state = self.__dict__
+        layer = state.get("layer", state.get("_modules", {}).get("layer"))
+        if layer is None:
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}'"
+            )
+        try:
+            return getattr(layer, name)
+        except AttributeError as error:
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}', "
+                f"nor has the {type(layer).__name__} it wraps ({error})"
+            ) from None
+
+    def enable_lora(self, *args, **kwargs):
+        """Refused: this layer already is a LoRA layer (Keras core's
+        `enable_lora` would put a second update on the frozen base)."""
+        raise ValueError(
+            f"Layer '{self.name}' is a keras_lora {type(self).__name__}; Keras "
+            "core's `enable_lora` cannot be used on it (add another adapter "
+            "with `add_adapter` instead)."
+        )
 
     def _check_variant(self, layer, spec, specs):
         """Raises if `spec`'s variant options cannot apply to `layer`."""
@@ -278,17 +342,22 @@ class LoRALayer(keras.layers.Wrapper):
             )
             value = np.asarray(ops.convert_to_numpy(kernel))
             if initialize:
-                matrix = value.astype(np.float64).reshape(-1, kernel.shape[-1])
+                layout = self.kernel_layout()
+                matrix = factoring_math.to_matrix(value.astype(np.float64), layout, np)
                 a, b = factor_kernel(matrix, adapter.rank, adapter.scale, adapter.init)
-                adapter.a.assign(a.reshape(a_shape).astype(dtype))
-                adapter.b.assign(b.astype(dtype))
-                residual = matrix - adapter.scale * (
-                    np.asarray(a.reshape(a_shape).astype(dtype), np.float64).reshape(
-                        -1, adapter.rank
-                    )
-                    @ np.asarray(b.astype(dtype), np.float64)
+                a = a.reshape(a_shape).astype(dtype)
+                b = b.reshape(b_shape).astype(dtype)
+                adapter.a.assign(a)
+                adapter.b.assign(b)
+                value = value.astype(np.float64) - factoring_math.product(
+                    a.astype(np.float64),
+                    b.astype(np.float64),
+                    adapter.scale,
+                    adapter.rank,
+                    value.shape,
+                    layout,
+                    np,
                 )
-                value = residual.reshape(value.shape)
             adapter.residual.assign(value.astype(adapter.residual.dtype))
         if adapter.use_dora:
             frozen = ops.cast(self._frozen_for([adapter]), "float32")
@@ -606,10 +675,15 @@ class LoRALayer(keras.layers.Wrapper):
 
     def _adapter_delta(self, adapter):
         """`scale·A·B` of one adapter, shaped like the kernel, float32."""
-        a = ops.reshape(ops.cast(adapter.a, "float32"), (-1, adapter.rank))
-        b = ops.cast(adapter.b, "float32")
-        delta = ops.multiply(ops.matmul(a, b), adapter.scale)
-        return ops.reshape(delta, self.base_kernel.shape)
+        return factoring_math.product(
+            ops.cast(adapter.a, "float32"),
+            ops.cast(adapter.b, "float32"),
+            adapter.scale,
+            adapter.rank,
+            self.base_kernel.shape,
+            self.kernel_layout(),
+            ops,
+        )
 
     def adapter_shapes(self):
         """Returns `(a_shape, b_shape)`; `A·B` reshapes to the kernel's shape."""
@@ -747,7 +821,12 @@ class LoRALayer(keras.layers.Wrapper):
         mode = self.quantization_mode
         if mode is None and self._plain_merge():
             merged = host_merge.merged_kernel_array(
-                self.base_kernel, self.lora_a, self.lora_b, self.scale, self.rank
+                self.base_kernel,
+                self.lora_a,
+                self.lora_b,
+                self.scale,
+                self.rank,
+                self.kernel_layout(),
             )
         else:
             merged = ops.convert_to_numpy(self.merged_kernel())
@@ -824,6 +903,20 @@ class LoRALayer(keras.layers.Wrapper):
     def from_config(cls, config, custom_objects=None):
         # `Wrapper.from_config` pops "layer" from the dict it is given. The
         # weights load next, so data-dependent inits (PiSSA's SVD) are skipped.
-        config = dict(config)
+        config = cls.upgrade_config(config)
         config["_restoring"] = True
         return super().from_config(config, custom_objects=custom_objects)
+
+    @classmethod
+    def upgrade_config(cls, config):
+        """A copy of `config` (from `get_config`, maybe of an older file) in
+        which the entries older files lack hold what those files meant."""
+        return dict(config)
+
+    @classmethod
+    def from_layer_config(cls, layer, config):
+        """Wraps `layer` with the options of `config`: a `get_config()` dict
+        (its `"layer"` entry, if any, ignored), maybe from an older file."""
+        config = cls.upgrade_config(config)
+        config.pop("layer", None)
+        return cls(layer, **config)

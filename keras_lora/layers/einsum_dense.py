@@ -1,7 +1,8 @@
 """`LoRAEinsumDense`: LoRA on a `keras.layers.EinsumDense`.
 
 This is the layer type of the `query`, `key`, `value` and
-`attention_output` projections inside `keras.layers.MultiHeadAttention`.
+`attention_output` projections inside `keras.layers.MultiHeadAttention`
+and most KerasHub attention blocks.
 """
 
 import string
@@ -9,21 +10,57 @@ import string
 import keras
 from keras import ops
 
+from keras_lora.config import LEGACY_FACTORING, validate_factoring
 from keras_lora.layers.base import LoRALayer
 
 
-def lora_equations(equation):
-    """Splits `equation`'s kernel into `A·B` and returns the two einsums.
+def kernel_axes(equation):
+    """Sorts the kernel's axes of `equation` by role.
 
-    The kernel is factored the way Keras core does: `A` has the kernel's
-    axes with its last axis replaced by the rank `r`, and `B` has shape
-    `(r, kernel.shape[-1])`. `einsum(equation, x, A·B)` is then computed as
-    `einsum(second, einsum(first, x, A), B)`, which never forms `A·B`.
+    Returns:
+        `(inputs, outputs, shared)`, lists of kernel axis indices: `inputs`
+        do not reach the output (contracted with the input), `outputs`
+        reach the output but are not in the input, `shared` are in input,
+        kernel and output alike (a per-position kernel, such as
+        `"abc,bc->abc"`).
+    """
+    lhs, output = equation.replace(" ", "").split("->")
+    x_spec, k_spec = lhs.split(",")
+    inputs = [i for i, c in enumerate(k_spec) if c not in output]
+    outputs = [i for i, c in enumerate(k_spec) if c in output and c not in x_spec]
+    shared = [i for i, c in enumerate(k_spec) if c in output and c in x_spec]
+    return inputs, outputs, shared
+
+
+def standard_equations(equation):
+    """The two einsums of the standard factoring: `x·A`, then `·B`.
+
+    `A` has the kernel's input axes (in kernel order) plus `r`, `B` has `r`
+    plus the kernel's output axes (in kernel order).
+    """
+    lhs, output = equation.replace(" ", "").split("->")
+    x_spec, k_spec = lhs.split(",")
+    inputs, outputs, _ = kernel_axes(equation)
+    r = next(c for c in string.ascii_letters if c not in equation)
+    out = "".join(k_spec[i] for i in outputs)
+    batch = "".join(c for c in output if c not in out)
+    mid = batch + r
+    first = f"{x_spec},{''.join(k_spec[i] for i in inputs)}{r}->{mid}"
+    second = f"{mid},{r}{out}->{output}"
+    return first, second
+
+
+def lora_equations(equation):
+    """Keras core's factoring of `equation`'s kernel and its two einsums.
+
+    `A` has the kernel's axes with its last axis replaced by the rank `r`,
+    and `B` has shape `(r, kernel.shape[-1])`. `einsum(equation, x, A·B)` is
+    computed as `einsum(second, einsum(first, x, A), B)`, which never forms
+    `A·B`.
 
     Returns:
         `(first, second, is_matmul)`, where `is_matmul` says that `second`
-        is a plain matmul on the last axis (the common case, e.g. attention
-        projections), which `call` then uses.
+        is a plain matmul on the last axis (e.g. attention projections).
     """
     lhs, output = equation.replace(" ", "").split("->")
     x_spec, k_spec = lhs.split(",")
@@ -44,55 +81,139 @@ def lora_equations(equation):
     return first, second, is_matmul
 
 
+def _is_matmul(equation):
+    """Whether `equation` is `x @ w` over the last axis of `x` (2-D `w`)."""
+    lhs, output = equation.split("->")
+    x_spec, w_spec = lhs.split(",")
+    return (
+        len(w_spec) == 2
+        and x_spec.endswith(w_spec[0])
+        and output == x_spec[:-1] + w_spec[1]
+        and w_spec[0] not in x_spec[:-1]
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_lora")
 class LoRAEinsumDense(LoRALayer):
     """A frozen `EinsumDense` plus a trainable low-rank update.
 
-    With `W` the kernel and `K = W.shape`, `A` (`lora_a`) has shape
-    `K[:-1] + (rank,)` and `B` (`lora_b`) has shape `(rank, K[-1])`, as in
-    Keras core, and the update of the kernel is `scale·A·B` reshaped to `K`.
-    The update is computed as `einsum(equation, x, A)` followed by `B`
-    (see `lora_equations`), never as a merged kernel. `B` starts at zero.
+    `output = einsum(equation, input, kernel + scale·A·B) + bias`, computed
+    as `einsum(equation, input, kernel)` plus the update through `A` then
+    `B`, never as a merged kernel. `B` starts at zero.
 
-    In `MultiHeadAttention`, `query`/`key`/`value` have the kernel
-    `(dim, heads, head_dim)`, so `A` is `(dim, heads, rank)` and `B` is
-    `(rank, head_dim)`, shared by all heads: Keras core's factoring, which
-    is not LoRA on the flattened `(dim, heads*head_dim)` matrix. The
-    `attention_output` kernel `(heads, head_dim, dim)` gives `A` of
-    `(heads, head_dim, rank)` and `B` of `(rank, dim)`, which is exactly
-    LoRA on the flattened `(heads*head_dim, dim)` matrix. An EinsumDense
-    with a 2-D kernel (a plain matmul) is exactly a `Dense` LoRA.
+    How `A·B` covers the kernel is the `factoring`:
+
+    - `"standard"` (the default): the kernel is a matrix from its input
+      (contracted) axes to its output axes. `A` (`lora_a`) has the input
+      axes in kernel order plus `(rank,)`, `B` (`lora_b`) has `(rank,)` plus
+      the output axes in kernel order. For a `MultiHeadAttention` query
+      kernel `(dim, heads, head_dim)`: `A` is `(dim, rank)` and `B` is
+      `(rank, heads, head_dim)`, which is PEFT's LoRA on the flattened
+      `(dim, heads*head_dim)` matrix. For `attention_output`
+      `(heads, head_dim, dim)`: `A` is `(heads, head_dim, rank)`, `B` is
+      `(rank, dim)`.
+    - `"keras"`: Keras core's factoring (`enable_lora`): `A` has shape
+      `kernel.shape[:-1] + (rank,)` and `B` has `(rank, kernel.shape[-1])`.
+      For the query kernel, `A` is `(dim, heads, rank)` and one `B` of
+      `(rank, head_dim)` is shared by all heads.
+
+    A kernel axis that is in the input, the kernel and the output (e.g.
+    `"abc,bc->abc"`) makes the kernel no matrix, so the standard factoring
+    does not exist for it: with `factoring=None` such a layer uses
+    `"keras"`, and `factoring="standard"` raises `ValueError`. The
+    `factoring` property tells which one a layer uses. A config without a
+    `factoring` entry (every `.keras` file written before the option
+    existed) means `"keras"`. For a 2-D kernel both are the same.
 
     Args:
         layer: the `keras.layers.EinsumDense` to adapt, built or not, float
             or quantized to `"int8"`.
         rank: positive integer, the rank `r` of the update.
         alpha: positive number, or `None` for `alpha = rank`.
+        factoring: `"standard"`, `"keras"` or `None` (standard where the
+            kernel is a matrix, else Keras's).
         **kwargs: as for `LoRALayer`.
+
+    Input shape:
+        The base layer's input shape.
+
+    Output shape:
+        The base layer's output shape.
+
+    Example:
+
+    >>> mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    >>> mha.build((None, 3, 8), (None, 3, 8))
+    >>> lora = LoRAEinsumDense(mha.query_dense, rank=2)
+    >>> tuple(lora.lora_a.shape), tuple(lora.lora_b.shape)
+    ((8, 2), (2, 2, 4))
     """
 
     base_class = keras.layers.EinsumDense
     quantization_modes = ("int8",)
 
-    def __init__(self, layer, rank=8, alpha=None, **kwargs):
-        super().__init__(layer, rank=rank, alpha=alpha, **kwargs)
+    def __init__(self, layer, rank=8, alpha=None, factoring=None, **kwargs):
+        super().__init__(layer, rank=rank, alpha=alpha, factoring=factoring, **kwargs)
         self.supports_masking = True
-        self._first, self._second, self._is_matmul = lora_equations(self.layer.equation)
+
+    @classmethod
+    def _resolve_factoring(cls, layer, factoring):
+        factoring = validate_factoring(factoring)
+        _, _, shared = kernel_axes(layer.equation)
+        if factoring is None:
+            return "keras" if shared else "standard"
+        if factoring == "standard" and shared:
+            raise ValueError(
+                f"Layer '{layer.name}' (equation {layer.equation!r}) has a "
+                "kernel axis shared by input, kernel and output, so its kernel "
+                "is not a matrix and has no standard factoring. Use "
+                "factoring='keras' (or None)."
+            )
+        return factoring
+
+    def _setup_factoring(self):
+        equation = self.layer.equation.replace(" ", "")
+        inputs, outputs, _ = kernel_axes(equation)
+        if self.factoring == "standard":
+            first, second = standard_equations(equation)
+            layout = (tuple(inputs + outputs), len(inputs))
+            matmuls = (_is_matmul(first), _is_matmul(second))
+        else:
+            first, second, is_matmul = lora_equations(equation)
+            layout, matmuls = (None, None), (False, is_matmul)
+        # Plain Python state, decided once (not re-parsed per call).
+        object.__setattr__(self, "_layout", layout)
+        object.__setattr__(self, "_equations", (first, second))
+        object.__setattr__(self, "_matmuls", matmuls)
+        object.__setattr__(self, "_norm_axes_cache", tuple(inputs))
 
     def adapter_shapes(self):
         shape = tuple(self.layer.kernel.shape)
-        return shape[:-1] + (self.rank,), (self.rank, shape[-1])
+        perm, n_in = self._layout
+        if perm is None:
+            return shape[:-1] + (self.rank,), (self.rank, shape[-1])
+        a = tuple(shape[i] for i in perm[:n_in])
+        b = tuple(shape[i] for i in perm[n_in:])
+        return a + (self.rank,), (self.rank,) + b
+
+    def kernel_layout(self):
+        perm, n_in = self._layout
+        if perm is None:
+            return super().kernel_layout()
+        return perm, n_in
 
     def _base_op(self, inputs, kernel):
         return ops.einsum(self.layer.equation, inputs, kernel)
 
     def _update(self, inputs, adapter, dtype, training=None):
-        update = ops.einsum(self._first, inputs, self._adapter(adapter.a, dtype))
+        (first, second), (first_matmul, second_matmul) = self._equations, self._matmuls
+        a = self._adapter(adapter.a, dtype)
+        update = ops.matmul(inputs, a) if first_matmul else ops.einsum(first, inputs, a)
         update = self._scaled(update, adapter, dtype)
         b = self._adapter(adapter.b, dtype)
-        if self._is_matmul:
+        if second_matmul:
             return ops.matmul(update, b)
-        return ops.einsum(self._second, update, b)
+        return ops.einsum(second, update, b)
 
     def _specs(self):
         lhs, output = self.layer.equation.replace(" ", "").split("->")
@@ -100,8 +221,7 @@ class LoRAEinsumDense(LoRALayer):
 
     def _norm_axes(self):
         # DoRA's norm runs over the kernel axes that do not reach the output.
-        k_spec, output = self._specs()
-        return tuple(i for i, c in enumerate(k_spec) if c not in output)
+        return self._norm_axes_cache
 
     def _scale_output(self, y, c):
         k_spec, output = self._specs()
@@ -109,3 +229,14 @@ class LoRAEinsumDense(LoRALayer):
         if output.endswith(c_spec):
             return ops.multiply(y, c)
         return ops.einsum(f"{output},{c_spec}->{output}", y, c)
+
+    def get_config(self):
+        config = super().get_config()
+        config["factoring"] = self.factoring
+        return config
+
+    @classmethod
+    def upgrade_config(cls, config):
+        config = super().upgrade_config(config)
+        config.setdefault("factoring", LEGACY_FACTORING)
+        return config

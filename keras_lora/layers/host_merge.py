@@ -17,6 +17,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lora.layers.factoring import to_kernel
+
 
 def host_view(x):
     """`x` as a NumPy array, without a copy where the backend allows it.
@@ -42,14 +44,19 @@ def host_view(x):
     return ops.convert_to_numpy(x)
 
 
-def merged_kernel_array(kernel, lora_a, lora_b, scale, rank):
-    """Returns `kernel + scale·A·B` as a NumPy array of the kernel's dtype."""
+def merged_kernel_array(kernel, lora_a, lora_b, scale, rank, layout=(None, None)):
+    """Returns `kernel + scale·A·B` as a NumPy array of the kernel's dtype,
+    `A·B` laid out on the kernel as `layout` says (`layers.factoring`)."""
     kernel = host_view(kernel)
     a = np.asarray(ops.convert_to_numpy(lora_a), np.float32).reshape(-1, rank)
-    b = np.asarray(ops.convert_to_numpy(lora_b), np.float32)
+    b = np.asarray(ops.convert_to_numpy(lora_b), np.float32).reshape(rank, -1)
     # Non-finite values are the caller's check (`all_finite`), not a warning.
     with np.errstate(invalid="ignore", over="ignore"):
-        merged = np.matmul(a * np.float32(scale), b).reshape(kernel.shape)
+        merged = to_kernel(
+            np.matmul(a * np.float32(scale), b), kernel.shape, layout, np
+        )
+        if not merged.flags.c_contiguous:
+            merged = np.ascontiguousarray(merged)
         if kernel.dtype == np.float32:
             merged += kernel
         else:

@@ -34,9 +34,7 @@ def main():
     expected = keras.ops.convert_to_numpy(lora(sample))
     lora.save(os.path.join(HERE, "legacy_einsum_lora.keras"))
     kl.save_adapter(lora, os.path.join(HERE, "legacy_einsum_adapter.safetensors"))
-    shapes = {
-        v.path: np.array(v.shape) for v in lora.weights if "lora_" in v.path
-    }
+    shapes = {v.path: np.array(v.shape) for v in lora.weights if "lora_" in v.path}
     np.savez(
         os.path.join(HERE, "legacy_einsum_lora.npz"),
         sample=sample,
