@@ -9,9 +9,9 @@ import pytest
 from conftest import randomize_adapters, to_numpy
 
 import keras_lora as kl
-from keras_lora.layers.container import LoRAContainer
-from keras_lora.surgery import lora_layers
-from keras_lora.targets import iter_layers
+from keras_lora.model.containers import LoRAContainer
+from keras_lora.model.surgery import lora_layers
+from keras_lora.model.walk import iter_layers
 
 VOCAB, SEQ, DIM = 30, 6, 8
 
@@ -102,8 +102,10 @@ def test_transformer_query_value_adapters_end_to_end(tmp_path):
     assert len(trainable) == 4 and all(
         p.split("/")[-1] in ("lora_a", "lora_b") for p in trainable
     )
+    # Standard factoring of query/value `(DIM, 2 heads, DIM // 2)`:
+    # A `(DIM, 4)`, B `(4, 2, DIM // 2)`.
     assert kl.trainable_summary(lora_model, print_fn=None).trainable == 2 * (
-        DIM * 2 * 4 + 4 * (DIM // 2)
+        DIM * 4 + 4 * 2 * (DIM // 2)
     )
     np.testing.assert_array_equal(to_numpy(lora_model(x)), before)
 
@@ -270,14 +272,24 @@ class MiniBackbone(keras.Model):
         return {"vocab": self.vocab, "dim": self.dim, "name": self.name}
 
 
-def test_kerashub_style_functional_subclass(tmp_path):
+def test_functional_subclass_needs_in_place(tmp_path):
+    backbone = MiniBackbone()
+    before = [w.copy() for w in backbone.get_weights()]
+    with pytest.raises(ValueError, match="in_place=True"):
+        kl.apply_lora(backbone, targets=["query"], rank=2)
+    assert not lora_layers(backbone)
+    for old, new in zip(before, backbone.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_kerashub_style_functional_subclass_in_place(tmp_path):
     backbone = MiniBackbone()
     x, _ = token_data(8)
     before = to_numpy(backbone(x))
     lora = kl.apply_lora(
-        backbone, targets=["query", "value", "token_embedding"], rank=2
+        backbone, targets=["query", "value", "token_embedding"], rank=2, in_place=True
     )
-    assert isinstance(lora, keras.src.models.Functional)
+    assert lora is backbone and type(lora) is MiniBackbone
     assert [p for p, _ in lora_layers(lora)] == [
         "token_embedding",
         "transformer_layer_0/mha/query",
@@ -286,11 +298,18 @@ def test_kerashub_style_functional_subclass(tmp_path):
     np.testing.assert_array_equal(to_numpy(lora(x)), before)
     randomize_adapters(lora)
     out = to_numpy(lora(x))
-    np.testing.assert_allclose(to_numpy(kl.merge_lora(lora)(x)), out, atol=1e-5)
-    lora.save(tmp_path / "b.keras")
-    np.testing.assert_array_equal(
-        to_numpy(keras.saving.load_model(tmp_path / "b.keras")(x)), out
-    )
+    assert np.abs(out - before).max() > 1e-4  # the adapters are in the call path
+    merged = kl.merge_lora(lora)
+    assert type(merged) is MiniBackbone and not lora_layers(merged)
+    # float32 sums in another order: 1e-5 is far below the adapters' effect.
+    np.testing.assert_allclose(to_numpy(merged(x)), out, atol=1e-5)
+    # Its class rebuilds it from (vocab, dim): a `.keras` file could not
+    # bring the adapters back, so saving refuses instead of writing one.
+    with pytest.raises(ValueError, match="converted to LoRA in place"):
+        lora.save(tmp_path / "b.keras")
+    merged.save(tmp_path / "merged.keras")
+    reloaded = keras.saving.load_model(tmp_path / "merged.keras")
+    np.testing.assert_allclose(to_numpy(reloaded(x)), out, atol=1e-5)
 
 
 def test_export_of_nested_adapters(tmp_path):

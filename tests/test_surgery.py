@@ -8,7 +8,7 @@ import pytest
 from conftest import mlp, randomize_adapters, to_numpy
 
 import keras_lora as kl
-from keras_lora.surgery import lora_layers
+from keras_lora.model.surgery import lora_layers
 
 X = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
 

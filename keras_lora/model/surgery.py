@@ -21,9 +21,11 @@ is rebuilt the same way, but its own config cannot carry adapters (see
 
 import keras
 
-from keras_lora.config import validate_alpha, validate_rank
+from keras_lora.config import validate_alpha, validate_flag, validate_rank
 from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.model import same_class
 from keras_lora.model.containers import LoRAContainer, rebuild_container
+from keras_lora.model.in_place import apply_in_place
 from keras_lora.model.targets import match_layers
 from keras_lora.model.walk import children, graph_model, iter_layers
 
@@ -35,6 +37,7 @@ def apply_lora(
     alpha=None,
     exclude=None,
     trainable=None,
+    in_place=False,
     **layer_kwargs,
 ):
     """Returns a copy of `model` with LoRA layers on the selected layers.
@@ -55,13 +58,25 @@ def apply_lora(
         alpha: positive number or `None` (`alpha = rank`).
         exclude: layers never to adapt, in the same forms as `targets`.
         trainable: layers to keep fully trainable next to the adapters (a
-            new head, say), in the same forms. They are copied.
+            new head, say), in the same forms. They are copied (in place:
+            left in the model, trainable).
+        in_place: if true, change `model` itself and return it: each target
+            is swapped for its LoRA layer inside the layer that holds it, no
+            layer is rebuilt or copied, and the model keeps its class, its
+            preprocessor, `generate()` and its compile settings (a KerasHub
+            `Task` or `Backbone`, any Functional subclass). If false (the
+            default), `model` is left as it is and a new model is returned;
+            that needs a plain Functional or Sequential model or a
+            subclassed one (a Functional subclass cannot be copied with its
+            class: pass `in_place=True`).
         **layer_kwargs: passed on to each LoRA layer's constructor.
 
     Returns:
         A new, uncompiled `keras.Model`. The base layers it shares with
         `model` are frozen in both (they are the same objects); `model`
-        still computes exactly what it did.
+        still computes exactly what it did. With `in_place=True`, `model`
+        itself, still compiled if it was (its train function is reset and a
+        built optimizer replaced by a fresh one of the same config).
 
     Raises:
         TypeError, ValueError: on bad arguments, with `model` unchanged.
@@ -69,6 +84,15 @@ def apply_lora(
     _check_model(model, "apply_lora")
     rank = validate_rank(rank)
     alpha = validate_alpha(alpha)
+    in_place = validate_flag(in_place, "in_place")
+    if not in_place and _copy_loses_class(model):
+        raise ValueError(
+            f"apply_lora: '{model.name}' is a {type(model).__name__}, a "
+            "Functional subclass; a copy of it would be a plain Functional "
+            "without its methods (a KerasHub task would lose its preprocessor "
+            "and `generate()`). Pass `in_place=True` to convert the model "
+            "itself, keeping its class."
+        )
     layers = list(iter_layers(model))
     existing = [path for path, layer in layers if isinstance(layer, LoRALayer)]
     if existing:
@@ -87,6 +111,18 @@ def apply_lora(
             "exclude them from one of the two."
         )
     to_copy = {id(layer) for _, layer in to_copy}
+    if in_place:
+        targets = [(p, layer) for p, layer in layers if id(layer) in to_wrap]
+        apply_in_place(
+            model,
+            targets,
+            to_copy,
+            lambda layer: lora_class_for(layer)(
+                layer, rank=rank, alpha=alpha, **layer_kwargs
+            ),
+        )
+        same_class.mark_converted(model)
+        return model
     reaches = _Reaches(to_wrap | to_copy)
 
     saved_flags = _trainable_flags(model)
@@ -137,8 +173,11 @@ def merge_lora(
     holding `W + scale·A·B`; every other layer is copied with its weights.
     Containers holding LoRA layers (`LoRAContainer`, a rebuilt
     `MultiHeadAttention` or custom block) become plain copies of their
-    class. The result contains no keras_lora class, and `model` is not
-    modified.
+    class. A Functional subclass (a KerasHub task or backbone converted
+    with `in_place=True`) comes back as a new object of its own class, built
+    from its plain config, with every weight moved across (a task shares
+    its preprocessor, which holds no weights). The result contains no
+    keras_lora class, and `model` is not modified.
 
     A quantized (`"int8"`) base is dequantized and merged in float, so the
     merged layer is a float layer. With `requantize=True` every such layer
@@ -185,6 +224,10 @@ def merge_lora(
             f"merge_lora: model '{model.name}' has no LoRA layers, so there is "
             "nothing to merge. Use `keras.models.clone_model` to copy a plain model."
         )
+    if _copy_loses_class(model):
+        return same_class.merge_same_class(
+            model, lambda layer: layer.merged_layer(check_finite, requantize=requantize)
+        )
     merged = {
         id(layer): layer.merged_layer(check_finite, requantize=requantize)
         for layer in lora_layers
@@ -222,6 +265,14 @@ def lora_layers(model):
     return [
         (p, layer) for p, layer in iter_layers(model) if isinstance(layer, LoRALayer)
     ]
+
+
+def _copy_loses_class(model):
+    """Whether copying `model` (with `clone_model`) would lose its class."""
+    return graph_model(model) and type(model) not in (
+        keras.Sequential,
+        keras.src.models.Functional,
+    )
 
 
 def _check_model(model, function):

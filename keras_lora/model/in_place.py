@@ -1,0 +1,342 @@
+"""Swapping a model's sublayers for LoRA wrappers, in the model itself.
+
+`swap_in_place` replaces each target layer by its wrapper wherever the model
+holds it: in an attribute of its owner (or a list, tuple or dict attribute),
+in the owner's tracked `_layers`, in torch's `_modules`, in TensorFlow's
+dependency tracking, and, for a node of a Functional graph, in the graph's
+operations and its nodes (the wrapper takes over the base layer's inbound
+nodes). Nothing is rebuilt from config, so blocks whose `get_config` cannot
+recreate them are reached too, and the model keeps its class. Every change
+is logged, and `Undo.rollback` puts everything back.
+"""
+
+import keras
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.model.walk import children, graph_model, iter_layers
+
+KerasHistory = keras.src.ops.node.KerasHistory
+_SKIPPED = ("_layers", "_modules", "_inbound_nodes", "_outbound_nodes")
+
+
+class Undo:
+    """A log of changes, undone in reverse order by `rollback`."""
+
+    def __init__(self):
+        self.steps = []
+
+    def set_attr(self, owner, attr, value):
+        modules = vars(owner).get("_modules")
+        if modules is not None and attr in modules:
+            old = modules[attr]
+            self.steps.append(lambda: modules.__setitem__(attr, old))
+            modules[attr] = value
+        else:
+            missing = object()
+            old = vars(owner).get(attr, missing)
+
+            def undo():
+                if old is missing:
+                    object.__delattr__(owner, attr)
+                else:
+                    object.__setattr__(owner, attr, old)
+
+            self.steps.append(undo)
+            object.__setattr__(owner, attr, value)
+        track = getattr(owner, "_track_trackable", None)
+        if track is not None and isinstance(value, keras.layers.Layer):
+            # TensorFlow's dependency tracking (used by SavedModel export).
+            old_value = old
+            track(value, name=attr, overwrite=True)
+            if isinstance(old_value, keras.layers.Layer):
+                self.steps.append(lambda: track(old_value, name=attr, overwrite=True))
+
+    def set_item(self, container, key, value):
+        setter = list.__setitem__ if isinstance(container, list) else dict.__setitem__
+        old = container[key]
+        self.steps.append(lambda: setter(container, key, old))
+        setter(container, key, value)
+
+    def call(self, do, undo):
+        do()
+        self.steps.append(undo)
+
+    def rollback(self):
+        while self.steps:
+            self.steps.pop()()
+
+
+def owners(model):
+    """`model` and every layer in it that can hold a sublayer: the walked
+    layers, the layer a transparent container holds, and the graph a
+    `Sequential` keeps for its calls."""
+    found = [model] + [layer for _, layer in iter_layers(model)]
+    out, seen = [], set()
+    for owner in found:
+        for item in (
+            owner,
+            getattr(owner, "layer", None)
+            if getattr(type(owner), "holds_layer_transparently", False)
+            else None,
+            vars(owner).get("_functional")
+            if isinstance(owner, keras.Sequential)
+            else None,
+        ):
+            if isinstance(item, keras.layers.Layer) and id(item) not in seen:
+                seen.add(id(item))
+                out.append(item)
+    return out
+
+
+def _attributes(owner):
+    attrs = dict(vars(owner))
+    attrs.update(attrs.get("_modules") or {})
+    return {
+        attr: value
+        for attr, value in attrs.items()
+        if not attr.startswith(("_tracker", "_self_")) and attr not in _SKIPPED
+    }
+
+
+def references(owner, base):
+    """Where `owner` holds `base`: `("attr", name)`, `("item", name, key)`
+    (in a list, tuple or dict attribute), `("layers",)` and `("graph",)`."""
+    refs = []
+    for attr, value in _attributes(owner).items():
+        if value is base:
+            refs.append(("attr", attr))
+        elif isinstance(value, (list, tuple)):
+            refs += [("item", attr, i) for i, v in enumerate(value) if v is base]
+        elif isinstance(value, dict):
+            refs += [("item", attr, k) for k, v in value.items() if v is base]
+    if any(layer is base for layer in vars(owner).get("_layers", ())):
+        refs.append(("layers",))
+    if graph_model(owner) and any(op is base for op in owner._operations):
+        refs.append(("graph",))
+    return refs
+
+
+def check_reachable(path, base, holders):
+    """Raises `ValueError` if swapping `base` in `holders` (`(owner, refs)`
+    pairs) would not change what the model computes."""
+    if any(ref[0] in ("attr", "item", "graph") for _, refs in holders for ref in refs):
+        return
+    names = [f"'{owner.name}' ({type(owner).__name__})" for owner, _ in holders]
+    where = ", ".join(names) or "no layer of the model"
+    raise ValueError(
+        f"Cannot reach sublayer '{path}' ({type(base).__name__}): it is tracked "
+        f"by {where} but not held in an attribute (or a list, tuple or dict "
+        "attribute) nor a node of a Functional graph, so putting a LoRA layer "
+        "there would not change what the model computes. Hold the sublayer in "
+        "an attribute of its layer, or leave it out of `targets`."
+    )
+
+
+def swap(holders, base, wrapper, undo):
+    """Puts `wrapper` wherever `holders` hold `base`, logging into `undo`."""
+    in_graph = False
+    for owner, refs in holders:
+        for ref in refs:
+            if ref[0] == "attr":
+                undo.set_attr(owner, ref[1], wrapper)
+            elif ref[0] == "item":
+                _set_item(owner, ref[1], ref[2], wrapper, undo)
+            elif ref[0] == "layers":
+                layers = vars(owner)["_layers"]
+                for i, layer in enumerate(layers):
+                    if layer is base:
+                        undo.set_item(layers, i, wrapper)
+                _track_id(owner, wrapper)
+            else:
+                _swap_operation(owner, base, wrapper, undo)
+                in_graph = True
+    if in_graph:
+        _take_over_nodes(base, wrapper, undo)
+
+
+def _set_item(owner, attr, key, value, undo):
+    container = _attributes(owner)[attr]
+    if isinstance(container, tuple):
+        items = list(container)
+        items[key] = value
+        undo.set_attr(owner, attr, type(container)(items))
+    else:
+        undo.set_item(container, key, value)
+
+
+def _track_id(owner, layer):
+    tracker = vars(owner).get("_tracker")
+    stored = getattr(tracker, "stored_ids", {}).get("layers")
+    if stored is not None and id(layer) not in stored:
+        stored.add(id(layer))
+
+
+def _swap_operation(graph, base, wrapper, undo):
+    for i, op in enumerate(graph._operations):
+        if op is base:
+            undo.set_item(graph._operations, i, wrapper)
+    for ops in graph._operations_by_depth.values():
+        for i, op in enumerate(ops):
+            if op is base:
+                undo.set_item(ops, i, wrapper)
+    old_prefix, new_prefix = f"{id(base)}_ib-", f"{id(wrapper)}_ib-"
+    nodes = graph._nodes
+    renamed = {k for k in nodes if k.startswith(old_prefix)}
+    new_keys = {new_prefix + k[len(old_prefix) :] for k in renamed}
+
+    def do():
+        nodes.difference_update(renamed)
+        nodes.update(new_keys)
+
+    def back():
+        nodes.difference_update(new_keys)
+        nodes.update(renamed)
+
+    undo.call(do, back)
+    mapping = vars(graph).get("_nnx_op_mapping")
+    if mapping is not None and id(base) in mapping:
+        undo.call(
+            lambda: mapping.__setitem__(id(base), wrapper),
+            lambda: mapping.__setitem__(id(base), base),
+        )
+
+
+def _take_over_nodes(base, wrapper, undo):
+    """The wrapper becomes the operation of `base`'s graph nodes."""
+    old_in, old_out = wrapper._inbound_nodes, wrapper._outbound_nodes
+    undo.call(
+        lambda: (
+            object.__setattr__(wrapper, "_inbound_nodes", list(base._inbound_nodes)),
+            object.__setattr__(wrapper, "_outbound_nodes", list(base._outbound_nodes)),
+        ),
+        lambda: (
+            object.__setattr__(wrapper, "_inbound_nodes", old_in),
+            object.__setattr__(wrapper, "_outbound_nodes", old_out),
+        ),
+    )
+    for node in base._inbound_nodes:
+        undo.call(
+            lambda n=node: setattr(n, "operation", wrapper),
+            lambda n=node: setattr(n, "operation", base),
+        )
+        for tensor in node.outputs:
+            history = getattr(tensor, "_keras_history", None)
+            if history is None or history.operation is not base:
+                continue
+            undo.call(
+                lambda t=tensor, h=history: setattr(
+                    t, "_keras_history", KerasHistory(wrapper, *h[1:])
+                ),
+                lambda t=tensor, h=history: setattr(t, "_keras_history", h),
+            )
+
+
+def forget_torch_params(layers):
+    """torch: a built layer caches its parameters (all of them, nested ones
+    included); let each recollect them on next use."""
+    for layer in layers:
+        modules = vars(layer).get("_modules")
+        if modules is not None:
+            modules.pop("_torch_params", None)
+
+
+def freeze_except(model, keep):
+    """Freezes `model`'s weights except the adapters of its LoRA layers and
+    the layers in `keep` (ids), which are made trainable. Layers on the way
+    to those stay `trainable` with their own weights frozen."""
+    memo = {}
+
+    def reaches(layer):
+        if id(layer) not in memo:
+            memo[id(layer)] = False
+            memo[id(layer)] = any(
+                isinstance(c, LoRALayer) or id(c) in keep or reaches(c)
+                for c in children(layer)
+            )
+        return memo[id(layer)]
+
+    def visit(layer, top):
+        if isinstance(layer, LoRALayer):
+            layer.trainable = True
+        elif id(layer) in keep:
+            layer.trainable = True
+        elif top or reaches(layer):
+            object.__setattr__(layer, "_trainable", True)
+            for variable in layer._trainable_variables:
+                variable.trainable = False
+            for child in children(layer):
+                visit(child, False)
+            held = getattr(layer, "layer", None)
+            if getattr(type(layer), "holds_layer_transparently", False):
+                object.__setattr__(held, "_trainable", True)
+        else:
+            layer.trainable = False
+
+    visit(model, True)
+
+
+def trainable_state(model):
+    """Every layer's `trainable` flag and every weight's, to restore."""
+    layers = owners(model)
+    layers += [layer.layer for layer in layers if isinstance(layer, LoRALayer)]
+    flags = [(layer, layer._trainable) for layer in layers]
+    return flags, [(v, v.trainable) for v in model.weights]
+
+
+def restore_trainable_state(saved):
+    layer_flags, variable_flags = saved
+    for layer, flag in layer_flags:
+        object.__setattr__(layer, "_trainable", flag)
+    for variable, flag in variable_flags:
+        variable.trainable = flag
+
+
+def refresh_compiled(model):
+    """Makes a compiled model train its new trainable weights: its compiled
+    functions are dropped, and an optimizer already built for the old
+    trainable weights is replaced by a fresh one of the same config."""
+    for attr in ("train_function", "test_function", "predict_function"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "generate_function", None) is not None:
+        model.generate_function = None  # KerasHub CausalLM / Seq2SeqLM
+    if not getattr(model, "compiled", False):
+        return
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.built:
+        fresh = type(optimizer).from_config(optimizer.get_config())
+        model.optimizer = fresh
+        config = getattr(model, "_compile_config", None)
+        if config is not None and "optimizer" in config.config:
+            config.config["optimizer"] = fresh
+    model._compiled_trainable_state = {
+        layer: layer.trainable for layer in model._flatten_layers()
+    }
+
+
+def apply_in_place(model, targets, keep, make_wrapper):
+    """Swaps each `(path, layer)` of `targets` for `make_wrapper(layer)`
+    inside `model`, freezes every other weight except those of the layers
+    in `keep` (ids), and returns `model`. On any failure every swap,
+    `trainable` flag and variable flag is restored, and the error raised."""
+    saved = trainable_state(model)
+    undo = Undo()
+    all_owners = owners(model)
+    try:
+        plan = []
+        for path, base in targets:
+            holders = [(o, refs) for o in all_owners if (refs := references(o, base))]
+            check_reachable(path, base, holders)
+            plan.append((base, holders))
+        wrappers = [make_wrapper(base) for base, _ in plan]
+        for (base, holders), wrapper in zip(plan, wrappers, strict=True):
+            swap(holders, base, wrapper, undo)
+        freeze_except(model, keep)
+    except BaseException:
+        undo.rollback()
+        restore_trainable_state(saved)
+        forget_torch_params(all_owners)
+        raise
+    forget_torch_params(owners(model))
+    refresh_compiled(model)
+    return model

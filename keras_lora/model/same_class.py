@@ -1,0 +1,271 @@
+"""Saving and merging a model converted in place, keeping its class.
+
+A model converted with `apply_lora(..., in_place=True)` still has its own
+class, whose `get_config` describes the plain model. Three cases:
+
+- A plain Functional or Sequential model serializes its graph, LoRA layers
+  included: nothing to do.
+- A KerasHub `Task` serializes its backbone with `keras.layers.serialize`.
+  The converted task gets its own `get_config`, whose `"backbone"` entry is
+  an `InPlaceLoRA` record: the plain backbone's config plus where its LoRA
+  layers are. Loading builds the real backbone class and puts the LoRA
+  layers back in place before the weights are read, so
+  `keras.saving.load_model` returns the task's class with its adapters.
+- Any other Functional subclass (a bare KerasHub `Backbone`, a user's
+  class) is rebuilt from constructor arguments that cannot say where the
+  adapters are: its `get_config` raises a clear error instead of writing a
+  file that would not load.
+
+`merge_same_class` builds a new, plain model of the same class from its
+plain config and moves every weight across, merged kernels for LoRA layers.
+"""
+
+import contextlib
+import sys
+import types
+
+import keras
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.walk import children, iter_layers
+
+_NAME = "keras_lora>InPlaceLoRA"
+
+
+def is_task(model):
+    """Whether `model` is a KerasHub `Task` (it has a `backbone` entry)."""
+    try:
+        from keras_hub.models import Task
+    except ImportError:  # KerasHub is optional
+        return False
+    return isinstance(model, Task)
+
+
+def layout(model):
+    """Where `model`'s LoRA layers are, and which other layers train: a
+    dict of `"lora_layers"` (index in the walk, path, class, config) and
+    `"trainable"` (walk indices of trainable leaf layers)."""
+    lora, trainable = [], []
+    for index, (path, layer) in enumerate(iter_layers(model)):
+        if isinstance(layer, LoRALayer):
+            config = layer.get_config()
+            config.pop("layer")
+            lora.append(
+                {
+                    "index": index,
+                    "path": path,
+                    "class_name": keras.saving.get_registered_name(type(layer)),
+                    "config": config,
+                }
+            )
+        elif layer.trainable and layer.weights and not children(layer):
+            trainable.append(index)
+    return {"lora_layers": lora, "trainable": trainable}
+
+
+def apply_layout(model, record):
+    """Puts LoRA layers into `model` (built, plain) where `record` (from
+    `layout`) says, in place; their weights are to be loaded next."""
+    layers = list(iter_layers(model))
+    targets, configs = [], {}
+    for entry in record["lora_layers"]:
+        index, path = entry["index"], entry["path"]
+        cls = keras.saving.get_registered_object(entry["class_name"])
+        found = layers[index] if index < len(layers) else (None, None)
+        if cls is None or not isinstance(found[1], cls.base_class):
+            raise ValueError(
+                f"Cannot put LoRA layer {entry['class_name']!r} back at '{path}': "
+                f"the rebuilt model has {found[0]!r} "
+                f"({type(found[1]).__name__}) there."
+            )
+        targets.append(found)
+        configs[id(found[1])] = (cls, entry["config"])
+    keep = {id(layers[i][1]) for i in record["trainable"] if i < len(layers)}
+
+    def make_wrapper(base):
+        cls, config = configs[id(base)]
+        config = dict(config)
+        upgrade = getattr(cls, "upgrade_config", None)
+        if upgrade is not None:
+            config = upgrade(config)
+        return cls(base, _restoring=True, **config)
+
+    return apply_in_place(model, targets, keep, make_wrapper)
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class InPlaceLoRA:
+    """The serialized form of a layer converted in place: its plain config
+    (`"layer"`) and its LoRA layout (`"layout"`). `from_config` returns the
+    layer itself, of its own class, with the LoRA layers put back."""
+
+    def __init__(self, layer, layout):
+        self.layer, self.layout = layer, layout
+
+    def get_config(self):
+        return {"layer": self.layer, "layout": self.layout}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        layer = keras.saving.deserialize_keras_object(
+            config["layer"], custom_objects=custom_objects
+        )
+        apply_layout(layer, config["layout"])
+        mark_converted(layer)
+        _mark_task_on_load(layer)
+        return layer
+
+
+def mark_converted(model):
+    """Gives `model`, converted in place, a `get_config` that keeps its
+    adapters (a KerasHub task: see the module docstring) or that refuses to
+    describe it as plain (any other Functional subclass)."""
+    if is_task(model):
+        _set_get_config(model, _task_get_config)
+        if _class_loses_adapters(model.backbone):
+            _set_get_config(model.backbone, _refusing_get_config)
+    elif _class_loses_adapters(model):
+        _set_get_config(model, _refusing_get_config)
+
+
+def _class_loses_adapters(model):
+    return isinstance(model, keras.src.models.Functional) and type(model) not in (
+        keras.src.models.Functional,
+        keras.Sequential,
+    )
+
+
+def _set_get_config(model, function):
+    object.__setattr__(model, "get_config", types.MethodType(function, model))
+
+
+def _task_get_config(self):
+    cls = type(self)
+    outside = [
+        path
+        for path, layer in iter_layers(self)
+        if isinstance(layer, LoRALayer)
+        and not any(layer is inner for _, inner in iter_layers(self.backbone))
+    ]
+    if outside:
+        raise ValueError(
+            f"Cannot save '{self.name}' ({cls.__name__}) with `.keras`: LoRA "
+            f"layers {outside} are outside its backbone, and the task's config "
+            "rebuilds those plain. Put adapters on the backbone only, or save "
+            "them with `keras_lora.save_adapter`."
+        )
+    with _class_get_config(self.backbone):
+        config = cls.get_config(self)
+        config["backbone"] = {
+            "module": InPlaceLoRA.__module__,
+            "class_name": "InPlaceLoRA",
+            "config": {
+                "layer": keras.layers.serialize(self.backbone),
+                "layout": layout(self.backbone),
+            },
+            "registered_name": _NAME,
+        }
+    return config
+
+
+def _refusing_get_config(self):
+    cls = type(self)
+    raise ValueError(
+        f"'{self.name}' ({cls.__name__}) was converted to LoRA in place, and a "
+        f"{cls.__name__} is rebuilt from constructor arguments that cannot say "
+        "where its LoRA layers are, so it cannot be described (or saved with "
+        "`.keras`) as it is now. Save the KerasHub task that holds it (as "
+        "converted by `apply_lora`), save the adapters with "
+        "`keras_lora.save_adapter`, or save `keras_lora.merge_lora(model)`."
+    )
+
+
+@contextlib.contextmanager
+def _class_get_config(layer):
+    """Within it, `layer.get_config` is its class's (plain) one."""
+    own = vars(layer).get("get_config")
+    if own is not None:
+        object.__delattr__(layer, "get_config")
+    try:
+        yield
+    finally:
+        if own is not None:
+            object.__setattr__(layer, "get_config", own)
+
+
+def _mark_task_on_load(backbone):
+    """A task loaded from `.keras` gets its backbone from `InPlaceLoRA`
+    before the task exists; the task is marked when its weights load (the
+    backbone's are loaded from within the task's)."""
+    load = type(backbone).load_own_variables
+
+    def load_own_variables(self, store):
+        object.__delattr__(self, "load_own_variables")
+        task = _task_holding(self)
+        if task is not None:
+            mark_converted(task)
+        return load(self, store)
+
+    object.__setattr__(
+        backbone, "load_own_variables", types.MethodType(load_own_variables, backbone)
+    )
+
+
+def _task_holding(backbone, depth=40):
+    frame = sys._getframe(1)
+    while frame is not None and depth:
+        for value in list(frame.f_locals.values()):
+            if is_task(value) and getattr(value, "backbone", None) is backbone:
+                return value
+        frame, depth = frame.f_back, depth - 1
+    return None
+
+
+def plain_config(model):
+    """`model`'s config as its class gives it (LoRA layers left out)."""
+    return type(model).get_config(model)
+
+
+def merge_same_class(model, merged_layer):
+    """A new model of `model`'s class holding `model`'s weights, each LoRA
+    layer merged (`merged_layer(lora_layer)` returns the plain layer)."""
+    with _class_get_config(model), _class_get_config(getattr(model, "backbone", model)):
+        config = plain_config(model)
+    if is_task(model):
+        config["preprocessor"] = model.preprocessor  # shared: no weights
+    plain = type(model).from_config(config)
+    old_layers = list(iter_layers(model))
+    new_layers = list(iter_layers(plain))
+    kinds = [_plain_type(layer) for _, layer in old_layers]
+    if kinds != [type(layer) for _, layer in new_layers]:
+        raise ValueError(
+            f"merge_lora: '{model.name}' rebuilt from its config does not have "
+            "the same layers, so its weights cannot be moved across. Layers: "
+            f"{[p for p, _ in old_layers]} and {[p for p, _ in new_layers]}"
+        )
+    for (path, old), (_, new) in zip(old_layers, new_layers, strict=True):
+        if isinstance(old, LoRALayer):
+            merged = merged_layer(old)
+            new.set_weights(merged.get_weights())
+            new.trainable = old.layer.trainable
+            continue
+        own_old, own_new = _own(old), _own(new)
+        if [tuple(v.shape) for v in own_old] != [tuple(v.shape) for v in own_new]:
+            raise ValueError(
+                f"merge_lora: layer '{path}' of '{model.name}' has different "
+                "weights when rebuilt from its config."
+            )
+        for o, n in zip(own_old, own_new, strict=True):
+            n.assign(o)
+            n.trainable = o.trainable
+        object.__setattr__(new, "_trainable", old._trainable)
+    return plain
+
+
+def _plain_type(layer):
+    return type(layer.layer) if isinstance(layer, LoRALayer) else type(layer)
+
+
+def _own(layer):
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
