@@ -246,6 +246,21 @@ def _into_named_adapter(model, by_path, records, source, name):
 
 def _apply_then_assign(model, by_path, records, source, adapter_name):
     kwargs = _common_options(by_path, records, source)
+    if _functional_subclass(model):
+        options = "".join(
+            f", {k}={v!r}"
+            for k, v in kwargs.items()
+            if k != "rank" and v not in (False, "default")
+        )
+        raise ValueError(
+            f"load_adapter: model '{model.name}' is a {type(model).__name__}, "
+            "a Functional subclass. Loading into a model without LoRA layers "
+            "applies LoRA to a copy, which would lose its class (a KerasHub "
+            "task its preprocessor and `generate()`). Convert it in place "
+            "first, then load into it: `kl.apply_lora(model, targets="
+            f"{sorted(r.path for r in records)}, rank={kwargs['rank']}{options}, "
+            "in_place=True)`."
+        )
     ids = {id(by_path[r.path]) for r in records}
     flags = _trainable_state(model)
     try:
@@ -262,6 +277,14 @@ def _apply_then_assign(model, by_path, records, source, adapter_name):
         raise
     _assign(plan, lora_layers, records, source, warn_scale=False)
     return lora_model
+
+
+def _functional_subclass(model):
+    functional = keras.src.models.Functional
+    return isinstance(model, functional) and type(model) not in (
+        functional,
+        keras.Sequential,
+    )
 
 
 def _common_options(by_path, records, source):
