@@ -33,7 +33,14 @@ EXIT_MEANINGS = {
 def run_backend(backend, pytest_args, xml_dir):
     """Runs pytest under `backend`; returns its summary as a dict."""
     xml_path = os.path.join(xml_dir, f"{backend}.xml")
-    command = [sys.executable, "-m", "pytest", f"--junitxml={xml_path}"]
+    # --durations: the slowest tests, to keep CI's time in view as tests grow.
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        f"--junitxml={xml_path}",
+        "--durations=8",
+    ]
     env = dict(os.environ, KERAS_BACKEND=backend)
     print(f"\n=== KERAS_BACKEND={backend} {shlex.join(command[1:] + pytest_args)}")
     sys.stdout.flush()
