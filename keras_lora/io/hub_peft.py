@@ -23,7 +23,11 @@ import dataclasses
 import math
 import re
 
+import keras
 import numpy as np
+
+from keras_lora.io.records import make_record
+from keras_lora.io.report import report
 
 
 @dataclasses.dataclass
@@ -206,6 +210,36 @@ def from_peft(correspondence, modules, layers, function="load_adapter"):
                 )
             )
     return adapters, unmapped
+
+
+def records_from_peft(correspondence, modules, layers, source, options, strict):
+    """`from_peft`, as validated `LayerRecord`s; unmapped modules are
+    reported (raised under `strict`, else warned about)."""
+    adapters, unmapped = from_peft(correspondence, modules, layers)
+    report(
+        [repr(m) for m in sorted(unmapped)],
+        strict,
+        f"PEFT modules with no counterpart in KerasHub's `transformers` "
+        f"converter for '{correspondence.model_type}' (pass `name_map` to map "
+        "them)",
+    )
+    by_path = dict(layers)
+    records = []
+    for module, path, a, b, alpha in adapters:
+        base = getattr(by_path[path], "layer", by_path[path])
+        einsum = isinstance(base, keras.layers.EinsumDense)
+        records.append(
+            make_record(
+                source,
+                f"base_model.model.{module}",
+                path,
+                a,
+                b,
+                factoring="standard" if einsum else None,
+                **{**options, "alpha": alpha},
+            )
+        )
+    return records
 
 
 def pattern_value(pattern, module, default):

@@ -46,14 +46,14 @@ HONOURED_FIELDS = {
     "use_rslora",
     "init_lora_weights",
     "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
 }
 # Fields keras_lora cannot represent unless they have their neutral value.
 NEUTRAL_FIELDS = {
     "bias": "trained biases",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained extra modules",
-    "rank_pattern": "per-module ranks",
-    "alpha_pattern": "per-module alphas",
     "layer_replication": "replicated layers",
     "megatron_config": "Megatron parallel layers",
     "trainable_token_indices": "trainable token embeddings",
@@ -76,8 +76,9 @@ def read_config(directory):
     """Reads `adapter_config.json` and returns its options, validated.
 
     Returns:
-        A dict with `rank`, `alpha`, `use_rslora`, `dropout`, `init` and
-        `use_dora`, each checked by `keras_lora.config`.
+        A dict with `rank`, `alpha`, `use_rslora`, `dropout`, `init`,
+        `use_dora`, `rank_pattern` and `alpha_pattern` (per-module ranks and
+        alphas, `{regex: value}`), each checked by `keras_lora.config`.
 
     Raises:
         TypeError, ValueError: an option of the wrong type or value, a PEFT
@@ -110,6 +111,8 @@ def read_config(directory):
                 config.get("lora_dropout") or 0.0, "lora_dropout"
             ),
             "use_dora": validate_flag(config.get("use_dora", False), "use_dora"),
+            "rank_pattern": _pattern(config, "rank_pattern", validate_rank),
+            "alpha_pattern": _pattern(config, "alpha_pattern", validate_alpha),
         }
     except (TypeError, ValueError) as e:
         raise type(e)(f"'{path}': {e}") from None
@@ -119,6 +122,16 @@ def read_config(directory):
     init = config.get("init_lora_weights", True)
     options["init"] = "gaussian" if init == "gaussian" else "default"
     return options
+
+
+def _pattern(config, field, validate):
+    """`{regex: value}` of a `rank_pattern`/`alpha_pattern` field, validated."""
+    pattern = config.get(field) or {}
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+        raise TypeError(
+            f"`{field}` must map module patterns to values. Received: {pattern!r}"
+        )
+    return {k: validate(v, f"{field}[{k!r}]") for k, v in pattern.items()}
 
 
 def _refuse_what_cannot_load(config, path):

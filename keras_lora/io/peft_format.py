@@ -36,6 +36,8 @@ import numpy as np
 import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
+from keras_lora.io import hub_peft
+from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.peft_config import CONFIG_NAME, make_config, read_config
 from keras_lora.io.records import make_record
@@ -58,12 +60,11 @@ CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 FUNCTION = "save_adapter(format='peft')"
 
 
-def check(records, directory, name_map):
+def check(model, records, directory, name_map):
     """Raises if the records cannot be written as one PEFT adapter."""
     if Path(directory).exists() and not Path(directory).is_dir():
         raise ValueError(f"{FUNCTION} writes a directory, but '{directory}' is a file.")
     for record in records:
-        _check_keras_layer(record.layer.layer, record.path, FUNCTION)
         if record.init in ("pissa", "olora"):
             raise ValueError(
                 f"{FUNCTION}: layer '{record.path}' uses init={record.init!r}. "
@@ -72,13 +73,6 @@ def check(records, directory, name_map):
                 "for. Save in the 'keras_lora' format, or export the merged "
                 "model (`merge_lora`)."
             )
-        if record.use_dora and not isinstance(record.layer.layer, keras.layers.Dense):
-            raise ValueError(
-                f"{FUNCTION}: layer '{record.path}' is a DoRA "
-                f"{type(record.layer.layer).__name__}; the PEFT format is "
-                "written for DoRA on Dense (PEFT Linear) layers only. Use the "
-                "'keras_lora' format."
-            )
     variants = {(r.dropout, r.init, r.use_dora) for r in records}
     if len(variants) > 1:
         raise ValueError(
@@ -86,6 +80,20 @@ def check(records, directory, name_map):
             "(PEFT's lora_dropout, init_lora_weights, use_dora). "
             f"Received: {sorted(variants)}"
         )
+
+
+def _check_by_name(records, name_map):
+    """The checks of a save that names modules by `name_map` or the default
+    rule (a KerasHub model without `name_map` is mapped by `hub_mapping`)."""
+    for record in records:
+        _check_keras_layer(record.layer.layer, record.path, FUNCTION)
+        if record.use_dora and not isinstance(record.layer.layer, keras.layers.Dense):
+            raise ValueError(
+                f"{FUNCTION}: layer '{record.path}' is a DoRA "
+                f"{type(record.layer.layer).__name__}; the PEFT format is "
+                "written for DoRA on Dense (PEFT Linear) layers only. Use the "
+                "'keras_lora' format."
+            )
     settings = {(r.rank, r.alpha, r.use_rslora) for r in records}
     if len(settings) > 1:
         raise ValueError(
@@ -100,7 +108,15 @@ def check(records, directory, name_map):
 
 
 def save(model, records, directory, name_map=None):
-    """Writes `records` as a PEFT adapter directory, atomically."""
+    """Writes `records` as a PEFT adapter directory, atomically.
+
+    Without `name_map`, a KerasHub model's modules are named, and its
+    factors laid out, as in its `transformers` twin (`hub_mapping`).
+    """
+    hub = hub_correspondence(model) if name_map is None else None
+    if hub is not None:
+        return _save_by_hub(hub, records, directory)
+    _check_by_name(records, name_map)
     tensors, modules = {}, []
     for record in records:
         module = module_for_layer(name_map, record)
@@ -122,6 +138,31 @@ def save(model, records, directory, name_map=None):
         first.use_dora,
         modules,
     )
+    return _write(directory, tensors, config)
+
+
+def _save_by_hub(hub, records, directory):
+    modules, fan_in_fan_out = hub_peft.to_peft(hub, records, FUNCTION)
+    tensors = {}
+    for module in modules:
+        names = _tensor_names(module.kind)
+        tensors[f"{PREFIX}{module.name}.{names[0]}"] = module.a
+        tensors[f"{PREFIX}{module.name}.{names[1]}"] = module.b
+    first = records[0]
+    config = make_config(
+        1,
+        1,
+        first.use_rslora,
+        first.dropout,
+        first.init,
+        False,
+        [m.name for m in modules],
+    )
+    config.update(hub_peft.config_fields(modules), fan_in_fan_out=fan_in_fan_out)
+    return _write(directory, tensors, config)
+
+
+def _write(directory, tensors, config):
     with atomic_output(directory, directory=True) as tmp:
         tmp.mkdir()
         safetensors.numpy.save_file(
@@ -143,11 +184,17 @@ def read(directory, name_map, model, layers, strict):
     source = f"PEFT adapter '{directory}'"
     options = read_config(directory)
     rank = options.pop("rank")
+    patterns = options.pop("rank_pattern"), options.pop("alpha_pattern")
     pairs, magnitudes = _group_tensors(directory, options["use_dora"], strict)
+    hub = hub_correspondence(model) if name_map is None else None
+    if hub is not None:
+        return _read_by_hub(
+            hub, directory, pairs, rank, patterns, options, layers, strict
+        )
     records, unmapped = [], []
     by_path = dict(layers)
     for module, pair in pairs.items():
-        kind, a, b = _peft_pair(module, pair, rank, directory)
+        kind, a, b = _peft_pair(module, pair, rank, patterns[0], directory)
         path = layer_for_module(name_map, module, layers)
         if path is None:
             unmapped.append(module)
@@ -178,7 +225,7 @@ def read(directory, name_map, model, layers, strict):
                 a,
                 b,
                 magnitude=None if magnitude is None else magnitude.reshape(-1),
-                **options,
+                **_module_options(options, patterns, module),
             )
         )
     if unmapped:
@@ -190,6 +237,28 @@ def read(directory, name_map, model, layers, strict):
             "pass `name_map`)",
         )
     return records
+
+
+def _read_by_hub(hub, directory, pairs, rank, patterns, options, layers, strict):
+    """`read` for a KerasHub model without `name_map` (see `hub_mapping`)."""
+    source = f"PEFT adapter '{directory}'"
+    if options["use_dora"]:
+        raise ValueError(
+            f"{source} is a DoRA adapter; keras_lora reads DoRA adapters into "
+            "a KerasHub model by `name_map` only."
+        )
+    modules = []
+    for module, pair in pairs.items():
+        kind, a, b = _peft_pair(module, pair, rank, patterns[0], directory)
+        alpha = _module_options(options, patterns, module)["alpha"]
+        modules.append(hub_peft.PeftModule(module, kind, a, b, alpha))
+    return hub_peft.records_from_peft(hub, modules, layers, source, options, strict)
+
+
+def _module_options(options, patterns, module):
+    """`options` with the module's alpha from `alpha_pattern`, PEFT's rule."""
+    alpha = hub_peft.pattern_value(patterns[1], module, options["alpha"])
+    return {**options, "alpha": alpha}
 
 
 def module_for_layer(name_map, record):
@@ -235,8 +304,12 @@ def _group_tensors(directory, use_dora, strict):
     return pairs, magnitudes
 
 
-def _peft_pair(module, pair, rank, directory):
-    """`(kind, A, B)` of one module's tensors, checked against `r`."""
+def _peft_pair(module, pair, rank, rank_pattern, directory):
+    """`(kind, A, B)` of one module's tensors, checked against its rank:
+    `rank_pattern`'s (PEFT's rule, `hub_peft.pattern_value`), else `r`."""
+    module_rank = hub_peft.pattern_value(rank_pattern, module, None)
+    how = "" if module_rank is None else " by rank_pattern"
+    rank = rank if module_rank is None else module_rank
     embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair
     names = _tensor_names("Embedding" if embedding else "Linear")
     if sorted(pair) != sorted(names):
@@ -258,7 +331,7 @@ def _peft_pair(module, pair, rank, directory):
         )
     if a.shape[0] != rank or b.shape[1] != rank:
         raise ValueError(
-            f"PEFT module {module!r}: adapter_config.json says r={rank}, but "
+            f"PEFT module {module!r}: adapter_config.json says r={rank}{how}, but "
             f"lora_A has shape {a.shape} and lora_B {b.shape}."
         )
     return kind, a, b

@@ -1,0 +1,336 @@
+"""Adapters between KerasHub models and PEFT on their `transformers` twins.
+
+Each architecture is a tiny random `transformers` causal LM saved with
+`save_pretrained` and loaded into KerasHub with `Backbone.from_preset`
+(KerasHub's own converter, offline). The `transformers`/PEFT side runs under
+torch in this process; the Keras side on the process's backend.
+
+Tolerance: logits agree to 1e-4 in float32 (what the issue asks). Measured
+differences are about 1e-6: the two frameworks sum in different orders.
+Every adapter changes the logits by far more (checked), so a wrong mapping
+cannot pass.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lora as kl
+from keras_lora.io import hub_peft
+from keras_lora.io.hub_mapping import hub_correspondence
+from keras_lora.model.walk import iter_layers
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+keras_hub = pytest.importorskip("keras_hub")
+
+TOLERANCE = 1e-4
+# An adapter must move the logits by far more than TOLERANCE.
+MIN_CHANGE = 0.05
+TOKENS = np.array([[1, 5, 9, 3, 7, 2, 11, 4]], dtype="int32")
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention
+    max_position_embeddings=64,
+)
+
+
+def _configs():
+    t = transformers
+    return {
+        "llama": lambda: t.LlamaConfig(**COMMON, tie_word_embeddings=False),
+        # KerasHub's Mistral converter casts every weight to float16, so the
+        # twin's weights are made float16-exact below.
+        "mistral": lambda: t.MistralConfig(**COMMON, head_dim=8),
+        "qwen2": lambda: t.Qwen2Config(**COMMON),
+        # KerasHub's Qwen3 decoder leaves its q/k norms at epsilon 1e-5
+        # whatever the config says; 1e-5 keeps the twins equal.
+        "qwen3": lambda: t.Qwen3Config(**COMMON, head_dim=8, rms_norm_eps=1e-5),
+        "gemma": lambda: t.GemmaConfig(**COMMON, head_dim=8),
+        "gemma3_text": lambda: t.Gemma3TextConfig(
+            **COMMON, head_dim=8, sliding_window=16, query_pre_attn_scalar=8
+        ),
+        "gpt2": lambda: t.GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    }
+
+
+ARCHITECTURES = list(_configs())
+TASKS = {
+    "Llama3Backbone": "Llama3CausalLM",
+    "MistralBackbone": "MistralCausalLM",
+    "QwenBackbone": "QwenCausalLM",
+    "Qwen3Backbone": "Qwen3CausalLM",
+    "GemmaBackbone": "GemmaCausalLM",
+    "Gemma3Backbone": "Gemma3CausalLM",
+    "GPT2Backbone": "GPT2CausalLM",
+}
+
+
+@pytest.fixture(scope="module")
+def twin_dir(tmp_path_factory):
+    """`twin_dir(arch)`: a saved tiny random `transformers` model."""
+    made = {}
+
+    def make(arch):
+        if arch not in made:
+            torch.manual_seed(0)
+            config = _configs()[arch]()
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.half().float())
+            path = tmp_path_factory.mktemp(arch)
+            model.save_pretrained(path)
+            made[arch] = path
+        return made[arch]
+
+    return make
+
+
+def hf_model(path, base=False):
+    cls = transformers.AutoModel if base else transformers.AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def keras_task(path):
+    backbone = keras_hub.models.Backbone.from_preset(str(path))
+    task = getattr(keras_hub.models, TASKS[type(backbone).__name__])
+    return task(backbone=backbone, preprocessor=None)
+
+
+def keras_logits(model):
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones_like(TOKENS)}
+    return keras.ops.convert_to_numpy(model(inputs))
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        output = model(torch.tensor(TOKENS, dtype=torch.long))
+    logits = getattr(output, "logits", None)
+    return output.last_hidden_state if logits is None else logits
+
+
+def numpy(variable):
+    return np.array(keras.ops.convert_to_numpy(variable))
+
+
+def projections(layer):
+    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+
+
+def switch_adapter(model, targets, name, rank, alpha=None):
+    """Gives `targets` a new adapter `name` of `rank` and makes it their active one."""
+    kl.add_adapter(model, name, rank=rank, alpha=alpha, targets=targets)
+    for _, layer in iter_layers(model):
+        if isinstance(layer, kl.LoRALayer) and name in layer.adapter_names:
+            layer.set_active_adapters([name])
+
+
+def randomize(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, layer in iter_layers(model):
+        if isinstance(layer, kl.LoRALayer):
+            for variable in (layer.lora_a, layer.lora_b):
+                values = rng.standard_normal(tuple(variable.shape)) * 0.3
+                variable.assign(values.astype("float32"))
+
+
+def peft_twin(path, rank=3, alpha=5, **options):
+    """The twin with a PEFT adapter on every Linear/Conv1D but the head, B random."""
+    model = hf_model(path)
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, transformers.pytorch_utils.Conv1D))
+        and n != "lm_head"
+    }
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(names),
+        init_lora_weights=False,  # random A and B: a wrong load shows
+        **options,
+    )
+    return peft.get_peft_model(model, config).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_correspondence_names_the_twins_modules(arch, twin_dir):
+    path = twin_dir(arch)
+    task = keras_task(path)
+    correspondence = hub_correspondence(task)
+    hf = hf_model(path)
+    head_modules = dict(hf.named_modules())
+    base_modules = dict(hf.base_model.named_modules())
+    assert correspondence.base_prefix == type(hf).base_model_prefix
+    maps = correspondence.maps()
+    # The embedding plus q, k, v, o and the FFN projections of each layer
+    # (three; GPT2 has two, and its q, k, v all come from c_attn).
+    assert len(maps) == 1 + (6 if arch == "gpt2" else 7) * 2
+    for kernel_map in maps:
+        head, base = correspondence.module_names(kernel_map)
+        module = head_modules[head]
+        assert base_modules[base] is module
+        if kernel_map.kind == "Embedding":
+            assert isinstance(module, torch.nn.Embedding)
+            continue
+        weight = tuple(module.weight.shape)
+        if kernel_map.fan_in_fan_out:
+            assert isinstance(module, transformers.pytorch_utils.Conv1D)
+            weight = weight[::-1]
+        else:
+            assert isinstance(module, torch.nn.Linear)
+        assert weight == (kernel_map.out_features, kernel_map.in_features)
+
+
+def test_no_correspondence_without_kerashub_backbone():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    assert hub_correspondence(model) is None
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_keras_adapter_loads_into_peft(arch, twin_dir, tmp_path):
+    path = twin_dir(arch)
+    task = keras_task(path)
+    before = keras_logits(task)
+    kl.apply_lora(task, targets=projections, rank=4, alpha=8, in_place=True)
+    randomize(task)
+    expected = keras_logits(task)
+    assert np.abs(expected - before).max() > MIN_CHANGE
+    kl.save_adapter(task, tmp_path / "adapter", format="peft")
+    hf = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter")
+    got = hf_logits(hf.eval()).numpy()
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_peft_adapter_loads_into_keras(arch, twin_dir, tmp_path):
+    path = twin_dir(arch)
+    twin = peft_twin(path)
+    expected = hf_logits(twin).numpy()
+    twin.save_pretrained(tmp_path / "adapter")
+    task = keras_task(path)
+    before = keras_logits(task)
+    assert np.abs(expected - before).max() > MIN_CHANGE
+    kl.apply_lora(task, targets=projections, rank=3, in_place=True)
+    assert kl.load_adapter(task, tmp_path / "adapter") is task
+    np.testing.assert_allclose(keras_logits(task), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_gpt2_fused_c_attn_with_ranks_per_projection(twin_dir, tmp_path):
+    path = twin_dir("gpt2")
+    task = keras_task(path)
+    qkv = ["query", "key", "value"]
+    kl.apply_lora(task, targets=qkv, rank=2, alpha=4, in_place=True)
+    switch_adapter(task, ["key"], "k", rank=3, alpha=6)
+    switch_adapter(task, ["value"], "v", rank=4, alpha=1)
+    randomize(task, seed=1)
+    expected = keras_logits(task)
+    with pytest.warns(UserWarning, match="active adapter only"):
+        kl.save_adapter(task, tmp_path / "adapter", format="peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    c_attn = [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
+    assert sorted(config["target_modules"]) == c_attn
+    # One module of rank 2 + 3 + 4, its scale 1 (each part's is folded in B).
+    assert config["r"] == 9 and config["lora_alpha"] == 9
+    assert config["fan_in_fan_out"] is True
+    hf = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter")
+    got = hf_logits(hf.eval()).numpy()
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_gpt2_c_attn_from_peft_shares_a_and_reads_patterns(twin_dir, tmp_path):
+    path = twin_dir("gpt2")
+    twin = peft_twin(
+        path,
+        rank=2,
+        alpha=4,
+        rank_pattern={"c_attn": 5},
+        alpha_pattern={"h.1.attn.c_attn": 3},
+    )
+    expected = hf_logits(twin).numpy()
+    twin.save_pretrained(tmp_path / "adapter")
+    task = keras_task(path)
+    kl.apply_lora(task, targets=projections, rank=2, in_place=True)
+    switch_adapter(task, ["query", "key", "value"], "c_attn", rank=5)
+    kl.load_adapter(task, tmp_path / "adapter")
+    np.testing.assert_allclose(keras_logits(task), expected, atol=TOLERANCE, rtol=0)
+
+    def lora(path):
+        (layer,) = [lay for p, lay in iter_layers(task) if p.endswith(path)]
+        return layer
+
+    attention = "transformer_layer_1/self_attention"
+    a = [numpy(lora(f"{attention}/{n}").lora_a) for n in ("query", "key", "value")]
+    np.testing.assert_array_equal(a[0], a[1])
+    np.testing.assert_array_equal(a[0], a[2])
+    assert lora(f"{attention}/query").alpha == 3
+    assert lora("transformer_layer_0/self_attention/key").alpha == 4
+
+
+def test_backbone_adapter_uses_base_model_names(twin_dir, tmp_path):
+    path = twin_dir("llama")
+    backbone = keras_hub.models.Backbone.from_preset(str(path))
+    kl.apply_lora(backbone, targets=projections, rank=4, in_place=True)
+    randomize(backbone)
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones_like(TOKENS)}
+    expected = keras.ops.convert_to_numpy(backbone(inputs))
+    kl.save_adapter(backbone, tmp_path / "adapter", format="peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "layers.0.self_attn.q_proj" in config["target_modules"]
+    hf = peft.PeftModel.from_pretrained(hf_model(path, base=True), tmp_path / "adapter")
+    got = hf_logits(hf.eval()).numpy()
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_unmapped_peft_modules_are_listed(twin_dir, tmp_path):
+    twin = peft_twin(twin_dir("gpt2"))
+    twin.save_pretrained(tmp_path / "adapter")
+    task = keras_task(twin_dir("llama"))
+    kl.apply_lora(task, targets=projections, rank=3, in_place=True)
+    before = [numpy(v) for v in task.weights]
+    with pytest.raises(
+        ValueError, match=r"(?s)name_map.*'transformer\.h\.0\.attn\.c_attn'"
+    ):
+        kl.load_adapter(task, tmp_path / "adapter")
+    for value, variable in zip(before, task.weights, strict=True):
+        np.testing.assert_array_equal(value, numpy(variable))
+
+
+def test_tied_embedding_is_refused(twin_dir, tmp_path):
+    task = keras_task(twin_dir("gemma"))
+    kl.apply_lora(task, targets=["token_embedding"], rank=2, in_place=True)
+    with pytest.raises(ValueError, match="tied"):
+        kl.save_adapter(task, tmp_path / "adapter", format="peft")
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.10.mlp.up_proj",
+        "h.1.attn.c_attn",
+    ],
+)
+def test_pattern_rule_is_peft_s(module):
+    from peft.utils.other import get_pattern_key
+
+    pattern = {"q_proj": 1, r"layers\.1\.mlp\.up_proj": 2, "h.1.attn.c_attn": 3}
+    expected = pattern.get(get_pattern_key(list(pattern), module), 0)
+    assert hub_peft.pattern_value(pattern, module, 0) == expected
