@@ -387,3 +387,27 @@ def test_adapter_files_hold_one_adapter_per_layer(tmp_path):
     with pytest.raises(ValueError, match=r"is a plain\+DoRA LoRA layer"):
         kl.load_adapter(dora, tmp_path / "a.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
+
+
+def test_save_and_load_walk_the_model_once(trained, monkeypatch, tmp_path):
+    import importlib
+
+    _, lora, path = trained
+    walked = []
+    modules = [
+        importlib.import_module(f"keras_lora.io{name}")
+        for name in ("", ".records", ".install")
+    ]
+    real = modules[0].iter_layers
+
+    def counting(model, prefix=""):
+        walked.append(model.name)
+        return real(model, prefix)
+
+    for module in modules:
+        monkeypatch.setattr(module, "iter_layers", counting)
+    kl.save_adapter(lora, tmp_path / "again.safetensors")
+    assert walked == [lora.name]
+    walked.clear()
+    assert kl.load_adapter(lora, path) is lora
+    assert walked == [lora.name]

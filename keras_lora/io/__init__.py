@@ -1,7 +1,7 @@
 """Adapter files: save a model's LoRA weights alone, and load them back.
 
-Formats, each a module with the same functions (`check`, `save`, `claims`,
-`read`), chosen by lookup in `WRITERS` and `READERS`:
+Formats, chosen by lookup in `WRITERS` (by name) and `READERS` (the first
+that claims the path):
 
 - `"keras_lora"`: one `.safetensors` file keyed by stable layer path, with
   JSON metadata in its header (see `keras_lora_format`).
@@ -15,6 +15,12 @@ layer in one walk of the model (`records.collect`), the format checks them,
 then writes atomically. Loading reads the file into validated records (no
 pickle), and `install.install` checks them against the model before it
 assigns anything.
+
+A format is a module with `NAME` and `DESCRIPTION` and, to be read,
+`claims(path) -> bool` and `read(path, name_map, model, layers, strict)`
+returning `LayerRecord`s (`layers`: the model's `(path, layer)` pairs); to
+be written, `check(model, records, path, name_map)`, which raises on what
+it cannot hold, and `save(model, records, path, name_map) -> Path`.
 """
 
 import os
@@ -80,7 +86,7 @@ def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
     _check_model(model, "save_adapter")
     check_name_map(name_map)
     records = collect(model, f"save_adapter(format={format!r})", adapter)
-    writer.check(records, path, name_map)
+    writer.check(model, records, path, name_map)
     return writer.save(model, records, path, name_map)
 
 
@@ -89,24 +95,30 @@ def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
 
     On a plain model (no LoRA layers), LoRA is first applied with
     `apply_lora` to exactly the layers the adapter covers, with its rank,
-    alpha and scale rule; the new LoRA model is returned and `model` keeps
-    computing what it did. Base model plus adapter file thus gives back the
-    fine-tuned model. On a model that has LoRA layers, the weights load into
-    them and `model` itself is returned; their alpha and scale rule are set
-    to the adapter's.
+    alpha, scale rule, variant and factoring; the new LoRA model is returned
+    and `model` keeps computing what it did. (A Functional subclass, such as
+    a KerasHub backbone or task, cannot be copied and keep its class: the
+    error names the `apply_lora(..., in_place=True)` call to make first.)
+    Base model plus adapter file thus gives back the fine-tuned model. On a
+    model that has LoRA layers, the weights load into them and `model`
+    itself is returned; their alpha and scale rule are set to the adapter's.
 
     Everything is checked before anything is assigned: a failed load leaves
     `model` as it was.
 
     Args:
         model: a `keras.Model`, plain or with LoRA layers.
-        path: a `keras_lora` `.safetensors` file, or a PEFT adapter directory
-            (one with `adapter_config.json`).
+        path: a `keras_lora` `.safetensors` file, a PEFT adapter directory
+            (one with `adapter_config.json`), or a KerasHub `*.lora.h5` file
+            from `backbone.save_lora_weights` (its layers are numbered as
+            KerasHub numbers them, see `kerashub_format`).
         name_map: maps a name in the adapter to a Keras layer name or path,
             as a dict or a callable `str -> str or None`. For PEFT the names
             are module paths without `base_model.model.` (`"encoder.0"`) and
             the default rule turns dots into slashes; for `keras_lora` they
-            are the stored layer paths, used as they are by default.
+            are the stored layer paths, used as they are by default; for a
+            KerasHub file they are its groups (`"lora/9"`), numbered by
+            default.
         strict: if true, adapter entries that match no layer of `model`, and
             LoRA layers of `model` that the adapter lacks, raise `ValueError`
             listing them; if false they are skipped with a warning.
@@ -121,9 +133,12 @@ def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
 
     Raises:
         FileNotFoundError: nothing at `path`.
+        TypeError, ValueError: an option the file records has the wrong
+            type or value (a string `use_rslora`, a NaN `alpha`, rank 0).
         ValueError: a truncated, corrupted or foreign file, a shape mismatch
-            (naming the layer and both shapes), unmatched keys under
-            `strict`, or PEFT features keras_lora cannot represent.
+            (naming the layer and both shapes), a factoring mismatch,
+            unmatched keys under `strict`, or PEFT features keras_lora
+            cannot represent.
     """
     _check_path(path)
     _check_model(model, "load_adapter")

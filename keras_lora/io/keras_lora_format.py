@@ -55,7 +55,7 @@ FORMAT_VERSION = 3
 SUFFIXES = ("/lora_a", "/lora_b", "/lora_magnitude")
 
 
-def check(records, path, name_map):
+def check(model, records, path, name_map):
     """Raises if the records cannot be written to `path` in this format."""
     if name_map is not None:
         raise ValueError(
