@@ -1,6 +1,6 @@
 """keras_lora: LoRA adapters for Keras 3 on TensorFlow, JAX and PyTorch."""
 
-from keras_lora.adapter_management import (
+from keras_lora.model.named_adapters import (
     active_adapters,
     add_adapter,
     combine_adapters,

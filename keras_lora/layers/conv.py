@@ -64,14 +64,14 @@ class LoRAConv(LoRALayer):
         return "valid" if padding == "causal" else padding
 
     def call(self, inputs, training=None):
-        if self._bypass():  # adapters disabled or none active: the base exactly
+        bypass, adapters, frozen = self._call_plan()
+        if bypass:  # adapters disabled or none active: the base exactly
             return self._base_call(inputs, training)
         layer = self.layer
-        dtype = inputs.dtype
         if layer.padding == "causal":
             inputs = ops.pad(inputs, layer._compute_causal_padding())
-        outputs = self._conv(inputs, self._frozen_kernel(), self._padding())
-        outputs = self._add_updates(inputs, outputs, training, dtype)
+        outputs = self._conv(inputs, self._frozen_kernel(frozen), self._padding())
+        outputs = self._add_updates(inputs, outputs, training, adapters)
         if layer.use_bias:
             if layer.data_format == "channels_last":
                 bias_shape = (1,) * (layer.rank + 1) + (layer.filters,)

@@ -47,16 +47,16 @@ class LoRAEmbedding(LoRALayer):
     drops_inputs = False
 
     def call(self, inputs, reverse=False, training=None):
-        layer = self.layer
         if reverse:
             return self._reverse(inputs)
-        if self._bypass():  # adapters disabled or none active: the base exactly
+        bypass, adapters, frozen = self._call_plan()
+        if bypass:  # adapters disabled or none active: the base exactly
             return self._base_call(inputs, training)
         if keras.backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
-        dtype = layer.compute_dtype
-        outputs = ops.cast(ops.take(self._frozen_kernel(), inputs, axis=0), dtype)
-        return self._add_updates(inputs, outputs, training, dtype)
+        table = self._frozen_kernel(frozen)
+        outputs = ops.cast(ops.take(table, inputs, axis=0), self.layer.compute_dtype)
+        return self._add_updates(inputs, outputs, training, adapters)
 
     def _update(self, inputs, adapter, dtype, training=None):
         rows = ops.take(self._adapter(adapter.a, dtype), inputs, axis=0)
@@ -72,26 +72,24 @@ class LoRAEmbedding(LoRALayer):
                 "`keras.layers.ReversibleEmbedding` base; this one is a "
                 f"{type(layer).__name__}."
             )
-        if not layer.tie_weights or self._bypass():
+        bypass, adapters, frozen = self._call_plan()
+        if not layer.tie_weights or bypass:
             return layer.call(inputs, reverse=True)
-        dtype = layer.reverse_dtype or inputs.dtype
+        dtype = layer.reverse_dtype or keras.backend.standardize_dtype(inputs.dtype)
         inputs = ops.cast(inputs, dtype)
         # x·(E + Σ update)ᵀ without forming the adapted table.
-        logits = ops.matmul(
-            inputs, ops.cast(ops.transpose(self._frozen_kernel()), dtype)
-        )
-        for adapter in self._call_adapters():
+        table = ops.cast(ops.transpose(self._frozen_kernel(frozen)), dtype)
+        logits = ops.matmul(inputs, table)
+        for adapter in adapters:
             x = inputs
             if adapter.magnitude is not None:
                 c = ops.cast(self._dora_factor(adapter), dtype)
-                base = ops.cast(ops.transpose(self._frozen_kernel()), dtype)
-                logits = ops.add(
-                    logits, ops.matmul(ops.multiply(inputs, ops.subtract(c, 1.0)), base)
-                )
+                base = ops.matmul(ops.multiply(inputs, ops.subtract(c, 1.0)), table)
+                logits = ops.add(logits, base)
                 x = ops.multiply(inputs, c)
             a = ops.cast(ops.transpose(adapter.a), dtype)
             b = ops.cast(ops.transpose(adapter.b), dtype)
-            low_rank = self._scaled(ops.matmul(x, b), adapter, dtype)
+            low_rank = self._scaled(ops.matmul(x, b), adapter)
             logits = ops.add(logits, ops.matmul(low_rank, a))
         if layer.logit_soft_cap is not None:
             cap = layer.logit_soft_cap

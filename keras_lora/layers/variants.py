@@ -20,7 +20,9 @@ base. Each adapter has its own rank, alpha, scale rule and variant options:
   no gradient through it) on every call: one extra kernel-sized product.
 """
 
+import keras
 import numpy as np
+from keras import ops
 
 from keras_lora.config import (  # noqa: F401  (re-exported for older imports)
     BASE_CHANGING_INITS,
@@ -33,6 +35,7 @@ from keras_lora.config import (  # noqa: F401  (re-exported for older imports)
     validate_init,
     validate_rank,
 )
+from keras_lora.layers import factoring
 
 
 class Adapter:
@@ -138,3 +141,57 @@ def factor_kernel(matrix, rank, scale, init):
             f"received rank={rank}."
         )
     return a, b
+
+
+# ----- hooks the LoRA layer calls ---------------------------------------
+
+
+def initializers(adapter, defaults):
+    """`(a_init, b_init)` of `adapter`, from the layer type's `defaults`
+    (one of which is `"zeros"`)."""
+    a_init, b_init = defaults
+    if adapter.init == "gaussian":
+        normal = keras.initializers.RandomNormal(stddev=1.0 / adapter.rank)
+        return (normal, b_init) if b_init == "zeros" else (a_init, normal)
+    if adapter.changes_base:
+        return "zeros", "zeros"  # set from the kernel by `init_from_kernel`
+    return a_init, b_init
+
+
+def init_from_kernel(adapter, kernel, layout, a_shape, b_shape, initialize):
+    """PiSSA/OLoRA: sets `adapter.a`, `adapter.b` from the float `kernel`
+    (NumPy) and returns the residual kernel `kernel - scale·A·B` (NumPy).
+    Without `initialize` (weights about to be loaded) returns `kernel`."""
+    if not initialize:
+        return kernel
+    dtype = keras.backend.standardize_dtype(adapter.a.dtype)
+    wide = kernel.astype(np.float64)
+    matrix = factoring.to_matrix(wide, layout, np)
+    a, b = factor_kernel(matrix, adapter.rank, adapter.scale, adapter.init)
+    a = a.reshape(a_shape).astype(dtype)
+    b = b.reshape(b_shape).astype(dtype)
+    adapter.a.assign(a)
+    adapter.b.assign(b)
+    # The residual is taken against the factors as stored (rounded to
+    # `dtype`), so that residual + scale·A·B is the kernel again.
+    update = factoring.product(
+        a.astype(np.float64),
+        b.astype(np.float64),
+        adapter.scale,
+        adapter.rank,
+        kernel.shape,
+        layout,
+        np,
+    )
+    return wide - update
+
+
+def column_norm(kernel, axes):
+    """DoRA's norm per output unit: over the kernel's input `axes`."""
+    return ops.sqrt(ops.sum(ops.square(kernel), axis=axes))
+
+
+def dora_factor(frozen, delta, magnitude, axes):
+    """`m / ‖W + ΔW‖` per output unit, the norm held constant (no gradient)."""
+    norm = ops.stop_gradient(column_norm(ops.add(frozen, delta), axes))
+    return ops.divide(ops.cast(magnitude, "float32"), norm)

@@ -210,7 +210,7 @@ def merge_lora(
     """
     _check_model(model, "merge_lora")
     if in_place or adapter is not None:
-        from keras_lora import adapter_management
+        from keras_lora.model import named_adapters as adapter_management
 
         if in_place:
             return adapter_management.merge_in_place(model, check_finite, adapter)

@@ -27,7 +27,8 @@ from keras import ops
 from keras_lora.config import validate_adapter_name
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.host_merge import all_finite
-from keras_lora.targets import iter_layers, match_layers
+from keras_lora.model.targets import match_layers
+from keras_lora.model.walk import iter_layers
 
 
 def _lora_layers(model, function):
@@ -54,7 +55,7 @@ def _reset_compiled(model):
 
 
 def _refuse_if_merged(layers, function):
-    merged = [p for p, layer in layers if layer._merged is not None]
+    merged = [p for p, layer in layers if layer.merged]
     if merged:
         raise ValueError(
             f"{function}: layers {merged} are merged in place; call "
@@ -325,7 +326,7 @@ def only_adapter(model, name):
         raise ValueError(
             f"No LoRA layer of model '{model.name}' has an adapter named {name!r}."
         )
-    previous = [(layer, list(layer._active)) for _, layer in layers]
+    previous = [(layer, layer.active_adapters) for _, layer in layers]
     try:
         for _, layer in layers:
             layer.set_active_adapters([name] if name in layer.adapter_names else [])
@@ -352,11 +353,7 @@ def merge_in_place(model, check_finite=True, adapter=None):
                 )
             merged.append((layer, kernel))
     for layer, kernel in merged:
-        dtype = layer.compute_dtype if layer.quantization_mode is None else "float32"
-        value = ops.convert_to_tensor(
-            kernel.astype(keras.backend.standardize_dtype(dtype))
-        )
-        object.__setattr__(layer, "_merged", value)
+        layer.merge(kernel)
     _reset_compiled(model)
     return model
 
@@ -374,20 +371,18 @@ def unmerge_lora(model):
         ValueError: nothing in `model` is merged in place.
     """
     layers = _lora_layers(model, "unmerge_lora")
-    merged = [layer for _, layer in layers if layer._merged is not None]
+    merged = [layer for _, layer in layers if layer.merged]
     if not merged:
         raise ValueError(
             f"unmerge_lora: model '{model.name}' is not merged in place "
             "(`merge_lora(model, in_place=True)`)."
         )
     for layer in merged:
-        object.__setattr__(layer, "_merged", None)
+        layer.unmerge()
     _reset_compiled(model)
     return model
 
 
 def is_merged(model):
     """Whether `model`'s LoRA layers are merged in place."""
-    return any(
-        layer._merged is not None for _, layer in _lora_layers(model, "is_merged")
-    )
+    return any(layer.merged for _, layer in _lora_layers(model, "is_merged"))
