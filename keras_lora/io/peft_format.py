@@ -32,11 +32,10 @@ import re
 from pathlib import Path
 
 import keras
-import numpy as np
 import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
-from keras_lora.io import hub_peft
+from keras_lora.io import hub_peft, peft_layout
 from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.peft_config import CONFIG_NAME, make_config, read_config
@@ -56,7 +55,6 @@ KEY = re.compile(
 MAGNITUDE = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(\.weight)?$"
 )
-CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 FUNCTION = "save_adapter(format='peft')"
 
 
@@ -86,7 +84,7 @@ def _check_by_name(records, name_map):
     """The checks of a save that names modules by `name_map` or the default
     rule (a KerasHub model without `name_map` is mapped by `hub_mapping`)."""
     for record in records:
-        _check_keras_layer(record.layer.layer, record.path, FUNCTION)
+        peft_layout.check_keras_layer(record.layer.layer, record.path, FUNCTION)
         if record.use_dora and not isinstance(record.layer.layer, keras.layers.Dense):
             raise ValueError(
                 f"{FUNCTION}: layer '{record.path}' is a DoRA "
@@ -121,9 +119,9 @@ def save(model, records, directory, name_map=None):
     for record in records:
         module = module_for_layer(name_map, record)
         modules.append(module)
-        kind = _keras_kind(record.layer.layer)
-        peft_a, peft_b = _to_peft_layout(kind, record.a, record.b)
-        names = _tensor_names(kind)
+        kind = peft_layout.keras_kind(record.layer.layer)
+        peft_a, peft_b = peft_layout.to_peft_layout(kind, record.a, record.b)
+        names = peft_layout.tensor_names(kind)
         tensors[f"{PREFIX}{module}.{names[0]}"] = peft_a
         tensors[f"{PREFIX}{module}.{names[1]}"] = peft_b
         if record.use_dora:
@@ -145,7 +143,7 @@ def _save_by_hub(hub, records, directory):
     modules, fan_in_fan_out = hub_peft.to_peft(hub, records, FUNCTION)
     tensors = {}
     for module in modules:
-        names = _tensor_names(module.kind)
+        names = peft_layout.tensor_names(module.kind)
         tensors[f"{PREFIX}{module.name}.{names[0]}"] = module.a
         tensors[f"{PREFIX}{module.name}.{names[1]}"] = module.b
     first = records[0]
@@ -201,13 +199,13 @@ def read(directory, name_map, model, layers, strict):
             continue
         layer = by_path[path]
         base = getattr(layer, "layer", layer)
-        if _keras_kind(base) != kind:
+        if peft_layout.keras_kind(base) != kind:
             raise ValueError(
                 f"PEFT module {module!r} is a {kind} adapter, but it maps to "
                 f"layer '{path}' of type {type(layer).__name__}; a {kind} "
-                f"adapter loads into a {_keras_type_name(kind)} layer."
+                f"adapter loads into a {peft_layout.keras_type_name(kind)} layer."
             )
-        _check_keras_layer(base, path, "load_adapter")
+        peft_layout.check_keras_layer(base, path, "load_adapter")
         magnitude = magnitudes.get(module)
         if options["use_dora"] and (kind != "Linear" or magnitude is None):
             raise ValueError(
@@ -216,7 +214,7 @@ def read(directory, name_map, model, layers, strict):
                 f"a {kind} adapter"
                 + ("." if magnitude is not None else " without a magnitude.")
             )
-        a, b = _to_keras_layout(kind, a, b)
+        a, b = peft_layout.to_keras_layout(kind, a, b)
         records.append(
             make_record(
                 source,
@@ -311,14 +309,14 @@ def _peft_pair(module, pair, rank, rank_pattern, directory):
     how = "" if module_rank is None else " by rank_pattern"
     rank = rank if module_rank is None else module_rank
     embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair
-    names = _tensor_names("Embedding" if embedding else "Linear")
+    names = peft_layout.tensor_names("Embedding" if embedding else "Linear")
     if sorted(pair) != sorted(names):
         raise ValueError(
             f"PEFT adapter '{directory}' is incomplete or mixed: module "
             f"{module!r} has {sorted(pair)}, expected {list(names)}."
         )
     a, b = pair[names[0]], pair[names[1]]
-    kind = "Embedding" if embedding else _peft_kind(a)
+    kind = "Embedding" if embedding else peft_layout.peft_kind(a)
     if (
         kind is None
         or a.ndim != b.ndim
@@ -350,71 +348,3 @@ def _read_weights(directory):
         )
         raise ValueError(f"PEFT adapter '{directory}' has no {WEIGHTS_NAME}.{extra}")
     return read_safetensors(path)[0]
-
-
-def _keras_type_name(kind):
-    if kind.startswith("Conv"):
-        return kind[:-1] + "D"  # "Conv2d" -> "Conv2D"
-    return {"Linear": "Dense", "Embedding": "Embedding"}[kind]
-
-
-def _keras_kind(layer):
-    """The PEFT module kind matching a Keras base layer, or `None`."""
-    if isinstance(layer, keras.layers.Dense):
-        return "Linear"
-    if isinstance(layer, keras.layers.Embedding):
-        return "Embedding"
-    if isinstance(layer, CONV_TYPES):
-        return f"Conv{len(layer.kernel_size)}d"
-    return None
-
-
-def _peft_kind(a):
-    if a.ndim == 2:
-        return "Linear"
-    if a.ndim in (3, 4, 5):
-        return f"Conv{a.ndim - 2}d"
-    return None
-
-
-def _check_keras_layer(layer, path, function):
-    kind = _keras_kind(layer)
-    if kind is None:
-        raise ValueError(
-            f"{function}: PEFT interop covers Dense, Embedding and "
-            f"Conv1D/2D/3D layers; layer '{path}' is a {type(layer).__name__}."
-        )
-    if kind.startswith("Conv") and any(d != 1 for d in layer.dilation_rate):
-        raise ValueError(
-            f"{function}: layer '{path}' is a dilated convolution "
-            f"(dilation_rate={layer.dilation_rate}). PEFT applies lora_A "
-            "without dilation and keras_lora with it, so the outputs would "
-            "differ; PEFT interop supports dilation 1 only."
-        )
-
-
-def _tensor_names(kind):
-    if kind == "Embedding":
-        return ("lora_embedding_A", "lora_embedding_B")
-    return ("lora_A.weight", "lora_B.weight")
-
-
-def _to_keras_layout(kind, a, b):
-    """PEFT's A, B -> our `lora_a`, `lora_b`."""
-    if kind.startswith("Conv"):
-        a = np.transpose(a, (*range(2, a.ndim), 1, 0))  # [r, in, *k] -> (*k, in, r)
-        b = b.reshape(b.shape[:2]).T  # [out, r, 1, ...] -> (r, out)
-    else:
-        a, b = a.T, b.T
-    return np.ascontiguousarray(a), np.ascontiguousarray(b)
-
-
-def _to_peft_layout(kind, a, b):
-    """Our `lora_a`, `lora_b` -> PEFT's A, B."""
-    if kind.startswith("Conv"):
-        spatial = a.ndim - 2
-        a = np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(spatial)))
-        b = b.T.reshape(b.shape[1], b.shape[0], *(1,) * spatial)
-    else:
-        a, b = a.T, b.T
-    return np.ascontiguousarray(a), np.ascontiguousarray(b)
