@@ -203,3 +203,20 @@ def test_a_failure_after_apply_restores_the_plain_models_flags(adapter, tmp_path
     with pytest.raises(ValueError, match=r"(?s)Shape mismatch.*'head' lora_b"):
         kl.load_adapter(model, adapter)
     assert_same_state(before, state(model))
+
+
+def test_a_failed_load_as_a_named_adapter_changes_nothing(tmp_path):
+    # The new adapter is added to each layer before the shapes are compared
+    # with its variables; a mismatch in the last layer takes them all away.
+    lora = kl.apply_lora(mlp(), targets=["d1", "d2", "head"], rank=2)
+    path = kl.save_adapter(randomize_adapters(lora), tmp_path / "a.safetensors")
+    inputs = keras.Input((16,), name="x")
+    x = keras.layers.Dense(32, activation="relu", name="d1")(inputs)
+    x = keras.layers.Dense(32, activation="relu", name="d2")(x)
+    other = keras.Model(inputs, keras.layers.Dense(5, name="head")(x))
+    model = kl.apply_lora(other, targets=["d1", "d2", "head"], rank=2)
+    before = state(model)
+    with pytest.raises(ValueError, match=r"(?s)Shape mismatch.*'head' lora_b"):
+        kl.load_adapter(model, path, adapter_name="task")
+    assert_same_state(before, state(model))
+    assert list(kl.list_adapters(model)) == ["default"]
