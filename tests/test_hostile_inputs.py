@@ -983,6 +983,22 @@ CASES = [
         r"adapter_model.safetensors' is not a readable",
         "base peft_dir",
     ),
+    C(
+        "load_adapter",
+        "KerasHub file without lora",
+        lambda e: kl.load_adapter(e.base, _hdf5(e, "no.lora.h5", "other")),
+        ValueError,
+        r"no.lora.h5' is an HDF5 file but no KerasHub LoRA file",
+        "base",
+    ),
+    C(
+        "load_adapter",
+        "KerasHub file with rank 0",
+        lambda e: kl.load_adapter(e.base, _hdf5(e, "r0.lora.h5", "lora/vars/rank", 0)),
+        ValueError,
+        r"r0.lora.h5': `rank` must be a positive integer",
+        "base",
+    ),
     # --- trainable_summary / TrainableSummary ----------------------------
     C(
         "trainable_summary",
@@ -1225,6 +1241,19 @@ def _truncated_peft(env):
     weights = path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:40])
     return path
+
+
+def _hdf5(env, name, entry, value=None):
+    """An HDF5 file holding one group (`value` None) or one dataset."""
+    import h5py
+
+    path = env.tmp / name
+    with h5py.File(path, "w") as f:
+        if value is None:
+            f.create_group(entry)
+        else:
+            f.create_dataset(entry, data=value)
+    return env.input(path)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.function}[{c.id}]")
