@@ -197,3 +197,13 @@ def test_a_plain_backbone_gets_the_in_place_call_to_make(hub_file):
     eval(call, {"kl": kl, "model": backbone})  # noqa: S307
     kl.load_adapter(backbone, path)
     np.testing.assert_allclose(to_numpy(backbone(INPUTS)), expected, atol=1e-5)
+
+
+def test_loads_into_a_task_by_its_backbones_numbers(hub_file):
+    # The file numbers the backbone's layers; a task holds more layers (the
+    # backbone itself first), which must not shift the numbers.
+    weights, expected, path = hub_file
+    task = keras_hub.models.GPT2CausalLM(backbone=same_base(weights), preprocessor=None)
+    kl.apply_lora(task, ["query", "value"], rank=RANK, in_place=True, factoring="keras")
+    assert kl.load_adapter(task, path) is task
+    np.testing.assert_allclose(to_numpy(task.backbone(INPUTS)), expected, atol=1e-5)

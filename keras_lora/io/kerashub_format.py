@@ -27,6 +27,7 @@ numeric datasets are read, nothing is unpickled.
 """
 
 import collections
+import sys
 from pathlib import Path
 
 import h5py
@@ -102,12 +103,13 @@ def read(path, name_map, model, layers, strict):
 def numbered_layers(model):
     """`model`'s layers with weights, numbered as KerasHub numbers them.
 
-    The order of Keras's `Layer._flatten_layers(include_self=False)`, with a
-    LoRA layer (or a container holding a layer transparently) counted as
-    the layer it holds.
+    The order of Keras's `Layer._flatten_layers(include_self=False)` on the
+    backbone (`model` itself, or a KerasHub task's `backbone`), with a LoRA
+    layer (or a container holding a layer transparently) counted as the
+    layer it holds.
     """
     out, seen = [], set()
-    queue = collections.deque(model._layers)
+    queue = collections.deque(_backbone(model)._layers)
     while queue:
         layer = _held(queue.popleft())
         if id(layer) in seen:
@@ -116,6 +118,16 @@ def numbered_layers(model):
         out.append(layer)
         queue.extendleft(layer._layers)
     return [layer for layer in out if layer.weights]
+
+
+def _backbone(model):
+    """The KerasHub backbone the file's numbers refer to: a task's own
+    `backbone`; any other model numbers from itself."""
+    hub_models = sys.modules.get("keras_hub.models")
+    if hub_models is None or isinstance(model, hub_models.Backbone):
+        return model
+    backbone = getattr(model, "backbone", None)
+    return backbone if isinstance(backbone, hub_models.Backbone) else model
 
 
 def _held(layer):
