@@ -1,5 +1,6 @@
 """Merge, then export: the artifact has no adapter variables or math."""
 
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import keras
 
 from keras_lora.atomic import atomic_output
+from keras_lora.model.walk import iter_layers
 from keras_lora.surgery import merge_lora
 
 FORMATS = ("tf_saved_model", "keras")
@@ -20,11 +22,17 @@ def export(model, path, format="tf_saved_model", check_finite=True, verbose=Fals
 
     Formats:
         `"tf_saved_model"`: a TensorFlow SavedModel directory with a `serve`
-            endpoint, via Keras's own `Model.export`. On the TensorFlow and
-            JAX backends this runs in process. Keras cannot export from the
-            torch backend (it needs torch_xla), so there the merged model is
-            saved as `.keras` and exported by a subprocess running the
-            TensorFlow backend. Either way `tensorflow` must be installed.
+            endpoint, via Keras's own `Model.export` under the TensorFlow
+            backend. On that backend it runs in process. On JAX and torch the
+            merged model, which is plain Keras, is saved as `.keras` (a
+            backend-neutral file) and exported by a subprocess running the
+            TensorFlow backend: Keras cannot export from torch (it needs
+            torch_xla), and its JAX export fails on models whose layers
+            compare symbolic shapes (KerasHub's `PositionEmbedding`). The
+            subprocess imports the modules that define the model's classes
+            (`keras_hub` for a KerasHub model); classes defined in
+            `__main__` must be registered in an importable module instead.
+            Either way `tensorflow` must be installed.
         `"keras"`: the merged model as one `.keras` file.
 
     The output is written beside `path` and moved into place when complete,
@@ -68,11 +76,30 @@ def export(model, path, format="tf_saved_model", check_finite=True, verbose=Fals
             merged.save(tmp)
         return path
     with atomic_output(path, directory=True) as tmp:
-        if keras.backend.backend() == "torch":
-            _export_in_tensorflow_subprocess(merged, tmp, verbose)
-        else:
+        if keras.backend.backend() == "tensorflow":
             merged.export(str(tmp), format="tf_saved_model", verbose=verbose)
+        else:
+            _export_in_tensorflow_subprocess(merged, tmp, verbose)
     return path
+
+
+def _defining_modules(model):
+    """The modules that define the classes of `model`, its layers and its
+    preprocessor, other than Keras's own: the subprocess imports them so
+    that their registered classes deserialize (e.g. `keras_hub`'s)."""
+    objects = [model, *(layer for _, layer in iter_layers(model))]
+    preprocessor = getattr(model, "preprocessor", None)
+    if preprocessor is not None:
+        objects += [preprocessor, getattr(preprocessor, "tokenizer", None)]
+    modules = []
+    for obj in objects:
+        module = type(obj).__module__
+        root = module.split(".")[0]
+        if obj is None or root in ("keras", "builtins", "__main__"):
+            continue
+        if module not in modules:
+            modules.append(module)
+    return modules
 
 
 def _export_in_tensorflow_subprocess(model, out_dir, verbose):
@@ -80,8 +107,10 @@ def _export_in_tensorflow_subprocess(model, out_dir, verbose):
         keras_file = os.path.join(work, "merged.keras")
         model.save(keras_file)
         env = dict(os.environ, KERAS_BACKEND="tensorflow")
+        modules = _defining_modules(model)
+        command = [sys.executable, "-m", "keras_lora.exporting", keras_file]
         result = subprocess.run(
-            [sys.executable, "-m", "keras_lora.exporting", keras_file, str(out_dir)],
+            [*command, str(out_dir), *modules],
             env=env,
             capture_output=not verbose,
             text=True,
@@ -93,8 +122,11 @@ def _export_in_tensorflow_subprocess(model, out_dir, verbose):
 
 
 def _main(argv):
-    """`python -m keras_lora.exporting MODEL.keras OUT_DIR`, run by `export`."""
-    keras_file, out_dir = argv
+    """`python -m keras_lora.exporting MODEL.keras OUT_DIR [MODULE ...]`, run
+    by `export` under the TensorFlow backend; imports each MODULE first."""
+    keras_file, out_dir, *modules = argv
+    for module in modules:
+        importlib.import_module(module)
     model = keras.saving.load_model(keras_file)
     model.export(out_dir, format="tf_saved_model", verbose=False)
 

@@ -69,3 +69,28 @@ def test_bad_export_requests_change_nothing(lora_model, tmp_path):
     finally:
         randomize_adapters(lora_model)
     assert os.listdir(tmp_path) == []
+
+
+def test_kerashub_task_exports_a_saved_model_serving_the_lora_logits(tmp_path):
+    """A KerasHub task converted in place exports on every backend, also where
+    Keras's own JAX export fails (a symbolic-shape comparison in
+    `PositionEmbedding`) and on torch: through the TensorFlow backend, in a
+    subprocess that imports keras_hub to rebuild the task's classes."""
+    import keras
+    import tensorflow as tf
+    from tiny_kerashub import TEXT, gpt2_causal_lm
+
+    task = gpt2_causal_lm()
+    kl.apply_lora(task, targets=["query", "value"], rank=4, in_place=True)
+    randomize_adapters(task)
+    batch = {
+        name: keras.ops.convert_to_numpy(value)
+        for name, value in task.preprocessor(TEXT)[0].items()
+    }
+    expected = keras.ops.convert_to_numpy(task(batch))
+    assert kl.export(task, tmp_path / "saved") == tmp_path / "saved"
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    served = loaded.serve(batch).numpy()
+    # float32: the merged kernel W + s·A·B rounds differently from x·W + s·(x·A)·B.
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert not [v.name for v in loaded.variables if "lora" in v.name]
