@@ -411,3 +411,8 @@ def test_save_and_load_walk_the_model_once(trained, monkeypatch, tmp_path):
     walked.clear()
     assert kl.load_adapter(lora, path) is lora
     assert walked == [lora.name]
+    # Into a plain model: one walk of it, one of the LoRA model made from it.
+    walked.clear()
+    base = nested_model()
+    restored = kl.load_adapter(base, path)
+    assert walked == [base.name, restored.name]

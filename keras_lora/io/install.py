@@ -7,7 +7,6 @@ before it assigns anything or creates any layer, so a failed load never
 leaves a half-loaded model.
 """
 
-import inspect
 import warnings
 
 import keras
@@ -262,7 +261,7 @@ def _apply_then_assign(model, by_path, records, source, adapter_name):
             "in_place=True)`."
         )
     ids = {id(by_path[r.path]) for r in records}
-    flags = _trainable_state(model)
+    flags = _trainable_state(model, by_path.values())
     try:
         lora_model = apply_lora(
             model,
@@ -318,22 +317,14 @@ def _common_options(by_path, records, source):
             "and load into that model."
         )
     if factorings:
+        # Every LoRA layer type takes `factoring`; only EinsumDense has two.
         (kwargs["factoring"],) = factorings
-        others = len(einsum) < len(records)
-        if others and "factoring" not in inspect.signature(LoRALayer).parameters:
-            raise ValueError(
-                f"{source} holds EinsumDense adapters factored "
-                f"{kwargs['factoring']!r} beside adapters of other layer "
-                "types, and `apply_lora` passes `factoring` to every LoRA "
-                "layer type, while only LoRAEinsumDense takes it. Apply LoRA "
-                "yourself and load into that model."
-            )
     return kwargs
 
 
-def _trainable_state(model):
-    """The `trainable` flags of `model`, its layers and variables."""
-    layers = [model] + [layer for _, layer in iter_layers(model)]
+def _trainable_state(model, layers):
+    """The `trainable` flags of `model`, its `layers` and its variables."""
+    layers = [model, *layers]
     return [(lay, lay.trainable) for lay in layers], [
         (v, v.trainable) for v in model.weights
     ]
