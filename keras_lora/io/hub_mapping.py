@@ -259,7 +259,7 @@ def _kernel_maps(backbone, calls):
     sizes = {}
     for variable, key, _ in calls:
         sizes[key] = sizes.get(key, 0) + math.prod(variable.shape)
-    kernels = {}
+    kernels, cache = {}, {}
     for _, layer in iter_layers(backbone):
         base = getattr(layer, "layer", layer)
         variable = _kernel_variable(base)
@@ -267,12 +267,37 @@ def _kernel_maps(backbone, calls):
         if variable is None or axes is None:
             continue
         for recorded, key, hook in calls:
-            if recorded is variable:
-                found = _analyse(key, hook, sizes[key], tuple(variable.shape), *axes)
-                if found is not None:
-                    kernels[id(variable)] = (variable, found)
-                break
+            if recorded is not variable:
+                continue
+            shape = tuple(variable.shape)
+            # Converters make the same hook for every block: analyse it once.
+            hook_key = _hook_key(hook)
+            cache_key = (hook_key, sizes[key], shape, axes)
+            if hook_key is None or cache_key not in cache:
+                found = _analyse(key, hook, sizes[key], shape, *axes)
+                if hook_key is not None:
+                    cache[cache_key] = found
+            else:
+                found = cache[cache_key]
+            if found is not None:
+                kernels[id(variable)] = (variable, dataclasses.replace(found, key=key))
+            break
     return kernels
+
+
+def _hook_key(hook):
+    """What a hook computes, as a dict key: its code, closure and defaults
+    (`None` when they are not hashable: then it is analysed each time)."""
+    if hook is None:
+        return ()
+    code = getattr(hook, "__code__", None)
+    cells = tuple(c.cell_contents for c in getattr(hook, "__closure__", None) or ())
+    key = (code, cells, getattr(hook, "__defaults__", None))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key if code is not None else None
 
 
 def _analyse(key, hook, size, shape, in_axes, out_axes, kind):
@@ -280,14 +305,13 @@ def _analyse(key, hook, size, shape, in_axes, out_axes, kind):
     n_in = math.prod(shape[a] for a in in_axes)
     if size % n_in:
         return None
-    found = []
+    # `(out, in)` first, then `(in, out)`: with the wrong one a hook fails,
+    # or mixes input and output positions, so at most one is separable.
     for hf_shape in dict.fromkeys([(size // n_in, n_in), (n_in, size // n_in)]):
-        result = _push(key, hook, hf_shape, shape, in_axes, out_axes, kind)
-        if result is not None:
-            found.append(result)
-    if len({(m.fan_in_fan_out, m.in_features, m.out_features) for m in found}) != 1:
-        return None  # no way, or several ways, to read it
-    return found[0]
+        found = _push(key, hook, hf_shape, shape, in_axes, out_axes, kind)
+        if found is not None:
+            return found
+    return None
 
 
 def _push(key, hook, hf_shape, shape, in_axes, out_axes, kind):
@@ -296,28 +320,33 @@ def _push(key, hook, hf_shape, shape, in_axes, out_axes, kind):
         return None
     n_in = math.prod(shape[a] for a in in_axes)
     matrix = np.transpose(moved, in_axes + out_axes).reshape(n_in, -1)
-    rows, cols = np.unravel_index(matrix, hf_shape)
-    for fan_in_fan_out, (outs, ins) in ((False, (rows, cols)), (True, (cols, rows))):
-        if (ins == ins[:, :1]).all() and (outs == outs[:1, :]).all():
-            in_index, out_index = ins[:, 0], outs[0, :]
-            if len(set(in_index)) != len(in_index):
-                continue
-            if len(set(out_index)) != len(out_index):
-                continue
-            in_features, out_features = (
-                hf_shape[::-1] if not fan_in_fan_out else hf_shape
-            )
-            return KernelMap(
-                key=key,
-                kind=kind,
-                in_shape=tuple(shape[a] for a in in_axes),
-                out_shape=tuple(shape[a] for a in out_axes),
-                in_index=in_index,
-                out_index=out_index,
-                in_features=in_features,
-                out_features=out_features,
-                fan_in_fan_out=fan_in_fan_out,
-            )
+    along_in, along_out = matrix[:, 0], matrix[0, :]
+    # Separable: the flat index is (a part from the input) + (one from the
+    # output); then the first column and row say which part is which.
+    if not np.array_equal(matrix, along_in[:, None] + (along_out - along_out[0])):
+        return None
+    rows_in, cols_in = np.unravel_index(along_in, hf_shape)
+    rows_out, cols_out = np.unravel_index(along_out, hf_shape)
+    for fan_in_fan_out, in_index, out_index, fixed in (
+        (False, cols_in, rows_out, (rows_in, cols_out)),
+        (True, rows_in, cols_out, (cols_in, rows_out)),
+    ):
+        if any((f != f[0]).any() for f in fixed):
+            continue
+        if any(len(np.unique(x)) != len(x) for x in (in_index, out_index)):
+            continue
+        in_features, out_features = hf_shape if fan_in_fan_out else hf_shape[::-1]
+        return KernelMap(
+            key=key,
+            kind=kind,
+            in_shape=tuple(shape[a] for a in in_axes),
+            out_shape=tuple(shape[a] for a in out_axes),
+            in_index=in_index,
+            out_index=out_index,
+            in_features=in_features,
+            out_features=out_features,
+            fan_in_fan_out=fan_in_fan_out,
+        )
     return None
 
 
@@ -325,25 +354,37 @@ def _moved_index(hook, hf_shape, shape):
     """For each entry of the kernel, the flat index of the entry of `W` that
     `hook` puts there; `None` unless `hook` only moves entries.
 
-    Some converters also cast (`astype(np.float16)`), so the index goes
-    through in base-256 digits, each exact in any float type.
+    A random probe pushed through the same way must land where the index
+    says, so a hook that computes rather than moves is caught.
     """
     hook = hook or (lambda tensor, _: tensor)
     size = math.prod(hf_shape)
-    index = np.arange(size).reshape(hf_shape)
-    probe = np.random.default_rng(0).standard_normal(hf_shape)
+    index = np.arange(size, dtype=np.int64).reshape(hf_shape)
+    probe = np.random.default_rng(0).random(hf_shape, dtype=np.float32)
     try:
-        digits = [
-            np.asarray(hook((index // 256**k) % 256, list(shape)))
-            for k in range(max(1, math.ceil(math.log(size, 256))))
-        ]
+        moved = np.asarray(hook(index, list(shape)))
+        if not np.issubdtype(moved.dtype, np.integer):  # the hook casts
+            moved = _moved_by_digits(hook, index, shape)
         values = np.asarray(hook(probe, list(shape)))
     except Exception:
         return None  # the hook does not fit this shape
-    if any(d.shape != shape for d in digits) or values.shape != shape:
+    if moved is None or moved.shape != shape or values.shape != shape:
         return None
-    moved = sum(np.rint(d).astype(np.int64) * 256**k for k, d in enumerate(digits))
     if (moved < 0).any() or (moved >= size).any():
         return None
     expected = probe.reshape(-1)[moved].astype(values.dtype)
     return moved if np.array_equal(values, expected) else None
+
+
+def _moved_by_digits(hook, index, shape):
+    """`hook`'s move of `index`, pushed through in base-256 digits, each
+    exact in any float type."""
+    moved = np.zeros(shape, np.int64)
+    for k in range(max(1, math.ceil(math.log(index.size, 256)))):
+        digit = np.asarray(
+            hook(((index >> (8 * k)) & 255).astype(np.uint8), list(shape))
+        )
+        if digit.shape != tuple(shape):
+            return None
+        moved += np.rint(digit).astype(np.int64) << (8 * k)
+    return moved
