@@ -117,6 +117,15 @@ def backend_text(results):
             ),
             "",
         ]
+    if "eager" in s:
+        e = s["eager"]
+        lines += [
+            "2b. Eager batch-1 forward, model(x), "
+            f"{e['config']['depth']} x Dense({e['config']['width']}), rank "
+            f"{e['config']['rank']}: LoRA/plain {_fmt(e['ratio_median'])} "
+            f"(median), {_fmt(e['ratio_min'])} (min)",
+            "",
+        ]
     if "memory" in s:
         m = s["memory"]
         tc, ac = m["config"]["train"], m["config"]["apply_lora"]

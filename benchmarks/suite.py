@@ -7,12 +7,12 @@ import keras
 from benchmarks import config as configs
 from benchmarks import machine
 
-SECTIONS = ("training", "block", "inference", "memory", "merge")
+SECTIONS = ("training", "block", "inference", "eager", "memory", "merge")
 
 
 def run(quick, sections=SECTIONS, log=print):
     """Returns the results of `sections` on this process's Keras backend."""
-    from benchmarks import inference, memory, merging, training
+    from benchmarks import eager_forward, inference, memory, merging, training
 
     backend = keras.backend.backend()
     config = configs.get(quick)
@@ -20,6 +20,7 @@ def run(quick, sections=SECTIONS, log=print):
         "training": lambda: training.run_mlp(config),
         "block": lambda: training.run_block(config),
         "inference": lambda: inference.run(config),
+        "eager": lambda: eager_forward.run(**eager_forward.sizes(quick)),
         "memory": lambda: memory.run(config, backend),
         "merge": lambda: merging.run(config, backend),
     }

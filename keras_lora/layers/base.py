@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from keras_lora.config import DEFAULT_NAME, validate_factoring
-from keras_lora.layers import checks, quantized
+from keras_lora.layers import checks, hot_path, quantized
 from keras_lora.layers.drop_in import DropIn
 from keras_lora.layers.merging import Merging
 from keras_lora.layers.registry import AdapterRegistry, adapter_specs
@@ -204,7 +204,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
             base = self._base_op(inputs, self._frozen_kernel(frozen))
         x = self._add_updates(inputs, base, training, adapters)
         if layer.bias is not None:
-            x = ops.add(x, layer.bias)
+            x = x + hot_path.value(layer.bias)
         if layer.activation is not None:
             x = layer.activation(x)
         return x
@@ -275,14 +275,14 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
                 x = self._dropout(inputs, adapter, training)
             update = self._update(x, adapter, dtype, training)
             if adapter.magnitude is None:
-                out = ops.add(out, update)
+                out = out + update
                 continue
             c = ops.cast(self._dora_factor(adapter), dtype)
             dora = ops.add(
                 self._scale_output(base, ops.subtract(c, 1.0)),
                 self._scale_output(update, c),
             )
-            out = ops.add(out, dora)
+            out = out + dora
         return out
 
     def _dropout(self, x, adapter, training):
@@ -299,9 +299,9 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
 
     @staticmethod
     def _adapter(variable, dtype):
-        """`variable` in the call's `dtype` (a standardized name)."""
+        """`variable`'s value in the call's `dtype` (a standardized name)."""
         # Under a mixed policy Keras autocasts on read; this covers the rest.
-        return variable if variable.dtype == dtype else ops.cast(variable, dtype)
+        return hot_path.read(variable, dtype)
 
     def _norm_axes(self):
         """The kernel axes that DoRA's column norm reduces (the input axes)."""

@@ -1,9 +1,9 @@
 """`LoRADense`: LoRA on a `keras.layers.Dense`."""
 
 import keras
-from keras import ops
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.hot_path import matmul, value
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -52,12 +52,12 @@ class LoRADense(LoRALayer):
         return (input_dim, self.rank), (self.rank, units)
 
     def _base_op(self, inputs, kernel):
-        return ops.matmul(inputs, kernel)
+        return matmul(inputs, value(kernel))
 
     def _update(self, inputs, adapter, dtype, training=None):
-        update = ops.matmul(inputs, self._adapter(adapter.a, dtype))
+        update = matmul(inputs, self._adapter(adapter.a, dtype))
         update = self._scaled(update, adapter, dtype)
-        return ops.matmul(update, self._adapter(adapter.b, dtype))
+        return matmul(update, self._adapter(adapter.b, dtype))
 
     def to_dense(self, check_finite=True):
         """Returns a plain `Dense` with this layer's config, name and the

@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_lora.config import LEGACY_FACTORING, validate_factoring
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.hot_path import matmul
 
 
 def kernel_axes(equation):
@@ -208,11 +209,11 @@ class LoRAEinsumDense(LoRALayer):
     def _update(self, inputs, adapter, dtype, training=None):
         (first, second), (first_matmul, second_matmul) = self._equations, self._matmuls
         a = self._adapter(adapter.a, dtype)
-        update = ops.matmul(inputs, a) if first_matmul else ops.einsum(first, inputs, a)
+        update = matmul(inputs, a) if first_matmul else ops.einsum(first, inputs, a)
         update = self._scaled(update, adapter, dtype)
         b = self._adapter(adapter.b, dtype)
         if second_matmul:
-            return ops.matmul(update, b)
+            return matmul(update, b)
         return ops.einsum(second, update, b)
 
     def _specs(self):
