@@ -9,8 +9,10 @@ Keras's `ModelParallel` places each variable by looking its path up in a
 | `(?:.*/)?kernel`            | `(model_axis,)`   | every base kernel, sharded on   |
 |                             |                   | its first (input) axis          |
 | `(?:.*/)?embeddings`        | `(model_axis,)`   | embedding tables, on the vocab  |
-| `(?:.*/)?lora_a`            | `()`              | adapters: replicated            |
-| `(?:.*/)?lora_b`            | `()`              | adapters: replicated            |
+| `(?:.*/)?lora_a(?:_[^/]+)?` | `()`              | adapters (`lora_a`, and         |
+| `(?:.*/)?lora_b(?:_[^/]+)?` | `()`              | `lora_a_<name>` of a named      |
+| `(?:.*/)?lora_magnitude...` | `()`              | adapter; DoRA's magnitude):     |
+|                             |                   | replicated                      |
 
 Anything else (biases, norms, a new head's weights, optimizer state) is
 replicated, as `ModelParallel` does for paths no key matches.
@@ -48,6 +50,13 @@ The distribution has to be in force when the variables are created: build
 or load the base model, and call `apply_lora`, inside
 `distribution.scope()` (or after `keras.distribution.set_distribution`).
 
+A model family's own layout, such as a KerasHub backbone's
+`get_layout_map(mesh)`, is kept when passed as `layout_map`: its keys decide
+how the base weights are sharded, and only the adapter keys are added. Its
+keys are checked against the adapter variables' paths, because Keras
+refuses a path that several keys match. Convert the KerasHub model with
+`apply_lora(..., in_place=True)` inside `distribution.scope()`.
+
 Only the JAX backend has Keras's distribution API in working order: the
 torch backend has none, and the TensorFlow backend's is an unfinished
 prototype (use `tf.distribute.MirroredStrategy` there, see docs/distributed.md).
@@ -60,10 +69,12 @@ import keras
 MODEL_AXIS = "model"
 KERNEL_KEY = r"(?:.*/)?kernel"
 EMBEDDINGS_KEY = r"(?:.*/)?embeddings"
-LORA_A_KEY = r"(?:.*/)?lora_a"
-LORA_B_KEY = r"(?:.*/)?lora_b"
+# Adapter variables: "lora_a", or "lora_a_<name>" for a named adapter.
+LORA_A_KEY = r"(?:.*/)?lora_a(?:_[^/]+)?"
+LORA_B_KEY = r"(?:.*/)?lora_b(?:_[^/]+)?"
+LORA_MAGNITUDE_KEY = r"(?:.*/)?lora_magnitude(?:_[^/]+)?"  # DoRA
 SHARDED_KEYS = (KERNEL_KEY, EMBEDDINGS_KEY)
-ADAPTER_KEYS = (LORA_A_KEY, LORA_B_KEY)
+ADAPTER_KEYS = (LORA_A_KEY, LORA_B_KEY, LORA_MAGNITUDE_KEY)
 
 
 def lora_layout_map(device_mesh, model=None, model_axis=MODEL_AXIS, layout_map=None):
@@ -155,7 +166,8 @@ def lora_layout_map(device_mesh, model=None, model_axis=MODEL_AXIS, layout_map=N
         if clashes:
             raise ValueError(
                 f"lora_layout_map: `layout_map` keys {clashes} also match LoRA "
-                "adapter variables (named 'lora_a' and 'lora_b'); anchor them "
+                "adapter variables (named 'lora_a', 'lora_b', 'lora_magnitude', "
+                "with '_<adapter name>' for a named adapter); anchor them "
                 "on the variable name, e.g. '.*query/kernel' (keras#19496)."
             )
     else:
@@ -165,8 +177,8 @@ def lora_layout_map(device_mesh, model=None, model_axis=MODEL_AXIS, layout_map=N
             result[exclude + key] = (model_axis,)
         for key in replicated:
             result[key] = ()
-    result[LORA_A_KEY] = ()
-    result[LORA_B_KEY] = ()
+    for key in ADAPTER_KEYS:
+        result[key] = ()
     return result
 
 
@@ -201,4 +213,8 @@ def _indivisible(model, device_mesh, model_axis):
 
 
 # Paths an adapter variable can have, to check a user's keys against.
-_PROBES = ("lora_a", "lora_b", "x/lora_a", "x/lora_b", "x/y/lora_a", "x/y/lora_b")
+_PROBES = tuple(
+    prefix + name
+    for prefix in ("", "x/", "x/y/", "block_0/attention/query/")
+    for name in ("lora_a", "lora_b", "lora_magnitude", "lora_a_task", "lora_b_task")
+)

@@ -7,7 +7,10 @@ is why this is a separate process:
 
 - JAX: `XLA_FLAGS=--xla_force_host_platform_device_count=4` (set here,
   before JAX is imported); `keras.distribution.DataParallel` and
-  `ModelParallel` with `kl.lora_layout_map` on a (2 batch, 2 model) mesh.
+  `ModelParallel` with `kl.lora_layout_map` on a (2 batch, 2 model) mesh;
+  and a tiny KerasHub `Llama3CausalLM` converted in place under
+  `ModelParallel` with its backbone's own `get_layout_map()` plus the
+  adapter keys (`run_kerashub`).
 - TensorFlow: 4 logical CPU devices, `tf.distribute.MirroredStrategy`.
 
 It can also be run by hand: `python tests/distributed_worker.py jax`.
@@ -195,7 +198,104 @@ def run_jax():
         )
         odd_specs = {w.path: [a for a in w.value.sharding.spec] for w in odd2.weights}
     results["odd_specs"] = odd_specs
+    results["kerashub"] = run_kerashub(devices)
     return results
+
+
+def tiny_llama():
+    """A tiny `Llama3CausalLM` (no preprocessor): vocabulary 64, 2 layers,
+    hidden 16, 2 query and 2 key/value heads. The sizes make every axis that
+    `Llama3Backbone.get_layout_map` shards divisible by 2."""
+    import keras_hub
+
+    backbone = keras_hub.models.Llama3Backbone(
+        vocabulary_size=64,
+        num_layers=2,
+        hidden_dim=16,
+        num_query_heads=2,
+        num_key_value_heads=2,
+        intermediate_dim=32,
+        name="llama_backbone",
+    )
+    return keras_hub.models.Llama3CausalLM(backbone=backbone, preprocessor=None)
+
+
+LLM_TARGETS = ["query", "value", "feedforward_output_dense"]
+TOKENS = RNG.integers(1, 64, size=(8, 8)).astype("int32")
+LLM_X = {"token_ids": TOKENS, "padding_mask": np.ones_like(TOKENS)}
+LLM_Y = np.roll(TOKENS, -1, axis=1)
+
+
+def train_llm(model):
+    model.compile(optimizer=keras.optimizers.Adam(0.01), sampler="greedy")
+    history = model.fit(LLM_X, LLM_Y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    return history.history["loss"]
+
+
+def llm_lora(base_weights, adapter_weights):
+    """The tiny LLM with `base_weights`, converted in place, adapters set."""
+    model = tiny_llama()
+    model.backbone.set_weights(base_weights)
+    kl.apply_lora(model, targets=LLM_TARGETS, rank=4, in_place=True)
+    for (_, layer), values in zip(
+        kl.surgery.lora_layers(model), adapter_weights, strict=True
+    ):
+        layer.lora_a.assign(values[0])
+        layer.lora_b.assign(values[1])
+    return model
+
+
+def run_kerashub(devices):
+    """`ModelParallel` with the backbone's own `get_layout_map()` plus the
+    adapter keys of `lora_layout_map`, against a single-device run."""
+    import keras_hub
+
+    keras.utils.set_random_seed(2)
+    base_weights = [np.array(w) for w in tiny_llama().backbone.get_weights()]
+    single = tiny_llama()
+    single.backbone.set_weights(base_weights)
+    kl.apply_lora(single, targets=LLM_TARGETS, rank=4, in_place=True)
+    adapters = []
+    for _, layer in kl.surgery.lora_layers(single):
+        layer.lora_b.assign(RNG.normal(0, 0.1, layer.lora_b.shape))
+        adapters.append(
+            [keras.ops.convert_to_numpy(w) for w in (layer.lora_a, layer.lora_b)]
+        )
+    prediction = keras.ops.convert_to_numpy(single.predict(LLM_X, verbose=0))
+    losses = train_llm(single)
+    trained = snapshot(single)
+
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
+    backbone_map = keras_hub.models.Llama3Backbone.get_layout_map(mesh)
+    layout_map = kl.lora_layout_map(mesh, layout_map=backbone_map)
+    mp = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    with mp.scope():
+        model = llm_lora(base_weights, adapters)
+        mp_prediction = keras.ops.convert_to_numpy(model.predict(LLM_X, verbose=0))
+        frozen = {
+            w.path: np.array(keras.ops.convert_to_numpy(w))
+            for w in model.non_trainable_weights
+        }
+        mp_losses = train_llm(model)
+    specs = [[w.path, [a for a in w.value.sharding.spec]] for w in model.weights]
+    expected = {
+        path: list(backbone_map[path].axes)
+        for path, _ in specs
+        if not path.split("/")[-1].startswith("lora_")
+        and backbone_map[path] is not None
+    }
+    return {
+        "class": type(model).__name__,
+        "prediction_diff": float(np.max(np.abs(mp_prediction - prediction))),
+        "loss_diff": max_diff(mp_losses, losses),
+        "weight_diff": max_diff(snapshot(model), trained),
+        "specs": specs,
+        "backbone_specs": expected,
+        "base_unchanged": all(
+            np.array_equal(frozen[w.path], keras.ops.convert_to_numpy(w))
+            for w in model.non_trainable_weights
+        ),
+    }
 
 
 def run_tensorflow():

@@ -73,6 +73,27 @@ def test_jax_data_and_model_parallel_match_one_device_and_shard_kernels():
     assert odd["odd/kernel"] == []
     assert odd["next/kernel"] == ["model"]
 
+    # A KerasHub LLM (tiny Llama3CausalLM converted in place) under
+    # ModelParallel with its backbone's own get_layout_map() plus
+    # lora_layout_map's adapter keys: same results as on one device.
+    hub = r["kerashub"]
+    assert hub["class"] == "Llama3CausalLM"
+    assert hub["prediction_diff"] < 1e-5
+    assert hub["loss_diff"] < 1e-5
+    assert hub["weight_diff"] < 1e-4
+    assert hub["base_unchanged"]
+    # Every base weight the backbone's layout map names is laid out as it
+    # says: the embedding and the 6 kernels of each of the 2 blocks at least.
+    specs = dict((path, spec) for path, spec in hub["specs"] if "lora_" not in path)
+    assert len(hub["backbone_specs"]) >= 13
+    for path, spec in hub["backbone_specs"].items():
+        assert specs[path] == spec, path
+    assert specs["token_embedding/embeddings"] == ["model", "batch"]
+    # 3 targets x 2 blocks x (A, B), all replicated.
+    adapters = [spec for path, spec in hub["specs"] if "/lora_" in path]
+    assert len(adapters) == 12
+    assert all(all(axis is None for axis in spec) for spec in adapters)
+
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute needs TF")
 def test_tensorflow_mirrored_strategy_matches_one_device():
@@ -101,8 +122,9 @@ def test_layout_map_keys_match_both_path_forms_and_never_an_adapter():
     for path in ("d1/kernel", "d1/d1/kernel", "enc/mha/query/kernel"):
         assert layout_map[path].axes == ("model",), path
     assert layout_map["tok/embeddings"].axes == ("model",)
-    for path in ("d1/lora_a", "d1/lora_b", "mha/query/lora_a"):
+    for path in ("d1/lora_a", "d1/lora_b", "mha/query/lora_a", "d1/lora_a_task"):
         assert layout_map[path].axes == (), path
+    assert layout_map["d1/lora_magnitude"].axes == ()  # DoRA
     for path in ("d1/bias", "d1/lora_kernel_a", "d1/output", "d1/kernel_scale"):
         assert layout_map[path] is None, path
 
