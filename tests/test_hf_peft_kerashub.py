@@ -149,10 +149,11 @@ def randomize(model, seed=0):
                 variable.assign(values.astype("float32"))
 
 
-def peft_twin(path, rank=3, alpha=5, **options):
-    """The twin with a PEFT adapter on every Linear/Conv1D but the head, B random."""
+def peft_twin(path, rank=3, alpha=5, target_modules=None, **options):
+    """The twin with a PEFT adapter on `target_modules` (default: every
+    Linear/Conv1D but the head); A and B random."""
     model = hf_model(path)
-    names = {
+    names = target_modules or {
         n.rsplit(".", 1)[-1]
         for n, m in model.named_modules()
         if isinstance(m, (torch.nn.Linear, transformers.pytorch_utils.Conv1D))
@@ -334,3 +335,70 @@ def test_pattern_rule_is_peft_s(module):
     pattern = {"q_proj": 1, r"layers\.1\.mlp\.up_proj": 2, "h.1.attn.c_attn": 3}
     expected = pattern.get(get_pattern_key(list(pattern), module), 0)
     assert hub_peft.pattern_value(pattern, module, 0) == expected
+
+
+def test_untied_embedding_adapter_both_ways(twin_dir, tmp_path):
+    path = twin_dir("llama")  # untied: lm_head is its own weight
+    task = keras_task(path)
+    kl.apply_lora(task, targets=["token_embedding", "query"], rank=2, in_place=True)
+    randomize(task)
+    expected = keras_logits(task)
+    kl.save_adapter(task, tmp_path / "out", format="peft")
+    hf = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "out")
+    np.testing.assert_allclose(
+        hf_logits(hf.eval()).numpy(), expected, atol=TOLERANCE, rtol=0
+    )
+    twin = peft_twin(path, target_modules=["embed_tokens", "v_proj"])
+    expected = hf_logits(twin).numpy()
+    # PEFT would also save the whole base embedding (`base_layer.weight`).
+    twin.save_pretrained(tmp_path / "in", save_embedding_layers=False)
+    task = keras_task(path)
+    kl.apply_lora(task, targets=["token_embedding", "value"], rank=3, in_place=True)
+    kl.load_adapter(task, tmp_path / "in")
+    np.testing.assert_allclose(keras_logits(task), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_layer_outside_the_converter_is_named_in_the_error(twin_dir, tmp_path):
+    backbone = keras_hub.models.Backbone.from_preset(str(twin_dir("gpt2")))
+    inputs = {
+        "token_ids": keras.Input((None,), dtype="int32"),
+        "padding_mask": keras.Input((None,), dtype="int32"),
+    }
+    head = keras.layers.Dense(3, name="head")(backbone(inputs))
+    model = keras.Model(inputs, head)
+    kl.apply_lora(model, targets=["head", "query"], rank=2, in_place=True)
+    with pytest.raises(ValueError, match=r"(?s)\['head'\].*name_map"):
+        kl.save_adapter(model, tmp_path / "adapter", format="peft")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_architecture_without_converter_lists_modules(tmp_path):
+    # KerasHub has no `transformers` converter for OPT: no correspondence.
+    config = transformers.OPTConfig(
+        vocab_size=64,
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        word_embed_proj_dim=16,
+    )
+    twin = peft.get_peft_model(
+        transformers.OPTForCausalLM(config),
+        peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+    )
+    twin.save_pretrained(tmp_path / "adapter")
+    backbone = keras_hub.models.OPTBackbone(
+        vocabulary_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+    )
+    assert hub_correspondence(backbone) is None
+    kl.apply_lora(backbone, targets=["query"], rank=2, in_place=True)
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)'model\.decoder\.layers\.0\.self_attn\.q_proj'.*name_map",
+    ):
+        kl.load_adapter(backbone, tmp_path / "adapter")
