@@ -207,3 +207,32 @@ def test_loads_into_a_task_by_its_backbones_numbers(hub_file):
     kl.apply_lora(task, ["query", "value"], rank=RANK, in_place=True, factoring="keras")
     assert kl.load_adapter(task, path) is task
     np.testing.assert_allclose(to_numpy(task.backbone(INPUTS)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert", "gemma3"])
+def test_other_architectures_load_to_kerashubs_outputs(tmp_path, name):
+    # An encoder with two outputs, and Gemma3's own blocks with grouped-query
+    # attention: each numbers its layers differently.
+    import tiny_kerashub
+
+    hub = tiny_kerashub.backbone(name)
+    weights = hub.get_weights()
+    inputs = tiny_kerashub.backbone_inputs(hub)
+    hub.enable_lora(RANK)
+    rng = np.random.default_rng(1)
+    for variable in hub.weights:
+        if "lora_kernel" in variable.path:
+            variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
+    hub.save_lora_weights(str(tmp_path / "x.lora.h5"))
+    backbone = tiny_kerashub.backbone(name)
+    backbone.set_weights(weights)
+    kl.apply_lora(
+        backbone, ["query", "value"], rank=RANK, in_place=True, factoring="keras"
+    )
+    kl.load_adapter(backbone, tmp_path / "x.lora.h5")
+    for got, want in zip(
+        keras.tree.flatten(backbone(inputs)),
+        keras.tree.flatten(hub(inputs)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-5)
