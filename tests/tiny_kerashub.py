@@ -2,7 +2,8 @@
 
 Every builder makes a model of a few thousand weights: hidden size 16,
 2 heads (1 key/value head where the architecture has grouped-query
-attention), 1 or 2 layers, a vocabulary of 64. Nothing is downloaded.
+attention), 1 transformer block (2 in the GPT2 task), a vocabulary of 64.
+Nothing is downloaded.
 """
 
 import keras
@@ -12,7 +13,7 @@ import numpy as np
 VOCAB = 64
 SEQ = 8
 
-_COMMON = {"vocabulary_size": VOCAB, "num_layers": 2, "hidden_dim": 16}
+_COMMON = {"vocabulary_size": VOCAB, "num_layers": 1, "hidden_dim": 16}
 _MHA = {"num_heads": 2, "intermediate_dim": 32, "dropout": 0.0}
 _GQA = {"num_query_heads": 2, "num_key_value_heads": 1, "intermediate_dim": 32}
 

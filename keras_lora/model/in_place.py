@@ -43,13 +43,11 @@ class Undo:
 
             self.steps.append(undo)
             object.__setattr__(owner, attr, value)
-        track = getattr(owner, "_track_trackable", None)
-        if track is not None and isinstance(value, keras.layers.Layer):
+        if hasattr(owner, "_track_trackable") and isinstance(value, keras.layers.Layer):
             # TensorFlow's dependency tracking (used by SavedModel export).
-            old_value = old
-            track(value, name=attr, overwrite=True)
-            if isinstance(old_value, keras.layers.Layer):
-                self.steps.append(lambda: track(old_value, name=attr, overwrite=True))
+            _tf_track(owner, attr, value)
+            if isinstance(old, keras.layers.Layer):
+                self.steps.append(lambda: _tf_track(owner, attr, old))
 
     def set_item(self, container, key, value):
         setter = list.__setitem__ if isinstance(container, list) else dict.__setitem__
@@ -64,6 +62,12 @@ class Undo:
     def rollback(self):
         while self.steps:
             self.steps.pop()()
+
+
+def _tf_track(owner, attr, value):
+    # Past Keras's lock on a built layer's state: no new state is made.
+    with keras.src.utils.tracking.DotNotTrackScope():
+        owner._track_trackable(value, name=attr, overwrite=True)
 
 
 def owners(model):
