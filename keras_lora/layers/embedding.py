@@ -55,7 +55,7 @@ class LoRAEmbedding(LoRALayer):
         if keras.backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         table = self._frozen_kernel(frozen)
-        outputs = ops.cast(ops.take(table, inputs, axis=0), self.layer.compute_dtype)
+        outputs = ops.cast(ops.take(table, inputs, axis=0), self.compute_dtype)
         return self._add_updates(inputs, outputs, training, adapters)
 
     def _update(self, inputs, adapter, dtype, training=None):
