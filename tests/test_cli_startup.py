@@ -5,7 +5,8 @@ seconds; the console script's launcher (`keras_lora_cli`) imports
 `keras_lora`, and with it Keras, only to run a command. These tests run the
 installed console script in fresh interpreters and look at the modules each
 one imported (`sys.modules`, or Python's `-X importtime` list for the script
-itself), never at the clock.
+itself), never at the clock. That a real command still works through the
+console script is tested in test_cli.py.
 """
 
 import json
@@ -20,23 +21,23 @@ import pytest
 # Top-level packages that a light answer must not import.
 HEAVY = ["keras", "keras_lora", "tensorflow", "jax", "jaxlib", "torch"]
 
-# `python -c PROBE OUT HEAVY ARGV...`: loads the installed `keras-lora`
+# `python -c PROBE OUT ARGV...`: loads the installed `keras-lora`
 # console-script entry point, calls it with ARGV, and writes its exit status
-# and the modules of the HEAVY packages found in `sys.modules` to OUT.
+# and the top-level names in `sys.modules` to OUT.
 PROBE = """
 import json, sys
 from importlib.metadata import entry_points
 
-out, heavy, argv = sys.argv[1], set(json.loads(sys.argv[2])), sys.argv[3:]
+out, argv = sys.argv[1], sys.argv[2:]
 (script,) = {ep.value: ep for ep in entry_points(
     group="console_scripts", name="keras-lora")}.values()
 try:
     status = script.load()(argv)
 except SystemExit as e:
     status = e.code
-found = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
+modules = sorted({name.split(".")[0] for name in sys.modules})
 with open(out, "w") as f:
-    json.dump({"status": status, "heavy": found}, f)
+    json.dump({"status": status, "modules": modules}, f)
 """
 
 
@@ -44,14 +45,15 @@ def run_entry_point(tmp_path, *argv):
     """Runs the console script's entry point in a fresh interpreter."""
     out = tmp_path / "probe.json"
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(out), json.dumps(HEAVY), *argv],
+        [sys.executable, "-c", PROBE, str(out), *argv],
         capture_output=True,
         text=True,
         env=_env(),
         timeout=300,
     )
     assert out.exists(), result.stderr
-    return json.loads(out.read_text()), result
+    found = json.loads(out.read_text())
+    return found["status"], set(found["modules"]), result
 
 
 def _env():
@@ -71,18 +73,11 @@ def _env():
     ids=["help", "command-help", "version", "no-command", "bad-command", "bad-rank"],
 )
 def test_light_answers_import_no_backend(tmp_path, argv, status, stream, text):
-    found, result = run_entry_point(tmp_path, *argv)
-    assert found["status"] == status
+    found_status, modules, result = run_entry_point(tmp_path, *argv)
+    assert found_status == status
     assert text in getattr(result, stream)
-    assert found["heavy"] == [], f"`keras-lora {' '.join(argv)}` imported these"
-
-
-def test_a_real_command_does_import_keras(tmp_path):
-    """The control: the probe sees Keras where a command needs it."""
-    found, result = run_entry_point(tmp_path, "inspect", str(tmp_path / "no.keras"))
-    assert found["status"] == 2
-    assert "keras-lora: error: no such file" in result.stderr
-    assert "keras" in found["heavy"] and "keras_lora" in found["heavy"]
+    assert "keras_lora_cli" in modules  # the launcher ran in this interpreter
+    assert modules.isdisjoint(HEAVY), sorted(modules.intersection(HEAVY))
 
 
 def imported_by_console_script(*argv):
@@ -108,13 +103,5 @@ def imported_by_console_script(*argv):
 def test_console_script_help_imports_no_backend():
     result, modules = imported_by_console_script("--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: keras-lora")
-    assert "argparse" in modules  # the import list is really there
+    assert "keras_lora_cli" in modules  # the import list is really there
     assert modules.isdisjoint(HEAVY), sorted(modules.intersection(HEAVY))
-
-
-def test_console_script_command_imports_keras(tmp_path):
-    result, modules = imported_by_console_script(
-        "merge", str(tmp_path / "no.keras"), str(tmp_path / "out.keras")
-    )
-    assert result.returncode == 2 and "no such file" in result.stderr
-    assert {"keras", "keras_lora"} <= modules
