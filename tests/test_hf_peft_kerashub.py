@@ -402,3 +402,32 @@ def test_architecture_without_converter_lists_modules(tmp_path):
         match=r"(?s)'model\.decoder\.layers\.0\.self_attn\.q_proj'.*name_map",
     ):
         kl.load_adapter(backbone, tmp_path / "adapter")
+
+
+def test_llama_backbone_class_maps_through_the_llama3_converter(twin_dir, tmp_path):
+    # KerasHub converts `model_type: llama` to Llama3Backbone only; a
+    # LlamaBackbone (Llama 2) with the same weights maps the same way.
+    path = twin_dir("llama")
+    llama3 = keras_hub.models.Backbone.from_preset(str(path))
+    fields = (
+        "vocabulary_size",
+        "num_layers",
+        "num_query_heads",
+        "hidden_dim",
+        "intermediate_dim",
+        "num_key_value_heads",
+        "rope_max_wavelength",
+        "layer_norm_epsilon",
+        "tie_word_embeddings",
+    )
+    config = {k: v for k, v in llama3.get_config().items() if k in fields}
+    backbone = keras_hub.models.LlamaBackbone(**config)
+    backbone.set_weights(llama3.get_weights())
+    task = keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    kl.apply_lora(task, targets=projections, rank=4, in_place=True)
+    randomize(task)
+    expected = keras_logits(task)
+    kl.save_adapter(task, tmp_path / "adapter", format="peft")
+    hf = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter")
+    got = hf_logits(hf.eval()).numpy()
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
