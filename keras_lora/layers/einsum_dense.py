@@ -187,6 +187,10 @@ class LoRAEinsumDense(LoRALayer):
         object.__setattr__(self, "_equations", (first, second))
         object.__setattr__(self, "_matmuls", matmuls)
         object.__setattr__(self, "_norm_axes_cache", tuple(inputs))
+        lhs, output = equation.split("->")
+        c_spec = "".join(ch for ch in lhs.split(",")[1] if ch in output)
+        dora = None if output.endswith(c_spec) else f"{output},{c_spec}->{output}"
+        object.__setattr__(self, "_dora_equation", dora)
 
     def adapter_shapes(self):
         shape = tuple(self.layer.kernel.shape)
@@ -216,20 +220,15 @@ class LoRAEinsumDense(LoRALayer):
             return matmul(update, b)
         return ops.einsum(second, update, b)
 
-    def _specs(self):
-        lhs, output = self.layer.equation.replace(" ", "").split("->")
-        return lhs.split(",")[1], output
-
     def _norm_axes(self):
         # DoRA's norm runs over the kernel axes that do not reach the output.
         return self._norm_axes_cache
 
     def _scale_output(self, y, c):
-        k_spec, output = self._specs()
-        c_spec = "".join(ch for ch in k_spec if ch in output)
-        if output.endswith(c_spec):
-            return ops.multiply(y, c)
-        return ops.einsum(f"{output},{c_spec}->{output}", y, c)
+        # `y` times DoRA's per-output-unit `c`: a broadcast product when the
+        # output ends with `c`'s axes, else the einsum set up once.
+        equation = self._dora_equation
+        return ops.multiply(y, c) if equation is None else ops.einsum(equation, y, c)
 
     def get_config(self):
         config = super().get_config()
