@@ -160,3 +160,36 @@ def test_disabled_adapters_over_int8_bases_give_the_int8_output_exactly():
     assert rel_max(to_numpy(lora_model(x)), before) > 1e-3  # adapters count
     with kl.disable_adapters(lora_model):
         np.testing.assert_array_equal(to_numpy(lora_model(x)), before)
+
+
+def test_int8_call_never_modifies_the_shared_base_layer():
+    """The base layer may be shared (the model `apply_lora` was given, other
+    threads): a LoRA call reads it and never sets its attributes, not even
+    for the duration of Keras's quantized op."""
+    dense = keras.layers.Dense(4, activation="relu", name="d")
+    dense.build((None, 8))
+    dense.quantize("int8")
+    lora = kl.LoRADense(dense, rank=2)
+    lora.lora_b.assign(np.ones(lora.lora_b.shape, "float32"))
+    seen = []
+    quantizer = dense.inputs_quantizer
+    assert quantizer is not None  # Keras quantizes the inputs of int8 Dense
+
+    def recording_quantizer(*args, **kwargs):
+        seen.append((dense.activation, dense.bias))
+        return quantizer(*args, **kwargs)
+
+    object.__setattr__(dense, "inputs_quantizer", recording_quantizer)
+    activation, bias = dense.activation, dense.bias
+    state = dict(vars(dense))
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype("float32")
+    out = to_numpy(lora(x))
+    assert seen and all(a is activation and b is bias for a, b in seen)
+    assert vars(dense) == state
+    # Still the right output: relu(int8 product + update + bias).
+    object.__setattr__(dense, "inputs_quantizer", quantizer)
+    lora.adapters_disabled = True
+    base = to_numpy(lora(x))
+    lora.adapters_disabled = False
+    assert np.abs(out - base).max() > 1e-3
+    assert (out >= 0).all()
