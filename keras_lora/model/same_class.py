@@ -205,11 +205,22 @@ def _mark_task_on_load(backbone):
         task = _task_holding(self)
         if task is not None:
             mark_converted(task)
+            _build_optimizer(task)
         return load(self, store)
 
     object.__setattr__(
         backbone, "load_own_variables", types.MethodType(load_own_variables, backbone)
     )
+
+
+def _build_optimizer(task):
+    """A task's `compile` is its own, so Keras's `compile_from_config` skips
+    it on load and the task's optimizer is unbuilt: build it on the task's
+    trainable weights, as `compile_from_config` does, so that the saved
+    optimizer state (loaded after the layers) resumes too."""
+    optimizer = getattr(task, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(task.trainable_variables)
 
 
 def _task_holding(backbone, depth=40):
