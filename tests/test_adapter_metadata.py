@@ -205,9 +205,8 @@ def test_a_failure_after_apply_restores_the_plain_models_flags(adapter, tmp_path
     assert_same_state(before, state(model))
 
 
-def test_a_failed_load_as_a_named_adapter_changes_nothing(tmp_path):
-    # The new adapter is added to each layer before the shapes are compared
-    # with its variables; a mismatch in the last layer takes them all away.
+def test_a_failed_load_as_a_named_adapter_changes_nothing(tmp_path, monkeypatch):
+    # The shapes are checked before the new adapter is added to any layer.
     lora = kl.apply_lora(mlp(), targets=["d1", "d2", "head"], rank=2)
     path = kl.save_adapter(randomize_adapters(lora), tmp_path / "a.safetensors")
     inputs = keras.Input((16,), name="x")
@@ -216,7 +215,20 @@ def test_a_failed_load_as_a_named_adapter_changes_nothing(tmp_path):
     other = keras.Model(inputs, keras.layers.Dense(5, name="head")(x))
     model = kl.apply_lora(other, targets=["d1", "d2", "head"], rank=2)
     before = state(model)
+    added = []
+    real = kl.LoRALayer.add_adapter
+
+    def add_adapter(layer, *args, **kwargs):
+        added.append(layer.name)
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(kl.LoRALayer, "add_adapter", add_adapter)
     with pytest.raises(ValueError, match=r"(?s)Shape mismatch.*'head' lora_b"):
         kl.load_adapter(model, path, adapter_name="task")
+    assert added == []
     assert_same_state(before, state(model))
     assert list(kl.list_adapters(model)) == ["default"]
+    # The file loads as a named adapter where it fits.
+    fits = kl.apply_lora(mlp(), targets=["d1", "d2", "head"], rank=3)
+    kl.load_adapter(fits, path, adapter_name="task")
+    assert added == ["d1", "d2", "head"]

@@ -173,22 +173,53 @@ def _plan(model, by_path, records, source):
             pairs.append(("lora_magnitude", record.magnitude))
         for name, array in pairs:
             variable = getattr(layer, name)
-            expected = tuple(variable.shape)
-            if tuple(array.shape) != expected:
-                mismatches.append(
-                    f"layer '{record.path}' {name}: the model expects shape "
-                    f"{expected}, {source} has {tuple(array.shape)} "
-                    f"(key {record.key!r})"
-                )
+            problem = _mismatch(record, name, array, variable.shape, source)
+            if problem:
+                mismatches.append(problem)
             else:
                 dtype = keras.backend.standardize_dtype(variable.dtype)
                 plan.append((variable, np.asarray(array, dtype=dtype)))
+    _refuse(mismatches, model, source)
+    return plan
+
+
+def _mismatch(record, name, array, expected, source):
+    if tuple(array.shape) == tuple(expected):
+        return None
+    return (
+        f"layer '{record.path}' {name}: the model expects shape "
+        f"{tuple(expected)}, {source} has {tuple(array.shape)} "
+        f"(key {record.key!r})"
+    )
+
+
+def _refuse(mismatches, model, source):
     if mismatches:
         raise ValueError(
             f"Shape mismatch loading {source} into model '{model.name}'; "
             "nothing was loaded:\n  " + "\n  ".join(mismatches)
         )
-    return plan
+
+
+def _check_new_adapter_shapes(model, by_path, records, source, name):
+    """Raises before adapter `name` is added anywhere if a record's factors
+    cannot fit: a new adapter has the shapes of the layer's first one, at
+    the record's rank."""
+    mismatches = []
+    for record in records:
+        layer = by_path[record.path]
+        if name in layer.adapter_names:
+            continue
+        first = layer.get_adapter(layer.adapter_names[0])
+        rank = record.rank
+        for factor, array, expected in (
+            ("lora_a", record.a, tuple(first.a.shape[:-1]) + (rank,)),
+            ("lora_b", record.b, (rank,) + tuple(first.b.shape[1:])),
+        ):
+            problem = _mismatch(record, factor, array, expected, source)
+            if problem:
+                mismatches.append(problem)
+    _refuse(mismatches, model, source)
 
 
 def _assign(plan, by_path, records, source, warn_scale=True):
@@ -215,6 +246,7 @@ def _assign(plan, by_path, records, source, warn_scale=True):
 def _into_named_adapter(model, by_path, records, source, name):
     """Loads `records` into adapter `name`, adding it where missing; on
     failure the added adapters go again. Active adapters do not change."""
+    _check_new_adapter_shapes(model, by_path, records, source, name)
     added, previous = [], {}
     try:
         for record in records:
