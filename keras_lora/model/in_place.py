@@ -13,10 +13,25 @@ is logged, and `Undo.rollback` puts everything back.
 import keras
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.model.containers import LoRAContainer
 from keras_lora.model.walk import children, graph_model, iter_layers
 
 KerasHistory = keras.src.ops.node.KerasHistory
-_SKIPPED = ("_layers", "_modules", "_inbound_nodes", "_outbound_nodes")
+_KERAS_TRACKED = (
+    keras.src.utils.tracking.TrackedList,
+    keras.src.utils.tracking.TrackedDict,
+)
+_PLAIN_GRAPHS = (keras.src.models.Functional, keras.Sequential)
+# Held by every layer or graph, and swapped by `swap` itself.
+_SKIPPED = (
+    "_layers",
+    "_modules",
+    "_inbound_nodes",
+    "_outbound_nodes",
+    "_operations",
+    "_operations_by_depth",
+    "nnx_operations",
+)
 
 
 class Undo:
@@ -50,10 +65,9 @@ class Undo:
                 self.steps.append(lambda: _tf_track(owner, attr, old))
 
     def set_item(self, container, key, value):
-        setter = list.__setitem__ if isinstance(container, list) else dict.__setitem__
         old = container[key]
-        self.steps.append(lambda: setter(container, key, old))
-        setter(container, key, value)
+        self.steps.append(lambda: _set_item_untracked(container, key, old))
+        _set_item_untracked(container, key, value)
 
     def call(self, do, undo):
         do()
@@ -62,6 +76,20 @@ class Undo:
     def rollback(self):
         while self.steps:
             self.steps.pop()()
+
+
+def _set_item_untracked(container, key, value):
+    """`container[key] = value` past Keras's tracking (a built layer's state
+    is locked). Keras's own tracked list and dict are set as plain ones;
+    TensorFlow's wrappers (which keep their items elsewhere) through their
+    own `__setitem__`."""
+    if type(container) in (list, dict) or isinstance(container, _KERAS_TRACKED):
+        (list if isinstance(container, list) else dict).__setitem__(
+            container, key, value
+        )
+    else:
+        with keras.src.utils.tracking.DotNotTrackScope():
+            container[key] = value
 
 
 def _tf_track(owner, attr, value):
@@ -82,7 +110,7 @@ def owners(model):
             getattr(owner, "layer", None)
             if getattr(type(owner), "holds_layer_transparently", False)
             else None,
-            vars(owner).get("_functional")
+            _attributes(owner).get("_functional")
             if isinstance(owner, keras.Sequential)
             else None,
         ):
@@ -115,7 +143,7 @@ def references(owner, base):
             refs += [("item", attr, k) for k, v in value.items() if v is base]
     if any(layer is base for layer in vars(owner).get("_layers", ())):
         refs.append(("layers",))
-    if graph_model(owner) and any(op is base for op in owner._operations):
+    if any(op is base for op in vars(owner).get("_operations", ())):
         refs.append(("graph",))
     return refs
 
@@ -235,6 +263,22 @@ def _take_over_nodes(base, wrapper, undo):
             )
 
 
+def hold_in_containers(model, undo):
+    """In a plain Functional or Sequential graph (whose config lists its
+    layers), a layer with LoRA layers inside (a `MultiHeadAttention`, a
+    custom block) is held by a `LoRAContainer`, which records where the
+    adapters are so that a `.keras` file brings them back."""
+    graphs = [o for o in owners(model) if type(o) in _PLAIN_GRAPHS]
+    for graph in graphs:
+        for op in list(graph.layers):
+            if graph_model(op) or isinstance(op, (LoRALayer, LoRAContainer)):
+                continue
+            if not any(isinstance(layer, LoRALayer) for _, layer in iter_layers(op)):
+                continue
+            holders = [(g, refs) for g in graphs if (refs := references(g, op))]
+            swap(holders, op, LoRAContainer(op), undo)
+
+
 def forget_torch_params(layers):
     """torch: a built layer caches its parameters (all of them, nested ones
     included); let each recollect them on next use."""
@@ -335,6 +379,7 @@ def apply_in_place(model, targets, keep, make_wrapper):
         wrappers = [make_wrapper(base) for base, _ in plan]
         for (base, holders), wrapper in zip(plan, wrappers, strict=True):
             swap(holders, base, wrapper, undo)
+        hold_in_containers(model, undo)
         freeze_except(model, keep)
     except BaseException:
         undo.rollback()

@@ -122,6 +122,9 @@ def apply_lora(
             ),
         )
         same_class.mark_converted(model)
+        if not graph_model(model):
+            for _, layer in lora_layers(model):
+                layer._reload_warning = model.name
         return model
     reaches = _Reaches(to_wrap | to_copy)
 
