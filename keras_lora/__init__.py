@@ -21,6 +21,7 @@ from keras_lora.layers import (
     LoRALayer,
 )
 from keras_lora.summary import TrainableSummary, trainable_summary
+from keras_lora.model.core_lora import from_core_lora
 from keras_lora.model.surgery import apply_lora, merge_lora
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "TrainableSummary",
     "apply_lora",
     "export",
+    "from_core_lora",
     "load_adapter",
     "lora_layout_map",
     "merge_lora",

@@ -1,0 +1,124 @@
+"""From Keras core's LoRA (`layer.enable_lora(rank)`) to keras_lora.
+
+Keras's `Dense`, `EinsumDense` and `Embedding` (and KerasHub's
+`ReversibleEmbedding`, through `backbone.enable_lora`) can carry a LoRA of
+their own: `kernel = W + (lora_alpha / lora_rank)·A·B`. `from_core_lora`
+replaces each such layer by a keras_lora layer around a plain copy of its
+base, holding the same `A` and `B` with the same scale, so the model
+computes what it did. `EinsumDense` keeps core's factoring (`"keras"`).
+"""
+
+import keras
+
+from keras_lora.config import validate_flag
+from keras_lora.layers import LoRAEinsumDense, lora_class_for
+from keras_lora.model import same_class
+from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.walk import graph_model, iter_layers
+
+
+def from_core_lora(model, in_place=False):
+    """Turns a model that used Keras core's `enable_lora` into a keras_lora
+    model with the same outputs.
+
+    Every layer with `lora_enabled` becomes the keras_lora layer for its
+    type (`LoRADense`, `LoRAEinsumDense` with `factoring="keras"`,
+    `LoRAEmbedding`) at `rank = lora_rank`, `alpha = lora_alpha`, holding
+    core's `A` and `B`; its base is a plain copy of the layer without LoRA
+    (one copy of each converted kernel). As with `apply_lora`, every weight
+    but the adapters is frozen.
+
+    Args:
+        model: a built `keras.Model` with at least one core-LoRA layer.
+        in_place: if true, convert `model` itself and return it (it keeps
+            its class: a KerasHub task or backbone). If false (the default),
+            convert a copy (`keras.models.clone_model`), which needs a plain
+            Functional or Sequential model.
+
+    Returns:
+        The keras_lora model: `model` itself, or a new model.
+
+    Raises:
+        TypeError: `model` is not a Keras model, or `in_place` not a bool.
+        ValueError: `model` has no core-LoRA layer, or a copy was asked of a
+            model that cannot be copied with its class; `model` unchanged.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "from_core_lora: `model` must be a keras.Model. Received: "
+            f"{model!r} of type {type(model).__name__}"
+        )
+    in_place = validate_flag(in_place, "in_place")
+    targets = [
+        (path, layer)
+        for path, layer in iter_layers(model)
+        if getattr(layer, "lora_enabled", False)
+    ]
+    if not targets:
+        raise ValueError(
+            f"from_core_lora: model '{model.name}' has no layer with Keras core "
+            "LoRA enabled (`layer.lora_enabled`). Use `keras_lora.apply_lora` to "
+            "add adapters to a plain model."
+        )
+    unsupported = [p for p, layer in targets if lora_class_for(layer) is None]
+    if unsupported:
+        raise ValueError(
+            f"from_core_lora: layers {unsupported} have core LoRA but no "
+            "keras_lora layer type (Dense, EinsumDense, Embedding)."
+        )
+    if not in_place:
+        if not graph_model(model) or type(model) not in (
+            keras.src.models.Functional,
+            keras.Sequential,
+        ):
+            raise ValueError(
+                f"from_core_lora: a copy of '{model.name}' "
+                f"({type(model).__name__}) would not keep its class. Pass "
+                "`in_place=True` to convert the model itself."
+            )
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        # Keras bug: a layer built from a config with `lora_rank` calls
+        # `enable_lora(rank)` without `lora_alpha`, which resets the alpha.
+        pairs = zip(iter_layers(model), iter_layers(copy), strict=True)
+        for (_, old), (_, new) in pairs:
+            if getattr(old, "lora_enabled", False):
+                new.lora_alpha = old.lora_alpha
+        return from_core_lora(copy, in_place=True)
+    apply_in_place(model, targets, set(), _keras_lora_layer)
+    same_class.mark_converted(model)
+    return model
+
+
+def _keras_lora_layer(layer):
+    """The keras_lora layer computing what core-LoRA `layer` computes."""
+    lora_a, lora_b = _core_factors(layer)
+    config = layer.get_config()
+    for key in ("lora_rank", "lora_alpha"):
+        config.pop(key, None)
+    base = type(layer).from_config(config)
+    build_config = layer.get_build_config()
+    if build_config:
+        base.build_from_config(build_config)
+    own = [w for w in layer.weights if w is not lora_a and w is not lora_b]
+    if [tuple(w.shape) for w in own] != [tuple(w.shape) for w in base.weights]:
+        raise ValueError(
+            f"from_core_lora: layer '{layer.name}' ({type(layer).__name__}) "
+            "rebuilt without LoRA has different weights; cannot convert it."
+        )
+    for old, new in zip(own, base.weights, strict=True):
+        new.assign(old)
+    cls = lora_class_for(base)
+    kwargs = {"rank": int(layer.lora_rank), "alpha": float(layer.lora_alpha)}
+    if cls is LoRAEinsumDense:
+        kwargs["factoring"] = "keras"
+    wrapper = cls(base, **kwargs)
+    wrapper.lora_a.assign(keras.ops.cast(lora_a, wrapper.lora_a.dtype))
+    wrapper.lora_b.assign(keras.ops.cast(lora_b, wrapper.lora_b.dtype))
+    return wrapper
+
+
+def _core_factors(layer):
+    if isinstance(layer, keras.layers.Embedding):
+        return layer.lora_embeddings_a, layer.lora_embeddings_b
+    return layer.lora_kernel_a, layer.lora_kernel_b
