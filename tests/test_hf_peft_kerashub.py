@@ -431,3 +431,55 @@ def test_llama_backbone_class_maps_through_the_llama3_converter(twin_dir, tmp_pa
     hf = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter")
     got = hf_logits(hf.eval()).numpy()
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_bert_backbone_both_ways(tmp_path):
+    # KerasHub's BERT uses the tanh approximation of GELU; so does this twin.
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_act="gelu_pytorch_tanh",
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    inputs = {
+        "token_ids": TOKENS,
+        "segment_ids": np.zeros_like(TOKENS),
+        "padding_mask": np.ones_like(TOKENS),
+    }
+
+    def keras_output(model):
+        return keras.ops.convert_to_numpy(model(inputs)["sequence_output"])
+
+    def encoder(layer):
+        return projections(layer) and layer.name != "pooled_dense"
+
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "bert"))
+    kl.apply_lora(backbone, targets=encoder, rank=4, in_place=True)
+    randomize(backbone)
+    expected = keras_output(backbone)
+    kl.save_adapter(backbone, tmp_path / "out", format="peft")
+    twin = hf_model(tmp_path / "bert", base=True)
+    got = hf_logits(peft.PeftModel.from_pretrained(twin, tmp_path / "out").eval())
+    np.testing.assert_allclose(got.numpy(), expected, atol=TOLERANCE, rtol=0)
+
+    twin = peft.get_peft_model(
+        hf_model(tmp_path / "bert", base=True),
+        peft.LoraConfig(
+            r=3,
+            target_modules=r".*encoder.*\.(query|value|dense)",
+            init_lora_weights=False,
+        ),
+    ).eval()
+    expected = hf_logits(twin).numpy()
+    twin.save_pretrained(tmp_path / "in")
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "bert"))
+    names = ["query", "value", "attention_output"]
+    names += ["feedforward_intermediate_dense", "feedforward_output_dense"]
+    kl.apply_lora(backbone, targets=names, rank=3, in_place=True)
+    kl.load_adapter(backbone, tmp_path / "in")
+    np.testing.assert_allclose(keras_output(backbone), expected, atol=TOLERANCE, rtol=0)
