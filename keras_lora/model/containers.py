@@ -287,7 +287,9 @@ def attach_adapters(container, specs):
         cls = keras.saving.get_registered_object(spec["class_name"])
         if cls is None:
             raise ValueError(f"Unknown LoRA layer class {spec['class_name']!r}")
-        wrapper = cls(base, **spec["config"])
+        # `from_layer_config` reads older configs as they were meant (an
+        # EinsumDense adapter without `factoring` is Keras core's factoring).
+        wrapper = cls.from_layer_config(base, spec["config"])
         if isinstance(parent, Layer):
             _set(parent, last, wrapper)
         elif isinstance(parent, tuple):
