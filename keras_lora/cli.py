@@ -82,8 +82,9 @@ def _inspect(args):
 
     from keras_lora.layers import lora_class_for
     from keras_lora.summary import trainable_summary
-    from keras_lora.surgery import apply_lora, lora_layers
-    from keras_lora.targets import iter_layers, match_layers
+    from keras_lora.model.surgery import apply_lora, lora_layers
+    from keras_lora.model.targets import match_layers
+    from keras_lora.model.walk import iter_layers
 
     model = _load_model(args.model)
     layers = list(iter_layers(model))
@@ -164,7 +165,7 @@ def _print_table(rows):
 
 def _merge(args):
     from keras_lora.exporting import export
-    from keras_lora.surgery import lora_layers
+    from keras_lora.model.surgery import lora_layers
 
     _check_keras_output(args.output)
     model = _load_model(args.model)
@@ -180,7 +181,7 @@ def _merge(args):
 def _apply(args):
     from keras_lora.atomic import atomic_output
     from keras_lora.io import load_adapter
-    from keras_lora.surgery import merge_lora
+    from keras_lora.model.surgery import merge_lora
 
     _check_keras_output(args.output)
     name_map = _parse_name_map(args.name_map)
@@ -234,7 +235,7 @@ def _export(args):
 
     from keras_lora.atomic import atomic_output
     from keras_lora.exporting import export
-    from keras_lora.surgery import lora_layers
+    from keras_lora.model.surgery import lora_layers
 
     if args.format == "keras":
         _check_keras_output(args.output)

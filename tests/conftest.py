@@ -74,7 +74,7 @@ def mlp(input_dim=16, hidden=32, outputs=3, name="mlp"):
 
 def randomize_adapters(model, scale=0.1, seed=0):
     """Gives every adapter non-zero weights, so LoRA changes the output."""
-    from keras_lora.surgery import lora_layers
+    from keras_lora.model.surgery import lora_layers
 
     rng = np.random.default_rng(seed)
     for _, layer in lora_layers(model):

@@ -13,8 +13,8 @@ import safetensors.numpy
 
 import keras_lora as kl
 from keras_lora.layers import lora_class_for
-from keras_lora.surgery import lora_layers
-from keras_lora.targets import iter_layers
+from keras_lora.model.surgery import lora_layers
+from keras_lora.model.walk import iter_layers
 
 X = np.random.default_rng(7).normal(size=(5, 6)).astype("float32")
 

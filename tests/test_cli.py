@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import keras_lora as kl
-from keras_lora.surgery import lora_layers
-from keras_lora.targets import iter_layers
+from keras_lora.model.surgery import lora_layers
+from keras_lora.model.walk import iter_layers
 from keras_lora_cli import main
 
 X = np.random.default_rng(5).normal(size=(4, 6)).astype("float32")

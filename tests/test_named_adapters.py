@@ -7,7 +7,7 @@ import pytest
 from conftest import mlp, to_numpy
 
 import keras_lora as kl
-from keras_lora.surgery import lora_layers
+from keras_lora.model.surgery import lora_layers
 
 X = np.random.default_rng(5).normal(size=(8, 16)).astype("float32")
 

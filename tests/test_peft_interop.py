@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_lora as kl
-from keras_lora.surgery import lora_layers
+from keras_lora.model.surgery import lora_layers
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

@@ -6,7 +6,7 @@ import pytest
 from conftest import randomize_adapters, to_numpy
 
 import keras_lora as kl
-from keras_lora.surgery import lora_layers
+from keras_lora.model.surgery import lora_layers
 
 
 def mse(model, x, y):

@@ -7,7 +7,7 @@ from conftest import mlp, randomize_adapters, to_numpy
 
 import keras_lora as kl
 from keras_lora.model import named_adapters
-from keras_lora.surgery import lora_layers
+from keras_lora.model.surgery import lora_layers
 
 X = np.random.default_rng(6).normal(size=(8, 16)).astype("float32")
 

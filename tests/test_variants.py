@@ -11,7 +11,7 @@ import pytest
 from conftest import to_numpy
 
 import keras_lora as kl
-from keras_lora.surgery import lora_layers
+from keras_lora.model.surgery import lora_layers
 
 LAYER_TYPES = ("dense", "einsum", "embedding", "conv")
 
