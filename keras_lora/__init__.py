@@ -1,5 +1,16 @@
 """keras_lora: LoRA adapters for Keras 3 on TensorFlow, JAX and PyTorch."""
 
+from keras_lora.distribution import lora_layout_map
+from keras_lora.exporting import export
+from keras_lora.io import load_adapter, save_adapter
+from keras_lora.layers import (
+    LoRAConv,
+    LoRADense,
+    LoRAEinsumDense,
+    LoRAEmbedding,
+    LoRALayer,
+)
+from keras_lora.model.core_lora import from_core_lora
 from keras_lora.model.named_adapters import (
     active_adapters,
     add_adapter,
@@ -10,19 +21,8 @@ from keras_lora.model.named_adapters import (
     set_adapter,
     unmerge_lora,
 )
-from keras_lora.io import load_adapter, save_adapter
-from keras_lora.distribution import lora_layout_map
-from keras_lora.exporting import export
-from keras_lora.layers import (
-    LoRAConv,
-    LoRADense,
-    LoRAEinsumDense,
-    LoRAEmbedding,
-    LoRALayer,
-)
-from keras_lora.summary import TrainableSummary, trainable_summary
-from keras_lora.model.core_lora import from_core_lora
 from keras_lora.model.surgery import apply_lora, merge_lora
+from keras_lora.summary import TrainableSummary, trainable_summary
 
 __version__ = "0.1.0"
 

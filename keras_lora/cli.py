@@ -81,10 +81,10 @@ def _inspect(args):
     import numpy as np
 
     from keras_lora.layers import lora_class_for
-    from keras_lora.summary import trainable_summary
     from keras_lora.model.surgery import apply_lora, lora_layers
     from keras_lora.model.targets import match_layers
     from keras_lora.model.walk import iter_layers
+    from keras_lora.summary import trainable_summary
 
     model = _load_model(args.model)
     layers = list(iter_layers(model))
