@@ -2,6 +2,7 @@
 models and KerasHub-style Functional subclasses."""
 
 import warnings
+import zipfile
 
 import keras
 import numpy as np
@@ -365,3 +366,25 @@ def test_sequential_two_blocks_and_a_keras_wrapper_round_trip(tmp_path):
     reloaded = keras.saving.load_model(tmp_path / "s.keras")
     assert [p for p, _ in lora_layers(reloaded)] == paths
     np.testing.assert_array_equal(to_numpy(reloaded(x)), out)
+
+
+def test_keras_file_naming_the_old_container_module_loads(tmp_path):
+    # Files written before the move name `keras_lora.layers.container` as the
+    # container's module; the registered name finds the class.
+    model = transformer_classifier()
+    x, _ = token_data(4)
+    lora_model = randomize_adapters(kl.apply_lora(model, targets=["query"], rank=2))
+    lora_model.save(tmp_path / "new.keras")
+    with zipfile.ZipFile(tmp_path / "new.keras") as new:
+        with zipfile.ZipFile(tmp_path / "old.keras", "w") as old:
+            for item in new.infolist():
+                data = new.read(item.filename)
+                if item.filename == "config.json":
+                    assert b'"keras_lora.model.containers"' in data
+                    data = data.replace(
+                        b'"keras_lora.model.containers"',
+                        b'"keras_lora.layers.container"',
+                    )
+                old.writestr(item, data)
+    loaded = keras.saving.load_model(tmp_path / "old.keras")
+    np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(lora_model(x)))
