@@ -120,7 +120,7 @@ def backend_text(results):
     if "eager" in s:
         e = s["eager"]
         lines += [
-            "2b. Eager batch-1 forward, model(x), "
+            "2b. Eager batch-1 forward (thread CPU time), model(x), "
             f"{e['config']['depth']} x Dense({e['config']['width']}), rank "
             f"{e['config']['rank']}: LoRA/plain {_fmt(e['ratio_median'])} "
             f"(median), {_fmt(e['ratio_min'])} (min)",
