@@ -203,7 +203,9 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         else:
             base = self._base_op(inputs, self._frozen_kernel(frozen))
         x = self._add_updates(inputs, base, training, adapters)
-        if layer.bias is not None:
+        if layer.bias is not None and frozen is None:
+            x = quantized.add_bias(layer, x)
+        elif layer.bias is not None:
             x = x + hot_path.value(layer.bias)
         if layer.activation is not None:
             x = layer.activation(x)
@@ -316,11 +318,17 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
 
     # ----- saving -----------------------------------------------------------
 
+    def save_as_base_in(self, model_name):
+        """Marks this layer as inside `model_name`, a subclassed model whose
+        config rebuilds plain layers: `.keras` files then store the base
+        layer's weights in its own layout, with a warning."""
+        object.__setattr__(self, "_reload_warning", model_name)
+
     def save_own_variables(self, store):
-        # `apply_lora` on a subclassed model sets `_reload_warning`: that
-        # model's config rebuilds plain layers, so a `.keras` file of it
-        # cannot bring adapters back. Store the base's weights in the base
-        # layer's layout instead, so the file reloads as the base model.
+        # A subclassed model's config rebuilds plain layers, so a `.keras`
+        # file of it cannot bring adapters back (`save_as_base_in`). Store
+        # the base's weights in the base layer's layout instead, so the file
+        # reloads as the base model.
         model = self.__dict__.get("_reload_warning")
         if model is None:
             return super().save_own_variables(store)
