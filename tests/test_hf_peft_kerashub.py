@@ -483,3 +483,71 @@ def test_bert_backbone_both_ways(tmp_path):
     kl.apply_lora(backbone, targets=names, rank=3, in_place=True)
     kl.load_adapter(backbone, tmp_path / "in")
     np.testing.assert_allclose(keras_output(backbone), expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "hook, fan_in_fan_out",
+    [
+        (None, True),  # stored as is: (in, out)
+        (lambda w, shape: np.transpose(w), False),  # torch Linear: (out, in)
+        (lambda w, shape: np.transpose(w.astype(np.float16)), False),  # a cast
+    ],
+)
+def test_hook_that_moves_entries_is_read(hook, fan_in_fan_out):
+    from keras_lora.io.hub_mapping import _analyse
+
+    found = _analyse("w.weight", hook, 6 * 5, (6, 5), (0,), (1,), "Linear")
+    assert found.fan_in_fan_out is fan_in_fan_out
+    np.testing.assert_array_equal(found.in_index, np.arange(6))
+    np.testing.assert_array_equal(found.out_index, np.arange(5))
+
+
+SHUFFLE = np.random.default_rng(0).permutation(30)
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        lambda w, shape: np.transpose(w) * 2,  # computes
+        # shuffles entries across inputs and outputs
+        lambda w, shape: np.reshape(w.reshape(-1)[SHUFFLE], shape),
+        lambda w, shape: np.transpose(w)[::-1] + np.transpose(w),  # computes
+    ],
+)
+def test_hook_that_computes_or_mixes_is_not_read(hook):
+    from keras_lora.io.hub_mapping import _analyse
+
+    assert _analyse("w.weight", hook, 6 * 5, (6, 5), (0,), (1,), "Linear") is None
+
+
+def test_rank_and_alpha_patterns_with_name_map(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["0", "2"],
+        rank_pattern={"2": 4},
+        alpha_pattern={"0": 3},
+        init_lora_weights=False,
+    )
+    twin = peft.get_peft_model(net, config).eval()
+    x = np.random.default_rng(0).standard_normal((2, 6)).astype("float32")
+    with torch.no_grad():
+        expected = twin(torch.tensor(x)).numpy()
+    twin.save_pretrained(tmp_path / "adapter")
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu", name="fc1")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="fc2")(hidden))
+    for name, index in (("fc1", 0), ("fc2", 2)):
+        layer = net[index].base_layer
+        model.get_layer(name).set_weights(
+            [layer.weight.detach().numpy().T, layer.bias.detach().numpy()]
+        )
+    lora = kl.apply_lora(model, targets=["fc1", "fc2"], rank=2)
+    switch_adapter(lora, ["fc2"], "four", rank=4)
+    kl.load_adapter(lora, tmp_path / "adapter", name_map={"0": "fc1", "2": "fc2"})
+    got = keras.ops.convert_to_numpy(lora(x))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)

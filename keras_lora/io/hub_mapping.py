@@ -6,7 +6,10 @@ KerasHub loads a `transformers` checkpoint with a converter,
 `loader.port_weight(keras_variable, hf_weight_key, hook_fn)` once per
 weight. `hub_correspondence` runs that converter against a loader that
 records the calls instead of reading a file, so the layer correspondence
-is KerasHub's own, never a second hand-written table.
+is KerasHub's own, never a second hand-written table. The recording loader
+has no tensors (`get_tensor` raises), so nothing of the model is assigned;
+a converter that needs tensor values to go on (XLM-RoBERTa's) cannot be
+recorded, and `hub_correspondence` says so.
 
 A `hook_fn` only transposes, reshapes and slices, so it moves entries
 without changing them. Pushing an array of flat indices through it tells
