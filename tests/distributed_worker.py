@@ -35,6 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_lora as kl  # noqa: E402
+from keras_lora.model.surgery import lora_layers  # noqa: E402
 
 TARGETS = ["d1", "q", "o", "d2"]
 RNG = np.random.default_rng(0)
@@ -86,7 +87,7 @@ def reference():
     base = build()
     base_weights = snapshot(base)
     lora = kl.apply_lora(base, targets=TARGETS, rank=4, alpha=8)
-    for _, layer in kl.surgery.lora_layers(lora):  # non-zero B: a real update
+    for _, layer in lora_layers(lora):  # non-zero B: a real update
         layer.lora_b.assign(RNG.normal(0, 0.1, layer.lora_b.shape))
     lora_weights = snapshot(lora)
     prediction = keras.ops.convert_to_numpy(lora.predict(X, verbose=0))
@@ -237,9 +238,7 @@ def llm_lora(base_weights, adapter_weights):
     model = tiny_llama()
     model.backbone.set_weights(base_weights)
     kl.apply_lora(model, targets=LLM_TARGETS, rank=4, in_place=True)
-    for (_, layer), values in zip(
-        kl.surgery.lora_layers(model), adapter_weights, strict=True
-    ):
+    for (_, layer), values in zip(lora_layers(model), adapter_weights, strict=True):
         layer.lora_a.assign(values[0])
         layer.lora_b.assign(values[1])
     return model
@@ -256,7 +255,7 @@ def run_kerashub(devices):
     single.backbone.set_weights(base_weights)
     kl.apply_lora(single, targets=LLM_TARGETS, rank=4, in_place=True)
     adapters = []
-    for _, layer in kl.surgery.lora_layers(single):
+    for _, layer in lora_layers(single):
         layer.lora_b.assign(RNG.normal(0, 0.1, layer.lora_b.shape))
         adapters.append(
             [keras.ops.convert_to_numpy(w) for w in (layer.lora_a, layer.lora_b)]
