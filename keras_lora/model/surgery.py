@@ -1,6 +1,9 @@
 """Model surgery: select layers, wrap them, clone the model; and merge back.
 
-`apply_lora` clones a Functional or Sequential model with
+With `in_place=True`, `apply_lora` swaps the selected layers for their LoRA
+types inside the model itself (`keras_lora.model.in_place`): nothing is
+rebuilt, and the model keeps its class (a KerasHub task, any Functional
+subclass). Otherwise `apply_lora` clones a Functional or Sequential model with
 `keras.models.clone_model`. Selected layers come back wrapped in their LoRA
 type around the *same* base layer object, so base weights are shared, not
 copied. Layers named in `trainable` are copied, so training them leaves the
@@ -25,7 +28,11 @@ from keras_lora.config import validate_alpha, validate_flag, validate_rank
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.model import same_class
 from keras_lora.model.containers import LoRAContainer, rebuild_container
-from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.in_place import (
+    apply_in_place,
+    restore_trainable_state,
+    trainable_state,
+)
 from keras_lora.model.targets import match_layers
 from keras_lora.model.walk import children, graph_model, iter_layers
 
@@ -128,7 +135,7 @@ def apply_lora(
         return model
     reaches = _Reaches(to_wrap | to_copy)
 
-    saved_flags = _trainable_flags(model)
+    saved_flags = trainable_state(model)
     copies = []
 
     def clone(layer, in_graph=True):
@@ -162,7 +169,7 @@ def apply_lora(
             new.set_weights(old.get_weights())
             new.trainable = True
     except Exception:
-        _restore_trainable_flags(saved_flags)
+        restore_trainable_state(saved_flags)
         raise
     return lora_model
 
@@ -387,16 +394,3 @@ def _expand(selected):
             out.append((path, layer))
         out.extend(iter_layers(layer, prefix=f"{path}/"))
     return out
-
-
-def _trainable_flags(model):
-    flags = [(layer, layer._trainable) for _, layer in iter_layers(model)]
-    return flags, [(v, v.trainable) for v in model.weights]
-
-
-def _restore_trainable_flags(saved):
-    layer_flags, variable_flags = saved
-    for layer, flag in layer_flags:
-        layer._trainable = flag
-    for variable, flag in variable_flags:
-        variable.trainable = flag
