@@ -6,6 +6,8 @@ import warnings
 import keras
 import numpy as np
 
+from keras_lora.layers import quantized
+
 
 def check_base_layer(cls, layer):
     """Raises if `cls` (a LoRA layer type) cannot wrap `layer` (which is
@@ -34,7 +36,10 @@ def check_base_layer(cls, layer):
             if cls.quantization_modes
             else f"{cls.__name__} does not support quantized bases."
         )
-        raise ValueError(f"Layer '{layer.name}' is quantized ({mode!r}). {supported}")
+        reason = quantized.REFUSED.get(mode, "")
+        raise ValueError(
+            f"Layer '{layer.name}' is quantized ({mode!r}). {supported} {reason}"
+        )
 
 
 def check_variant(layer, spec, specs):

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora.layers import host_merge
+from keras_lora.layers import host_merge, quantized
 from keras_lora.layers.factoring import product
 from keras_lora.layers.variants import dora_factor
 
@@ -87,7 +87,7 @@ class Merging:
             ]
         )
         if requantize:
-            new.quantize(mode)
+            quantized.requantize(new, mode, base)
         return new
 
     @property
