@@ -31,7 +31,7 @@ def test_legacy_keras_file_loads_with_keras_factoring_and_same_outputs():
     model = keras.saving.load_model(os.path.join(DATA, "legacy_einsum_lora.keras"))
     lora = {
         p: layer
-        for p, layer in kl.surgery.lora_layers(model)
+        for p, layer in kl.model.surgery.lora_layers(model)
         if isinstance(layer, kl.LoRAEinsumDense)
     }
     assert sorted(lora) == ["mha/query", "mha/value", "proj"]
@@ -52,7 +52,7 @@ def test_new_layers_default_to_standard_and_round_trip(tmp_path):
     x = keras.layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
     model = keras.Model(inputs, x)
     lora = kl.apply_lora(model, rank=2, targets=["query"])
-    (query,) = [layer for _, layer in kl.surgery.lora_layers(lora)]
+    (query,) = [layer for _, layer in kl.model.surgery.lora_layers(lora)]
     assert query.factoring == "standard"
     assert tuple(query.lora_a.shape) == (8, 2)
     assert tuple(query.lora_b.shape) == (2, 2, 4)

@@ -151,7 +151,7 @@ def test_mha_query_value_fit_round_trip_and_merge(tmp_path):
     before = to_numpy(model(data))
 
     lora_model = kl.apply_lora(model, targets=["query", "value"], rank=2, alpha=4)
-    paths = sorted(p for p, _ in kl.surgery.lora_layers(lora_model))
+    paths = sorted(p for p, _ in kl.model.surgery.lora_layers(lora_model))
     assert paths == ["mha/query", "mha/value"]
     np.testing.assert_array_equal(to_numpy(lora_model(data)), before)
     names = sorted(w.path for w in lora_model.trainable_weights)
@@ -168,7 +168,7 @@ def test_mha_query_value_fit_round_trip_and_merge(tmp_path):
 
     out_lora = to_numpy(lora_model(data))
     merged = kl.merge_lora(lora_model)
-    assert not kl.surgery.lora_layers(merged)
+    assert not kl.model.surgery.lora_layers(merged)
     assert type(merged.get_layer("mha")._query_dense) is keras.layers.EinsumDense
     np.testing.assert_allclose(to_numpy(merged(data)), out_lora, atol=1e-5)
 

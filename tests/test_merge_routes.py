@@ -77,7 +77,7 @@ def lora_model(layer_type, variant):
     model = make()
     options = {**layer_options, **VARIANTS[variant]}
     lora = kl.apply_lora(model, targets=["target"], rank=2, **options)
-    (layer,) = [lay for _, lay in kl.surgery.lora_layers(lora)]
+    (layer,) = [lay for _, lay in kl.model.surgery.lora_layers(lora)]
     rng = np.random.default_rng(0)
     for variable in layer.trainable_weights:  # A, B (and DoRA's magnitude)
         value = to_numpy(variable)
@@ -104,7 +104,7 @@ def test_every_merge_route_equals_the_unmerged_forward(layer_type, variant, tmp_
 
     # merge_lora: a copy made of plain Keras layers.
     copy = kl.merge_lora(lora)
-    assert not kl.surgery.lora_layers(copy)
+    assert not kl.model.surgery.lora_layers(copy)
     plain = copy.get_layer("target")
     np.testing.assert_allclose(to_numpy(plain.weights[0]), merged_kernel, **TOL)
     np.testing.assert_allclose(to_numpy(copy(x)), unmerged, **TOL)
@@ -113,7 +113,7 @@ def test_every_merge_route_equals_the_unmerged_forward(layer_type, variant, tmp_
     path = tmp_path / "merged.keras"
     kl.export(lora, path, format="keras")
     exported = keras.saving.load_model(path)
-    assert not kl.surgery.lora_layers(exported)
+    assert not kl.model.surgery.lora_layers(exported)
     np.testing.assert_allclose(to_numpy(exported(x)), unmerged, **TOL)
 
     # In place, and back, exactly.
