@@ -133,9 +133,8 @@ class Merging:
 
     def _dora_factor(self, adapter, frozen=None):
         if frozen is None:
-            frozen = ops.cast(self._frozen_for([adapter]), "float32")
-        delta = self._adapter_delta(adapter)
-        return dora_factor(frozen, delta, adapter.magnitude, self._norm_axes())
+            frozen = self._frozen_for([adapter])
+        return dora_factor(frozen, adapter, self.kernel_layout(), self._norm_axes())
 
     def _merged_float32(self, name=None):
         adapters = self._merge_adapters(name)

@@ -16,8 +16,9 @@ base. Each adapter has its own rank, alpha, scale rule and variant options:
 - `use_dora`: DoRA (weight-decomposed LoRA), a trainable magnitude per
   output unit, initialised to the norms of the columns of W, and the output
   `m · (W + s·A·B) / ‖W + s·A·B‖`, the norm held constant for the backward
-  pass. The norm needs `W + s·A·B` itself, so a DoRA layer forms it (with
-  no gradient through it) on every call: one extra kernel-sized product.
+  pass. The norm is computed without forming `W + s·A·B` (`dora_norm`):
+  `‖W_j‖² + 2s·(Aᵀ W)_j·B_j + s²·B_jᵀ (AᵀA) B_j`, which reads the kernel
+  but writes nothing kernel-sized (extra memory O(out·rank)).
 """
 
 import keras
@@ -191,7 +192,80 @@ def column_norm(kernel, axes):
     return ops.sqrt(ops.sum(ops.square(kernel), axis=axes))
 
 
-def dora_factor(frozen, delta, magnitude, axes):
-    """`m / ‖W + ΔW‖` per output unit, the norm held constant (no gradient)."""
-    norm = ops.stop_gradient(column_norm(ops.add(frozen, delta), axes))
-    return ops.divide(ops.cast(magnitude, "float32"), norm)
+def _norm_view(ndim, layout, norm_axes):
+    """How `dora_norm` sees a kernel: `(order, n_group, n_in)`, or `None`.
+
+    The kernel, transposed by `order`, is `n_group` group axes, `n_in` input
+    axes (the ones the norm reduces) and output axes, with `A` (transposed
+    by `order` too) spanning the group and input axes plus `(rank,)` and
+    `B` spanning `(rank,)` plus the output axes; the norm comes out over
+    group then output axes, the magnitude's (kernel) order. Group axes are
+    the output axes `A` holds: Keras's EinsumDense factoring, e.g. the
+    heads of a `(dim, heads, head_dim)` query kernel. `None` when the
+    layout fits neither form (Keras's factoring with a contracted last axis).
+    """
+    perm, n_layout = layout
+    identity = tuple(range(ndim))
+    perm = identity if perm is None else tuple(int(i) for i in perm)
+    n_layout = ndim - 1 if n_layout is None else n_layout
+    inputs = tuple(sorted(int(i) for i in norm_axes))
+    if perm == identity and n_layout == ndim - 1 and ndim - 1 not in inputs:
+        group = tuple(i for i in range(ndim - 1) if i not in inputs)
+        return group + inputs + (ndim - 1,), len(group), len(inputs)
+    outputs = perm[n_layout:]
+    if set(perm[:n_layout]) == set(inputs) and list(outputs) == sorted(outputs):
+        return perm, 0, n_layout
+    return None
+
+
+def dora_norm(frozen, a, b, scale, layout, norm_axes):
+    """`‖W + scale·A·B‖` per output unit, float32, never forming `W + s·A·B`.
+
+    Per output column `j` of the kernel as a matrix (`layers.factoring`):
+    `‖W_j‖² + 2s·(AᵀW)_j·B_j + s²·B_jᵀ(AᵀA)B_j`. `AᵀW` reads the kernel
+    once and is `(rank, out)`; `AᵀA` is `(rank, rank)`. A layout this form
+    does not fit (see `_norm_view`) takes the direct norm of `W + s·A·B`.
+
+    Args:
+        frozen: the frozen kernel `W` (base or residual), float32.
+        a, b: the adapter's factors, float32.
+        scale: the adapter's scale `s`.
+        layout: the layer's `kernel_layout()`.
+        norm_axes: the kernel axes the norm reduces (`_norm_axes()`).
+    """
+    shape = tuple(frozen.shape)
+    rank = int(b.shape[0])
+    view = _norm_view(len(shape), layout, norm_axes)
+    if view is None:
+        delta = factoring.product(a, b, scale, rank, shape, layout, ops)
+        return column_norm(ops.add(frozen, delta), norm_axes)
+    order, n_group, n_in = view
+    groups = int(np.prod([shape[i] for i in order[:n_group]]))
+    fan_in = int(np.prod([shape[i] for i in order[n_group : n_group + n_in]]))
+    if order != tuple(range(len(shape))):
+        frozen = ops.transpose(frozen, order)
+        if n_group:  # A holds the group axes too, in the kernel's order
+            a = ops.transpose(a, order)
+    w = ops.reshape(frozen, (groups, fan_in, -1))
+    a = ops.reshape(a, (groups, fan_in, rank))
+    b = ops.reshape(b, (rank, -1))
+    a_t = ops.transpose(a, (0, 2, 1))
+    cross = ops.sum(ops.multiply(ops.matmul(a_t, w), b), axis=1)
+    gram = ops.matmul(a_t, a)
+    square = ops.sum(ops.multiply(ops.matmul(gram, b), b), axis=1)
+    total = ops.sum(ops.square(w), axis=1) + (2.0 * scale) * cross
+    total = total + (scale * scale) * square
+    # Rounding can take a column of W + s·A·B that is all but zero below 0.
+    norm = ops.sqrt(ops.maximum(total, 0.0))
+    outputs = [d for i, d in enumerate(shape) if i not in set(norm_axes)]
+    return ops.reshape(norm, outputs)
+
+
+def dora_factor(frozen, adapter, layout, norm_axes):
+    """`m / ‖W + s·A·B‖` per output unit, the norm held constant (no
+    gradient): `frozen` is `W`, `adapter` a DoRA `Adapter`."""
+    a = ops.stop_gradient(ops.cast(adapter.a, "float32"))
+    b = ops.stop_gradient(ops.cast(adapter.b, "float32"))
+    frozen = ops.stop_gradient(ops.cast(frozen, "float32"))
+    norm = dora_norm(frozen, a, b, adapter.scale, layout, norm_axes)
+    return ops.divide(ops.cast(adapter.magnitude, "float32"), ops.stop_gradient(norm))
