@@ -144,3 +144,16 @@ def test_int4_lora_model_round_trips_through_keras_file(tmp_path):
     assert isinstance(layer, kl.LoRADense)
     assert layer.layer.dtype_policy.name == "int4/8_from_float32"
     np.testing.assert_array_equal(to_numpy(reloaded(x)), to_numpy(lora_model(x)))
+
+
+def test_int4_in_place_merge_and_exact_unmerge():
+    model = int4_model(8)
+    x, _ = data()
+    lora_model = randomize_adapters(kl.apply_lora(model, targets=TARGETS, rank=2))
+    out = to_numpy(lora_model(x))
+    float_merge = to_numpy(kl.merge_lora(lora_model)(x))
+    kl.merge_lora(lora_model, in_place=True)
+    # In place, the layers multiply by the float merged kernel.
+    np.testing.assert_allclose(to_numpy(lora_model(x)), float_merge, atol=1e-6)
+    kl.unmerge_lora(lora_model)
+    np.testing.assert_array_equal(to_numpy(lora_model(x)), out)

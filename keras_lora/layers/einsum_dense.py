@@ -128,7 +128,7 @@ class LoRAEinsumDense(LoRALayer):
 
     Args:
         layer: the `keras.layers.EinsumDense` to adapt, built or not, float
-            or quantized to `"int8"`.
+            or quantized to `"int8"`, `"int4"` or `"float8"`.
         rank: positive integer, the rank `r` of the update.
         alpha: positive number, or `None` for `alpha = rank`.
         factoring: `"standard"`, `"keras"` or `None` (standard where the

@@ -48,10 +48,10 @@ class Merging:
         (and builds nothing) if the merged kernel has NaN or Inf and
         `check_finite` is true.
 
-        A quantized base (`"int8"`) is dequantized and merged in float: the
-        new layer has the base's float (source) dtype policy. With
-        `requantize=True` it is then quantized again in the base's mode,
-        which rounds the merged kernel to int8.
+        A quantized base (`"int8"`, `"int4"`, `"float8"`) is dequantized
+        and merged in float: the new layer has the base's float (source)
+        dtype policy. With `requantize=True` it is then quantized again in
+        the base's mode and int4 block size (`layers.quantized`).
         """
         base = self.layer
         mode = self.quantization_mode
