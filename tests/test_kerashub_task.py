@@ -172,5 +172,6 @@ def test_bare_backbone_refuses_keras_save_without_writing_adapters(tmp_path):
     kl.apply_lora(backbone, targets=["query", "value"], rank=2, in_place=True)
     with pytest.raises(ValueError, match="converted to LoRA in place"):
         backbone.save(tmp_path / "b.keras")
+    assert not (tmp_path / "b.keras").exists()  # no empty or partial file
     merged = kl.merge_lora(backbone)
     assert type(merged) is type(backbone) and not lora_layers(merged)

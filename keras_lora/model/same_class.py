@@ -127,6 +127,9 @@ def mark_converted(model):
             _set_get_config(model.backbone, _refusing_get_config)
     elif _class_loses_adapters(model):
         _set_get_config(model, _refusing_get_config)
+        # `model.save` refuses before Keras opens the file (which would
+        # leave an empty file behind).
+        object.__setattr__(model, "save", types.MethodType(_refusing_get_config, model))
 
 
 def _class_loses_adapters(model):
@@ -169,7 +172,7 @@ def _task_get_config(self):
     return config
 
 
-def _refusing_get_config(self):
+def _refusing_get_config(self, *args, **kwargs):
     cls = type(self)
     raise ValueError(
         f"'{self.name}' ({cls.__name__}) was converted to LoRA in place, and a "

@@ -131,7 +131,7 @@ def apply_lora(
         same_class.mark_converted(model)
         if not graph_model(model):
             for _, layer in lora_layers(model):
-                layer._reload_warning = model.name
+                layer.save_as_base_in(model.name)
         return model
     reaches = _Reaches(to_wrap | to_copy)
 
@@ -164,7 +164,7 @@ def apply_lora(
         else:
             lora_model = rebuild_container(model, nested_clone, share_variables=True)
             for _, layer in lora_layers(lora_model):
-                layer._reload_warning = model.name
+                layer.save_as_base_in(model.name)
         for old, new in copies:
             new.set_weights(old.get_weights())
             new.trainable = True
