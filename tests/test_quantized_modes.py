@@ -211,7 +211,10 @@ def test_requantized_merge_is_within_one_step(mode, config, policy):
 # ----- adapter files across modes ----------------------------------------------
 
 
-def test_adapter_trained_on_int4_loads_into_float_and_int8_models(tmp_path):
+@pytest.mark.parametrize("file_format", ["keras_lora", "peft"])
+def test_adapter_trained_on_int4_loads_into_float_and_int8_models(
+    tmp_path, file_format
+):
     float_model = mlp()
     weights = float_model.get_weights()
 
@@ -231,12 +234,13 @@ def test_adapter_trained_on_int4_loads_into_float_and_int8_models(tmp_path):
     y = np.sin(x[:, :1])
     int4.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
     int4.fit(x, y, epochs=2, batch_size=4, verbose=0)
-    kl.save_adapter(int4, tmp_path / "int4.lora")
+    adapter_path = tmp_path / "int4_adapter"
+    kl.save_adapter(int4, adapter_path, format=file_format)
     trained = {p: layer for p, layer in lora_layers(int4)}
     for mode in (None, "int8"):
         model = kl.apply_lora(copy(mode), targets=["d1", "d2"], rank=2)
         before = to_numpy(model(x))
-        kl.load_adapter(model, tmp_path / "int4.lora")
+        kl.load_adapter(model, adapter_path)
         for path, layer in lora_layers(model):
             assert layer.quantization_mode == mode
             for got, want in (
@@ -253,3 +257,22 @@ def test_adapter_trained_on_int4_loads_into_float_and_int8_models(tmp_path):
                 atol=1e-6,
             )
         assert np.abs(to_numpy(model(x)) - before).max() > 1e-4
+
+
+def test_int4_under_mixed_precision():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        config = keras.quantizers.Int4QuantizationConfig(block_size=8)
+        model = mlp("int4", config)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = inputs()
+    before = to_numpy(model(x))
+    lora_model = kl.apply_lora(model, targets=["d1", "d2"], rank=2)
+    np.testing.assert_array_equal(to_numpy(lora_model(x)), before)
+    d1 = lora_model.get_layer("d1")
+    assert d1.lora_a.dtype == "float32"  # adapters never train in 16-bit
+    requantized = kl.merge_lora(lora_model, requantize=True)
+    assert requantized.get_layer("d1").dtype_policy.name == (
+        "int4/8_from_mixed_bfloat16"
+    )
