@@ -29,7 +29,7 @@ import keras
 
 from keras_lora.io import keras_lora_format, kerashub_format, peft_format
 from keras_lora.io.install import install
-from keras_lora.io.names import check_name_map
+from keras_lora.io.names import check_name_map, follow_renamed_root
 from keras_lora.io.records import collect
 from keras_lora.model.walk import iter_layers
 
@@ -148,6 +148,8 @@ def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
     reader = next(fmt for fmt in READERS if fmt.claims(path))
     layers = list(iter_layers(model))
     records = reader.read(path, name_map, model, layers, strict)
+    if name_map is None:
+        records = follow_renamed_root(records, layers)
     source = f"{reader.DESCRIPTION} '{path}'"
     return install(
         model, records, layers, strict=strict, source=source, adapter_name=adapter_name

@@ -5,6 +5,9 @@ callable. Every format looks names up through `lookup` and finds the Keras
 layer a name stands for with `resolve_layer`.
 """
 
+import dataclasses
+import re
+
 from keras_lora.model.targets import match_layers
 
 
@@ -59,3 +62,47 @@ def resolve_layer(target, layers, argument="name_map"):
             f"{[p for p, _ in hits]}; give a full path instead."
         )
     return hits[0][0]
+
+
+_COUNTER = re.compile(r"_\d+$")
+
+
+def follow_renamed_root(records, layers):
+    """`records` with paths under a renamed top-level layer moved to its twin.
+
+    Keras names layers with a per-process counter: a second `GPT2CausalLM`
+    built in one process holds `gpt2_backbone_1` where the first held
+    `gpt2_backbone`, so a file saved from the first names paths the second
+    lacks. When every such path starts with one top-level name the model
+    lacks, and exactly one top-level layer of the model with the same name
+    up to that counter holds every one of those paths, the records follow
+    it. Anything less certain is left for the caller to report.
+    """
+    present = {path for path, _ in layers}
+    missing = [r for r in records if r.path not in present]
+    if not missing or any("/" not in r.path for r in missing):
+        return records
+    roots = {r.path.split("/", 1)[0] for r in missing}
+    if len(roots) != 1:
+        return records
+    old = roots.pop()
+    if old in present:
+        return records
+    rests = [r.path.split("/", 1)[1] for r in missing]
+    stem = _COUNTER.sub("", old)
+    twins = [
+        path
+        for path in present
+        if "/" not in path
+        and _COUNTER.sub("", path) == stem
+        and all(f"{path}/{rest}" in present for rest in rests)
+    ]
+    if len(twins) != 1:
+        return records
+    moved = {
+        id(r): f"{twins[0]}/{rest}" for r, rest in zip(missing, rests, strict=True)
+    }
+    return [
+        dataclasses.replace(r, path=moved[id(r)]) if id(r) in moved else r
+        for r in records
+    ]
