@@ -2,7 +2,6 @@
 
 import keras
 import numpy as np
-import pytest
 from conftest import randomize_adapters, to_numpy
 
 import keras_lora as kl
@@ -132,15 +131,6 @@ def test_int8_round_trip_keeps_int8_base(tmp_path):
     layer = reloaded.get_layer("d1")
     assert isinstance(layer, kl.LoRADense) and layer.layer.quantization_mode == "int8"
     np.testing.assert_array_equal(to_numpy(reloaded(x)), to_numpy(lora_model(x)))
-
-
-def test_unsupported_quantized_bases_are_refused():
-    # int4, float8, GPTQ and AWQ bases: tests/test_quantized_modes.py.
-    emb = keras.layers.Embedding(10, 4)
-    emb.build()
-    emb.quantize("int8")
-    with pytest.raises(ValueError, match="LoRAEmbedding does not support quantized"):
-        kl.LoRAEmbedding(emb, rank=2)
 
 
 def test_disabled_adapters_over_int8_bases_give_the_int8_output_exactly():

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lora.layers import quantized
 from keras_lora.layers.base import LoRALayer
 
 
@@ -26,6 +27,10 @@ class LoRAEmbedding(LoRALayer):
     logits against the adapted table, `x·(E + scale·A·B)ᵀ`, again without
     forming it; with untied weights the reverse projection is the base's.
 
+    A base quantized by Keras to `"int8"` or `"int4"` keeps its own
+    quantized lookup and tied logits (`layers.quantized`); a quantized
+    untied `ReversibleEmbedding` is refused.
+
     Args:
         layer: the `keras.layers.Embedding` to adapt, built or not.
         rank: positive integer, the rank `r` of the update.
@@ -35,6 +40,12 @@ class LoRAEmbedding(LoRALayer):
 
     base_class = keras.layers.Embedding
     kernel_attr = "embeddings"
+    quantization_modes = ("int8", "int4")
+
+    @classmethod
+    def _check_base_layer(cls, layer):
+        super()._check_base_layer(layer)
+        quantized.check_embedding(layer)
 
     def adapter_shapes(self):
         layer = self.layer
@@ -54,9 +65,18 @@ class LoRAEmbedding(LoRALayer):
             return self._base_call(inputs, training)
         if keras.backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
-        table = self._frozen_kernel(frozen)
-        outputs = ops.cast(ops.take(table, inputs, axis=0), self.compute_dtype)
+        if frozen is None:  # a quantized base: Keras's own quantized lookup
+            outputs = quantized.quantized_lookup(self._quantized_view, inputs)
+        else:
+            table = self._frozen_kernel(frozen)
+            outputs = ops.cast(ops.take(table, inputs, axis=0), self.compute_dtype)
         return self._add_updates(inputs, outputs, training, adapters)
+
+    def _base_call(self, inputs, training=None):
+        # A ReversibleEmbedding's quantized call takes no `training`.
+        if self.quantization_mode is not None:
+            return self.layer.quantized_call(inputs)
+        return super()._base_call(inputs, training)
 
     def _update(self, inputs, adapter, dtype, training=None):
         rows = ops.take(self._adapter(adapter.a, dtype), inputs, axis=0)
@@ -74,12 +94,21 @@ class LoRAEmbedding(LoRALayer):
             )
         bypass, adapters, frozen = self._call_plan()
         if not layer.tie_weights or bypass:
+            if self.quantization_mode is not None:
+                return layer.quantized_call(inputs, reverse=True)
             return layer.call(inputs, reverse=True)
-        dtype = layer.reverse_dtype or keras.backend.standardize_dtype(inputs.dtype)
-        inputs = ops.cast(inputs, dtype)
-        # x·(E + Σ update)ᵀ without forming the adapted table.
-        table = ops.cast(ops.transpose(self._frozen_kernel(frozen)), dtype)
-        logits = ops.matmul(inputs, table)
+        if frozen is None:  # a quantized table: Keras's own quantized logits
+            logits = quantized.quantized_lookup(
+                self._quantized_view, inputs, reverse=True
+            )
+            dtype = keras.backend.standardize_dtype(logits.dtype)
+            inputs = ops.cast(inputs, dtype)
+        else:
+            dtype = layer.reverse_dtype or keras.backend.standardize_dtype(inputs.dtype)
+            inputs = ops.cast(inputs, dtype)
+            # x·(E + Σ update)ᵀ without forming the adapted table.
+            table = ops.cast(ops.transpose(self._frozen_kernel(frozen)), dtype)
+            logits = ops.matmul(inputs, table)
         for adapter in adapters:
             x = inputs
             if adapter.magnitude is not None:

@@ -56,6 +56,7 @@ class _WithoutEpilogue:
 
     bias = None
     activation = None
+    logit_soft_cap = None  # a ReversibleEmbedding's, applied after the adapters
 
     def __init__(self, layer):
         object.__setattr__(self, "_layer", layer)
@@ -79,6 +80,27 @@ def quantized_product(view, inputs, training=None):
     """`x·W` by the quantized base's own op, before bias and activation."""
     layer = view._layer
     return type(layer).quantized_call(view, inputs, training=training)
+
+
+def quantized_lookup(view, inputs, reverse=False):
+    """An embedding's quantized lookup (or, with `reverse`, its logits
+    before any soft cap) by the base's own op."""
+    layer = view._layer
+    if not reverse:  # a lookup has no epilogue: the layer's own call
+        return layer.quantized_call(inputs)
+    return type(layer).quantized_call(view, inputs, reverse=True)
+
+
+def check_embedding(layer):
+    """Raises for a quantized untied `ReversibleEmbedding`: its separate
+    reverse table is quantized too, and a merge would copy its codes."""
+    mode = getattr(layer, "quantization_mode", None)
+    if mode and getattr(layer, "tie_weights", True) is False:
+        raise ValueError(
+            f"Layer '{layer.name}' is a quantized ({mode!r}) ReversibleEmbedding "
+            "with tie_weights=False; LoRAEmbedding supports quantized "
+            "Embedding and tied ReversibleEmbedding bases only."
+        )
 
 
 def add_bias(layer, x):
@@ -105,6 +127,8 @@ def dequantized_kernel(layer):
     """The float32 kernel a quantized `layer` stands for, computed as the
     layer's own quantized op dequantizes it."""
     mode = layer.quantization_mode
+    if isinstance(layer, keras.layers.Embedding) and mode in ("int8", "int4"):
+        return _dequantized_embeddings(layer)
     if mode == "int8":
         scale = ops.convert_to_tensor(layer.kernel_scale)
         adjust = getattr(layer, "_adjust_scale_for_dequant", None)
@@ -117,6 +141,25 @@ def dequantized_kernel(layer):
     if mode == "float8":
         return ops.cast(layer.kernel, "float32")
     raise NotImplementedError(f"Dequantizing mode {mode!r}")
+
+
+def _dequantized_embeddings(layer):
+    # One scale per row (token), or per row and group of columns.
+    table = ops.convert_to_tensor(layer._embeddings)
+    if layer.quantization_mode == "int4":
+        table = keras.quantizers.unpack_int4(
+            table, layer._orig_output_dim, axis=-1, dtype="int8"
+        )
+    table = ops.cast(table, "float32")
+    scale = ops.cast(ops.convert_to_tensor(layer.embeddings_scale), "float32")
+    if layer.quantization_mode == "int8" or block_size(layer) == -1:
+        return ops.divide(table, ops.expand_dims(scale, -1))
+    groups = ops.cast(ops.convert_to_tensor(layer.g_idx), "int32")
+    zero = ops.cast(ops.convert_to_tensor(layer.embeddings_zero), "float32")
+    return ops.multiply(
+        ops.subtract(table, ops.take(zero, groups, axis=1)),
+        ops.take(scale, groups, axis=1),
+    )
 
 
 def _dequantized_int4(layer):
