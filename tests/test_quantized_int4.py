@@ -127,6 +127,8 @@ def test_int4_output_depends_on_b(block_size, policy):
         b.assign(np.full(b.shape, 0.5, "float32"))
         changed = to_numpy(lora_model(x))
         assert np.abs(changed - base).max() > 1e-4, path
+        with kl.disable_adapters(lora_model):  # the int4 base exactly
+            np.testing.assert_array_equal(to_numpy(lora_model(x)), base)
         b.assign(np.zeros(b.shape, "float32"))
         np.testing.assert_array_equal(to_numpy(lora_model(x)), base)
 

@@ -92,6 +92,8 @@ def test_float8_output_depends_on_b():
     for path, layer in lora_layers(lora_model):
         layer.lora_b.assign(np.full(layer.lora_b.shape, 0.5, "float32"))
         assert np.abs(to_numpy(lora_model(x)) - base).max() > 1e-3, path
+        with kl.disable_adapters(lora_model):  # the float8 base exactly
+            np.testing.assert_array_equal(to_numpy(lora_model(x)), base)
         layer.lora_b.assign(np.zeros(layer.lora_b.shape, "float32"))
 
 
