@@ -278,3 +278,40 @@ def test_int4_under_mixed_precision():
     assert requantized.get_layer("d1").dtype_policy.name == (
         "int4/8_from_mixed_bfloat16"
     )
+
+
+@pytest.mark.parametrize("mode", ["gptq", "awq"])
+def test_calibrated_kerashub_causal_lm_is_refused(mode):
+    """A tiny GPT2 causal LM quantized by Keras's own GPTQ/AWQ on a small
+    calibration set: `apply_lora` refuses it, names the mode, changes
+    nothing."""
+    from tiny_kerashub import TEXT, gpt2_causal_lm
+
+    lm = gpt2_causal_lm()
+    tokenizer = lm.preprocessor.tokenizer
+    # Keras 3.15's Model.quantize refuses a preprocessor's tokenizer as an
+    # unbuilt layer (it has no weights to quantize); mark it built.
+    tokenizer.built = True
+    config_class = {
+        "gptq": keras.quantizers.GPTQConfig,
+        "awq": keras.quantizers.AWQConfig,
+    }[mode]
+    config = config_class(
+        dataset=TEXT * 2,
+        tokenizer=tokenizer,
+        num_samples=4,
+        sequence_length=8,
+        group_size=-1,
+    )
+    lm.quantize(mode, config=config)
+    dense = lm.backbone.get_layer("transformer_layer_0")._feedforward_output_dense
+    assert dense.quantization_mode == mode
+    assert getattr(dense, f"is_{mode}_calibrated")
+    before = [to_numpy(w).copy() for w in lm.weights]
+    with pytest.raises(ValueError, match=rf"quantized \('{mode}'\).*calibration"):
+        kl.apply_lora(lm, in_place=True)
+    assert (
+        lm.backbone.get_layer("transformer_layer_0")._feedforward_output_dense is dense
+    )
+    for w, value in zip(lm.weights, before, strict=True):
+        np.testing.assert_array_equal(to_numpy(w), value)
