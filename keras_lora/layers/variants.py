@@ -246,14 +246,17 @@ def dora_norm(frozen, a, b, scale, layout, norm_axes):
         frozen = ops.transpose(frozen, order)
         if n_group:  # A holds the group axes too, in the kernel's order
             a = ops.transpose(a, order)
-    w = ops.reshape(frozen, (groups, fan_in, -1))
-    a = ops.reshape(a, (groups, fan_in, rank))
+    # No group axes: 2-D products (a batched product of one is several
+    # times slower on eager torch).
+    lead = (groups,) if n_group else ()
+    w = ops.reshape(frozen, lead + (fan_in, -1))
+    a = ops.reshape(a, lead + (fan_in, rank))
     b = ops.reshape(b, (rank, -1))
-    a_t = ops.transpose(a, (0, 2, 1))
-    cross = ops.sum(ops.multiply(ops.matmul(a_t, w), b), axis=1)
+    a_t = ops.swapaxes(a, -1, -2)
+    cross = ops.sum(ops.multiply(ops.matmul(a_t, w), b), axis=-2)
     gram = ops.matmul(a_t, a)
-    square = ops.sum(ops.multiply(ops.matmul(gram, b), b), axis=1)
-    total = ops.sum(ops.square(w), axis=1) + (2.0 * scale) * cross
+    square = ops.sum(ops.multiply(ops.matmul(gram, b), b), axis=-2)
+    total = ops.sum(ops.square(w), axis=-2) + (2.0 * scale) * cross
     total = total + (scale * scale) * square
     # Rounding can take a column of W + s·A·B that is all but zero below 0.
     norm = ops.sqrt(ops.maximum(total, 0.0))
