@@ -1202,6 +1202,30 @@ CASES = [
         TypeError,
         r"unmerge_lora: `model` must be a keras.Model",
     ),
+    # --- from_core_lora -----------------------------------------------------
+    C(
+        "from_core_lora",
+        "model=str",
+        lambda e: kl.from_core_lora("m"),
+        TypeError,
+        r"from_core_lora: `model` must be a keras.Model",
+    ),
+    C(
+        "from_core_lora",
+        "no core LoRA",
+        lambda e: kl.from_core_lora(e.base),
+        ValueError,
+        r"has no layer with Keras core LoRA enabled",
+        "base",
+    ),
+    C(
+        "from_core_lora",
+        "in_place='yes'",
+        lambda e: kl.from_core_lora(e.base, in_place="yes"),
+        TypeError,
+        r"`in_place` must be True or False",
+        "base",
+    ),
     # --- lora_layout_map ----------------------------------------------------
     C(
         "lora_layout_map",
@@ -1335,9 +1359,9 @@ def test_save_adapter_killed_midway_keeps_the_previous_file(tmp_path, monkeypatc
     monkeypatch.undo()
     assert dir_state(tmp_path) == before  # same bytes, no temporary files
     restored = kl.load_adapter(mlp(), path)
-    assert len(kl.surgery.lora_layers(restored)) == 2
+    assert len(kl.model.surgery.lora_layers(restored)) == 2
     restored = kl.load_adapter(mlp(), peft_path)
-    assert len(kl.surgery.lora_layers(restored)) == 2
+    assert len(kl.model.surgery.lora_layers(restored)) == 2
 
 
 def test_keras_export_killed_midway_keeps_the_previous_file(tmp_path, monkeypatch):
