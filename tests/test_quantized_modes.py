@@ -315,3 +315,20 @@ def test_calibrated_kerashub_causal_lm_is_refused(mode):
     )
     for w, value in zip(lm.weights, before, strict=True):
         np.testing.assert_array_equal(to_numpy(w), value)
+
+
+def test_merge_copies_an_unadapted_float8_layer_by_variable_name():
+    # A float8 layer rebuilt from its config lists its scales first; merge_lora
+    # must still copy every variable of the unadapted head into its twin.
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(16, name="d1")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+    model.quantize("float8")
+    lora = randomize_adapters(kl.apply_lora(model, targets=["d1"], rank=2))
+    merged = kl.merge_lora(lora)
+    old = {v.name: to_numpy(v) for v in lora.get_layer("head").weights}
+    new = {v.name: to_numpy(v) for v in merged.get_layer("head").weights}
+    assert old.keys() == new.keys()
+    for name, value in old.items():
+        np.testing.assert_array_equal(new[name], value, err_msg=name)
+    assert merged.get_layer("head").quantization_mode == "float8"

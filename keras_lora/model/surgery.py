@@ -166,7 +166,7 @@ def apply_lora(
             for _, layer in lora_layers(lora_model):
                 layer.save_as_base_in(model.name)
         for old, new in copies:
-            new.set_weights(old.get_weights())
+            copy_weights(old, new)
             new.trainable = True
     except Exception:
         restore_trainable_state(saved_flags)
@@ -266,7 +266,7 @@ def merge_lora(
     else:
         plain = rebuild_container(model, nested_clone, share_variables=False)
     for old, new in copies:
-        new.set_weights(old.get_weights())
+        copy_weights(old, new)
     return plain
 
 
@@ -334,10 +334,25 @@ def _copy(layer, deferred, trainable=None):
     if layer.built and build_config:
         new.build_from_config(build_config)
     if layer.weights:
-        new.set_weights(layer.get_weights())
+        copy_weights(layer, new)
     if trainable is not None:
         new.trainable = trainable
     return new
+
+
+def copy_weights(old, new):
+    """Sets `new`'s weights (a copy of `old` from its config) to `old`'s,
+    matched by variable name, in order among equal names. A float8 layer
+    built from its config lists its scales first, one quantized after it
+    was built lists its kernel first, so positions alone can disagree."""
+    names = [v.name for v in new.weights]
+    pools = {}
+    for variable in old.weights:
+        pools.setdefault(variable.name, []).append(variable)
+    if sorted(names) != sorted(v.name for v in old.weights):
+        new.set_weights(old.get_weights())
+        return
+    new.set_weights([keras.ops.convert_to_numpy(pools[n].pop(0)) for n in names])
 
 
 def _select_targets(model, layers, targets, exclude):
