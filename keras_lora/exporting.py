@@ -11,8 +11,8 @@ from pathlib import Path
 import keras
 
 from keras_lora.atomic import atomic_output
-from keras_lora.model.walk import iter_layers
 from keras_lora.model.surgery import merge_lora
+from keras_lora.model.walk import iter_layers
 
 FORMATS = ("tf_saved_model", "keras")
 

@@ -4,7 +4,7 @@ adapter file `legacy_einsum_adapter.safetensors` (keras_lora format).
 Run once with the code of commit f11f28d (before `LoRAEinsumDense` had a
 `factoring` option, when every file held Keras core's factoring), from the
 repository root: `KERAS_BACKEND=jax python tests/data/make_legacy_fixture.py`.
-The files are committed; `tests/test_einsum_factoring.py` checks that they
+The files are committed; `tests/layers/test_einsum_factoring.py` checks that they
 still load to the same outputs. Rerunning this with newer code would write
 the new default factoring instead, so do not regenerate them.
 """

@@ -13,7 +13,7 @@ from conftest import to_numpy
 
 import keras_lora as kl
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 
 
 def legacy_outputs():

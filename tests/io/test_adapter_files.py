@@ -371,7 +371,7 @@ HAS_VARIANTS = "use_dora" in inspect.signature(kl.LoRALayer.__init__).parameters
 
 @pytest.mark.skipif(not HAS_VARIANTS, reason="needs DoRA/PiSSA/named adapters")
 def test_adapter_files_hold_one_adapter_per_layer(tmp_path):
-    # DoRA and PiSSA/OLoRA adapters are saved too: see tests/test_variants.py.
+    # DoRA and PiSSA/OLoRA adapters are saved too: see tests/layers/test_variants.py.
     base = nested_model()
     lora = kl.apply_lora(base, rank=2)
     layer = dict(lora_layers(lora))["left"]

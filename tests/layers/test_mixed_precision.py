@@ -1,6 +1,6 @@
 """Mixed precision for every LoRA layer type.
 
-tests/test_layers_dense.py trains a `LoRADense` under both mixed policies;
+tests/layers/test_layers_dense.py trains a `LoRADense` under both mixed policies;
 this file does the same for `LoRAEinsumDense`, `LoRAEmbedding` and
 `LoRAConv`, and checks for all four types that merging gives a kernel in
 the base's variable dtype.

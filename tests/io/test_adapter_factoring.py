@@ -19,7 +19,7 @@ import keras_lora as kl
 from keras_lora.model.surgery import lora_layers
 from keras_lora.model.walk import iter_layers
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 TARGETS = ["query", "value", "proj"]
 
 
