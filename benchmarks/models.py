@@ -72,3 +72,57 @@ def weight_bytes(weights):
             size * np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
         )
     return total
+
+
+# The transformer row: a GPT2-style KerasHub causal LM built from config.
+CAUSAL_LM = {
+    "num_layers": 4,
+    "hidden_dim": 256,
+    "num_heads": 4,
+    "intermediate_dim": 1024,
+    "vocabulary_size": 4096,
+    "sequence_length": 128,
+    "batch": 8,
+}
+
+
+def causal_lm(
+    num_layers=4,
+    hidden_dim=256,
+    num_heads=4,
+    intermediate_dim=1024,
+    vocabulary_size=4096,
+    sequence_length=128,
+    seed=0,
+    **_,
+):
+    """A `keras_hub.models.GPT2CausalLM` with random weights and no
+    preprocessor (it trains on token ids), built offline from config."""
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=vocabulary_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        intermediate_dim=intermediate_dim,
+        max_sequence_length=sequence_length,
+        dropout=0.0,
+    )
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def causal_lm_batch(batch, sequence_length, vocabulary_size, seed=0, **_):
+    """`(x, y, sample_weight)` numpy arrays for one next-token step."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, vocabulary_size, (batch, sequence_length + 1))
+    x = {
+        "token_ids": tokens[:, :-1].astype("int32"),
+        "padding_mask": np.ones((batch, sequence_length), "int32"),
+    }
+    return (
+        x,
+        tokens[:, 1:].astype("int32"),
+        np.ones((batch, sequence_length), "float32"),
+    )
