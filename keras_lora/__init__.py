@@ -11,6 +11,7 @@ from keras_lora.layers import (
     LoRALayer,
 )
 from keras_lora.model.core_lora import from_core_lora
+from keras_lora.model.mixed import mixed_adapter_model
 from keras_lora.model.named_adapters import (
     active_adapters,
     add_adapter,
@@ -47,6 +48,7 @@ __all__ = [
     "load_adapter",
     "lora_layout_map",
     "merge_lora",
+    "mixed_adapter_model",
     "save_adapter",
     "trainable_summary",
 ]

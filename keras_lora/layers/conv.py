@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.mixed import scale_rows
 
 # The common base of Conv1D/2D/3D (not of the transposed, depthwise or
 # separable convolutions, whose kernels are laid out differently).
@@ -89,6 +90,26 @@ class LoRAConv(LoRALayer):
         if self.layer.data_format == "channels_last":
             return ops.matmul(update, b)
         return ops.moveaxis(ops.matmul(ops.moveaxis(update, 1, -1), b), -1, 1)
+
+    # ----- mixed batches (`layers.mixed`): x·A, h·B per row ---------------
+
+    def _routed_first(self, inputs, a):
+        return self._conv(inputs, a, self._padding())
+
+    def _routed_second(self, h, b):
+        if self.layer.data_format == "channels_last":
+            return ops.matmul(h, b)
+        return ops.moveaxis(ops.matmul(ops.moveaxis(h, 1, -1), b), -1, 1)
+
+    def _routed_rank_axis(self):
+        return -1 if self.layer.data_format == "channels_last" else 1
+
+    def _routed_scale_rows(self, y, rows):
+        if self.layer.data_format == "channels_last":
+            return scale_rows(y, rows)
+        return ops.multiply(
+            y, ops.reshape(rows, (-1, rows.shape[1]) + (1,) * self.layer.rank)
+        )
 
     def _scale_output(self, y, c):
         if self.layer.data_format == "channels_last":

@@ -1,9 +1,11 @@
 """`LoRADense`: LoRA on a `keras.layers.Dense`."""
 
 import keras
+from keras import ops
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.hot_path import matmul, value
+from keras_lora.layers.mixed import scale_rows
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -58,6 +60,24 @@ class LoRADense(LoRALayer):
         update = matmul(inputs, self._adapter(adapter.a, dtype))
         update = self._scaled(update, adapter, dtype)
         return matmul(update, self._adapter(adapter.b, dtype))
+
+    # ----- mixed batches (`layers.mixed`): x·A, h·B, both per row ----------
+
+    def _routed_first(self, inputs, a):
+        return matmul(inputs, a)
+
+    def _routed_second(self, h, b):
+        return matmul(h, b)
+
+    def _routed_rank_axis(self):
+        return -1
+
+    def _routed_gather(self, inputs, a_stack, b_stack, index):
+        h = ops.einsum("b...i,bir->b...r", inputs, ops.take(a_stack, index, axis=0))
+        return ops.einsum("b...r,bro->b...o", h, ops.take(b_stack, index, axis=0))
+
+    def _routed_scale_rows(self, y, rows):
+        return scale_rows(y, rows)
 
     def to_dense(self, check_finite=True):
         """Returns a plain `Dense` with this layer's config, name and the

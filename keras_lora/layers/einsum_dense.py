@@ -13,6 +13,7 @@ from keras import ops
 from keras_lora.config import LEGACY_FACTORING, validate_factoring
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.hot_path import matmul
+from keras_lora.layers.mixed import scale_rows
 
 
 def kernel_axes(equation):
@@ -219,6 +220,39 @@ class LoRAEinsumDense(LoRALayer):
         if second_matmul:
             return matmul(update, b)
         return ops.einsum(second, update, b)
+
+    # ----- mixed batches (`layers.mixed`): x·A, h·B, both per row ----------
+
+    def _routed_first(self, inputs, a):
+        first = self._equations[0]
+        return matmul(inputs, a) if self._matmuls[0] else ops.einsum(first, inputs, a)
+
+    def _routed_second(self, h, b):
+        second = self._equations[1]
+        return matmul(h, b) if self._matmuls[1] else ops.einsum(second, h, b)
+
+    def _routed_rank_axis(self):
+        first, second = self._equations
+        return first.split("->")[1].index(second.split(",")[1][0])
+
+    def _routed_gather(self, inputs, a_stack, b_stack, index):
+        # The gathered factors get the input's batch axis as a leading axis.
+        first, second = self._equations
+        x_spec, a_spec = first.split("->")[0].split(",")
+        mid = first.split("->")[1]
+        b_spec, output = second.split("->")[0].split(",")[1], second.split("->")[1]
+        row = x_spec[0]
+        a_rows = ops.take(a_stack, index, axis=0)
+        h = ops.einsum(f"{x_spec},{row}{a_spec}->{mid}", inputs, a_rows)
+        b_rows = ops.take(b_stack, index, axis=0)
+        return ops.einsum(f"{mid},{row}{b_spec}->{output}", h, b_rows)
+
+    def _routed_scale_rows(self, y, rows):
+        equation = self._dora_equation
+        if equation is None:
+            return scale_rows(y, rows)
+        output, c_spec = equation.split("->")[0].split(",")
+        return ops.einsum(f"{output},{output[0]}{c_spec}->{output}", y, rows)
 
     def _norm_axes(self):
         # DoRA's norm runs over the kernel axes that do not reach the output.

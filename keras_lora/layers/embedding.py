@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_lora.layers import quantized
+from keras_lora.layers import mixed, quantized
 from keras_lora.layers.base import LoRALayer
 
 
@@ -84,6 +84,28 @@ class LoRAEmbedding(LoRALayer):
         rows = self._scaled(rows, adapter, dtype)
         return ops.matmul(rows, self._adapter(adapter.b, dtype))
 
+    # ----- mixed batches (`layers.mixed`): A's rows, h·B, both per row -----
+
+    def _routed_first(self, inputs, a):
+        return ops.take(a, inputs, axis=0)
+
+    def _routed_second(self, h, b):
+        return ops.matmul(h, b)
+
+    def _routed_rank_axis(self):
+        return -1
+
+    def _routed_gather(self, inputs, a_stack, b_stack, index):
+        # Row i's token t reads row `index[i]·input_dim + t` of the stacked A.
+        slots, input_dim, width = a_stack.shape
+        flat = ops.reshape(a_stack, (slots * input_dim, width))
+        offset = ops.reshape(index * input_dim, (-1,) + (1,) * (len(inputs.shape) - 1))
+        h = ops.take(flat, ops.add(inputs, offset), axis=0)
+        return ops.einsum("b...r,bro->b...o", h, ops.take(b_stack, index, axis=0))
+
+    def _routed_scale_rows(self, y, rows):
+        return mixed.scale_rows(y, rows)
+
     def _reverse(self, inputs):
         layer = self.layer
         if not isinstance(layer, keras.layers.ReversibleEmbedding):
@@ -109,6 +131,9 @@ class LoRAEmbedding(LoRALayer):
             # x·(E + Σ update)ᵀ without forming the adapted table.
             table = ops.cast(ops.transpose(self._frozen_kernel(frozen)), dtype)
             logits = ops.matmul(inputs, table)
+        route = mixed.current()
+        if route is not None:  # a mixed batch: each row with its own adapter
+            logits = mixed.routed_reverse(self, inputs, logits, dtype, route)
         for adapter in adapters:
             x = inputs
             if adapter.magnitude is not None:

@@ -1,0 +1,272 @@
+"""Per-row adapter routing: each row of a batch with its own adapter.
+
+While a `routing(index, names)` context is open (the served model of
+`keras_lora.mixed_adapter_model` opens it around its call), every LoRA
+layer computes row `i` of its batch with adapter `names[index[i]]`, or its
+base alone where the index is `-1`, outside `[0, len(names))`, or names an
+adapter the layer lacks. The layer's active adapters play no part then.
+
+Two strategies compute the same sum `base + s_k·(x·A_k)·B_k` per row:
+
+- `"concat"`: one product of `x` with the concatenated `A`s
+  (`[A_1, …, A_n]`, rank `Σ r_k`), times a per-row mask that holds each
+  row's scale on its own adapter's columns and zero elsewhere, then one
+  product with the concatenated `B`s.
+- `"gather"`: every row gathers its own `A` and `B` (ranks zero-padded to
+  the largest, the scale folded into `A`) from a stack with one extra
+  all-zero slot, then two batched products.
+
+An index outside `[0, n)` (`-1` included) selects nothing: its mask row is
+all zeros (`"concat"`), and `"gather"` reads the all-zero slot for it, never
+another slot. Such a row gets the base output: no tenant ever reads
+another's adapter through a bad index.
+
+DoRA rows are scaled by their own `m/‖W + s·A·B‖` (`1` for the other rows).
+Each layer type supplies the products through three hooks: `_routed_first`
+(`x·A`), `_routed_second` (`h·B`) and `_routed_gather` (both, per row);
+`_routed_rank_axis` says where the rank axis of `x·A` is.
+"""
+
+import contextlib
+import threading
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora.layers import hot_path
+
+STRATEGIES = ("concat", "gather")
+
+_STATE = threading.local()
+
+
+class Routing:
+    """What a routed call needs: the int32 `index` (batch,), the adapter
+    `names` it indexes, and the `strategy`."""
+
+    def __init__(self, index, names, strategy="concat"):
+        self.index = index
+        self.names = tuple(names)
+        self.strategy = strategy
+
+
+def current():
+    """The innermost open `Routing`, or `None`."""
+    stack = getattr(_STATE, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def routing(index, names, strategy="concat"):
+    """Routes the LoRA layers called inside to `names[index[i]]` per row."""
+    stack = _STATE.__dict__.setdefault("stack", [])
+    stack.append(Routing(index, names, strategy))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def supports(layer):
+    """Whether `layer`'s type has the routing hooks."""
+    return all(
+        callable(getattr(layer, hook, None))
+        for hook in ("_routed_first", "_routed_second", "_routed_rank_axis")
+    )
+
+
+def check_layer(layer, names, path=None):
+    """Raises `ValueError`/`TypeError` where `layer` cannot route `names`."""
+    where = f"LoRA layer '{path or layer.name}'"
+    held = [n for n in names if n in layer.adapter_names]
+    if not held:
+        return
+    if not supports(layer):
+        raise TypeError(
+            f"{where} is a {type(layer).__name__}, which has no per-row "
+            "adapter routing (supported: LoRADense, LoRAEinsumDense, "
+            "LoRAEmbedding, LoRAConv)."
+        )
+    if layer.merged:
+        raise ValueError(f"{where} is merged in place; call `unmerge_lora` first.")
+    for name in held:
+        adapter = layer.get_adapter(name)
+        if adapter.residual is not None or adapter.changes_base:
+            raise ValueError(
+                f"{where}: adapter {name!r} uses init={adapter.init!r}, which "
+                "changes the frozen kernel, so its rows cannot share one base "
+                "product with the others. Mixed batches need adapters on the "
+                "unchanged base kernel."
+            )
+
+
+def plan(layer):
+    """The call plan of a routed call (see `LoRALayer._call_plan`)."""
+    if layer._disabled:
+        return True, (), "base"
+    check_layer(layer, current().names)
+    return False, (), None if layer.quantization_mode else "base"
+
+
+def _members(layer, route):
+    """`[(slot, adapter)]`: the routed adapters this layer holds."""
+    held = layer._adapters
+    return [(k, held[n]) for k, n in enumerate(route.names) if n in held]
+
+
+def _is_number(x):
+    return isinstance(x, (int, float, np.floating, np.integer))
+
+
+def _rows_like(mask, h, axis):
+    """`mask` `(batch, R)` reshaped to broadcast against `h` with its rank
+    axis at `axis` and its batch axis first."""
+    shape = [1] * len(h.shape)
+    shape[0] = -1
+    shape[axis % len(shape)] = int(mask.shape[-1])
+    return ops.reshape(mask, shape)
+
+
+def _selection(index, slots, dtype):
+    """`(batch, len(slots))`: 1 where a row's index is that slot."""
+    slots = np.asarray(slots, "int32")[None, :]
+    return ops.cast(ops.equal(ops.expand_dims(index, -1), slots), dtype)
+
+
+def _column_scales(adapters, dtype):
+    """Each adapter's scale, repeated over its rank columns: `(Σ r,)`."""
+    scales = [a.scale for a in adapters]
+    if all(_is_number(s) for s in scales):
+        return np.concatenate(
+            [
+                np.full((a.rank,), float(s))
+                for a, s in zip(adapters, scales, strict=True)
+            ]
+        ).astype(dtype)
+    return ops.concatenate(
+        [
+            ops.ones((a.rank,), dtype) * ops.cast(s, dtype)
+            for a, s in zip(adapters, scales, strict=True)
+        ]
+    )
+
+
+def routed_updates(layer, inputs, base, training, route):
+    """`base` plus each row's own adapter update (and DoRA factor)."""
+    members = _members(layer, route)
+    if not members:
+        return base
+    dtype = keras.backend.standardize_dtype(base.dtype)
+    index = ops.cast(route.index, "int32")
+    dropping = training and any(a.dropout for _, a in members)
+    gather = callable(getattr(layer, "_routed_gather", None))
+    if route.strategy == "gather" and gather and not dropping:
+        update = _gather_update(layer, inputs, members, index, dtype, training)
+    else:
+        update = _concat_update(layer, inputs, members, index, dtype, training)
+    out = ops.add(base, update)
+    doras = [(k, a) for k, a in members if a.magnitude is not None]
+    if doras:
+        out = _dora_rows(layer, out, doras, index, dtype)
+    return out
+
+
+def _dropped(layer, x, rate, training, on_inputs):
+    if rate and training and layer.drops_inputs == on_inputs:
+        return keras.random.dropout(x, rate, seed=layer.seed_generator)
+    return x
+
+
+def _concat_update(layer, inputs, members, index, dtype, training):
+    # Adapters with one dropout rate share one `x·A` (in training; at
+    # inference all share one); columns are in `ordered` order throughout.
+    rates = sorted({a.dropout if training else 0.0 for _, a in members})
+    parts, ordered = [], []
+    for rate in rates:
+        group = [(k, a) for k, a in members if (a.dropout if training else 0.0) == rate]
+        a_cat = ops.concatenate([hot_path.read(a.a, dtype) for _, a in group], axis=-1)
+        x = _dropped(layer, inputs, rate, training, on_inputs=True)
+        h = layer._routed_first(x, a_cat)
+        parts.append(_dropped(layer, h, rate, training, on_inputs=False))
+        ordered += group
+    axis = layer._routed_rank_axis()
+    h = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=axis)
+    adapters = [a for _, a in ordered]
+    owners = np.repeat([k for k, _ in ordered], [a.rank for a in adapters])
+    mask = _selection(index, owners, dtype) * _column_scales(adapters, dtype)
+    h = ops.multiply(h, _rows_like(mask, h, axis))
+    b_cat = ops.concatenate([hot_path.read(a.b, dtype) for a in adapters], axis=0)
+    return layer._routed_second(h, b_cat)
+
+
+def _padded(x, rank, width, axis):
+    if rank == width:
+        return x
+    pad = [(0, 0)] * len(x.shape)
+    pad[axis % len(pad)] = (0, width - rank)
+    return ops.pad(x, pad)
+
+
+def _gather_update(layer, inputs, members, index, dtype, training):
+    slots = max(k for k, _ in members) + 2  # one zero slot after the last
+    width = max(a.rank for _, a in members)
+    a_shape = tuple(members[0][1].a.shape[:-1]) + (width,)
+    b_shape = (width,) + tuple(members[0][1].b.shape[1:])
+    by_slot = dict(members)
+    a_list, b_list = [], []
+    for k in range(slots):
+        adapter = by_slot.get(k)
+        if adapter is None:
+            a_list.append(ops.zeros(a_shape, dtype))
+            b_list.append(ops.zeros(b_shape, dtype))
+            continue
+        scale = adapter.scale
+        a = hot_path.read(adapter.a, dtype)
+        a = a * (scale if _is_number(scale) else ops.cast(scale, dtype))
+        a_list.append(_padded(a, adapter.rank, width, -1))
+        b_list.append(_padded(hot_path.read(adapter.b, dtype), adapter.rank, width, 0))
+    # An index outside the held slots reads the last, all-zero slot.
+    zero_slot = slots - 1
+    valid = ops.logical_and(ops.greater_equal(index, 0), ops.less(index, zero_slot))
+    safe = ops.where(valid, index, ops.full_like(index, zero_slot))
+    return layer._routed_gather(inputs, ops.stack(a_list), ops.stack(b_list), safe)
+
+
+def _dora_rows(layer, out, doras, index, dtype):
+    """`out` times each DoRA row's `m/‖W + s·A·B‖` (other rows: 1)."""
+    factors = [ops.cast(layer._dora_factor(a), dtype) for _, a in doras]
+    c_shape = tuple(factors[0].shape)
+    excess = ops.reshape(ops.stack(factors) - 1.0, (len(factors), -1))
+    rows = ops.matmul(_selection(index, [k for k, _ in doras], dtype), excess)
+    rows = ops.reshape(rows + 1.0, (-1,) + c_shape)
+    return layer._routed_scale_rows(out, rows)
+
+
+def scale_rows(y, rows):
+    """`y` times per-row factors `rows` `(batch, *c)`, `c` the trailing axes."""
+    lead = len(y.shape) - len(rows.shape)
+    shape = (-1,) + (1,) * lead + tuple(rows.shape[1:])
+    return ops.multiply(y, ops.reshape(rows, shape))
+
+
+def routed_reverse(layer, inputs, logits, dtype, route):
+    """Tied-embedding logits plus each row's own `x·(s·A·B)ᵀ`."""
+    members = _members(layer, route)
+    if not members:
+        return logits
+    dora = [a.name for _, a in members if a.magnitude is not None]
+    if dora:
+        raise ValueError(
+            f"LoRAEmbedding '{layer.name}': the tied reverse projection of "
+            f"DoRA adapters {dora} is not supported in mixed batches."
+        )
+    adapters = [a for _, a in members]
+    index = ops.cast(route.index, "int32")
+    a_cat = ops.concatenate([hot_path.read(a.a, dtype) for a in adapters], axis=-1)
+    b_cat = ops.concatenate([hot_path.read(a.b, dtype) for a in adapters], axis=0)
+    h = ops.matmul(inputs, ops.transpose(b_cat))
+    owners = np.repeat([k for k, _ in members], [a.rank for a in adapters])
+    mask = _selection(index, owners, dtype) * _column_scales(adapters, dtype)
+    h = ops.multiply(h, _rows_like(mask, h, -1))
+    return ops.add(logits, ops.matmul(h, ops.transpose(a_cat)))

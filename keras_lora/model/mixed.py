@@ -1,0 +1,226 @@
+"""`mixed_adapter_model`: one batch, one adapter per row, one traced call.
+
+The served model wraps the LoRA model in `MixedAdapters`, a layer whose
+call opens a `layers.mixed.routing` context around the model's own call;
+every LoRA layer inside (nested in attention blocks and KerasHub backbones
+alike) then computes row `i` with adapter `names[adapter_index[i]]`. The
+choice is data, not Python state, so one traced function serves any mix.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora.layers import LoRALayer
+from keras_lora.layers import mixed as routing_lib
+from keras_lora.model.walk import iter_layers
+
+INDEX_NAME = "adapter_index"
+
+
+def _is_concrete(x):
+    """Whether `x` holds values now (eager), not a traced placeholder."""
+    if isinstance(x, keras.KerasTensor):
+        return False
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    if backend == "torch":
+        import torch
+
+        compiling = torch.compiler.is_compiling()
+        return not compiling and getattr(x, "device", None) != torch.device("meta")
+    return True
+
+
+def check_index(adapter_index, n):
+    """Raises `ValueError` for an eager `adapter_index` outside `[-1, n)`
+    or not of shape `(batch,)`; traced values pass (the layers isolate)."""
+    if len(adapter_index.shape) != 1:
+        raise ValueError(
+            f"`{INDEX_NAME}` must have shape (batch,). Received: shape="
+            f"{tuple(adapter_index.shape)}"
+        )
+    if not _is_concrete(adapter_index):
+        return
+    values = np.asarray(ops.convert_to_numpy(adapter_index))
+    bad = values[(values < -1) | (values >= n)]
+    if bad.size:
+        raise ValueError(
+            f"`{INDEX_NAME}` values must be in [-1, {n}) (-1: the base model; "
+            f"0..{n - 1}: the adapters). Received: {sorted(set(bad.tolist()))[:8]}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class MixedAdapters(keras.layers.Layer):
+    """Calls `model` with each row routed to its own adapter.
+
+    Args:
+        model: a model with LoRA layers.
+        names: the adapter names `adapter_index` indexes.
+        strategy: `"concat"` or `"gather"` (see `layers.mixed`).
+
+    Call arguments:
+        inputs: `model`'s inputs.
+        adapter_index: int `(batch,)`; `-1` for the base alone.
+    """
+
+    def __init__(self, model, names, strategy="concat", **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self.names = tuple(names)
+        self.strategy = strategy
+
+    def call(self, inputs, adapter_index, training=None):
+        if not keras.backend.is_int_dtype(adapter_index.dtype):
+            raise TypeError(
+                f"`{INDEX_NAME}` must be an integer tensor. Received: dtype="
+                f"{keras.backend.standardize_dtype(adapter_index.dtype)}"
+            )
+        check_index(adapter_index, len(self.names))
+        index = ops.cast(adapter_index, "int32")
+        with routing_lib.routing(index, self.names, self.strategy):
+            return self.model(inputs, training=training)
+
+    def compute_output_spec(self, inputs, adapter_index, training=None):
+        return self.model.compute_output_spec(inputs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            model=keras.saving.serialize_keras_object(self.model),
+            names=list(self.names),
+            strategy=self.strategy,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        return cls(**config)
+
+
+def _check_names(model, names, strategy):
+    if strategy not in routing_lib.STRATEGIES:
+        raise ValueError(
+            f"`strategy` must be one of {routing_lib.STRATEGIES}. Received: "
+            f"strategy={strategy!r}"
+        )
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(
+            "`names` must be a list of adapter names. Received: "
+            f"{names!r} of type {type(names).__name__}"
+        )
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f"`names` must be a non-empty list of str. Received: {names!r}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"`names` must be unique. Received: {list(names)}")
+    layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
+    if not layers:
+        raise ValueError(
+            f"mixed_adapter_model: model '{model.name}' has no LoRA layers. "
+            "Use `apply_lora` and `add_adapter` first."
+        )
+    known = []
+    for _, layer in layers:
+        known += [n for n in layer.adapter_names if n not in known]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"mixed_adapter_model: unknown adapter names {unknown}; the model's "
+            f"adapters are {known}."
+        )
+    for path, layer in layers:
+        routing_lib.check_layer(layer, names, path)
+
+
+def _input_like(tensor, name):
+    return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=name)
+
+
+def _served_inputs(model):
+    """New inputs shaped like `model`'s, and the `adapter_index` input."""
+    try:
+        struct = model.input
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"mixed_adapter_model: model '{model.name}' has no defined inputs "
+            "(a subclassed model never called on symbolic inputs?). Pass a "
+            "functional model, e.g. `keras.Model(inputs, lora_model(inputs))`."
+        ) from error
+    index = keras.Input(shape=(), dtype="int32", name=INDEX_NAME)
+    if isinstance(struct, dict):
+        if INDEX_NAME in struct:
+            raise ValueError(
+                f"mixed_adapter_model: model '{model.name}' already has an "
+                f"input named {INDEX_NAME!r}."
+            )
+        inputs = {key: _input_like(t, key) for key, t in struct.items()}
+        return inputs, index, {**inputs, INDEX_NAME: index}
+    if isinstance(struct, (list, tuple)):
+        inputs = [_input_like(t, None) for t in struct]
+        return inputs, index, [*inputs, index]
+    inputs = _input_like(struct, None)
+    return inputs, index, [inputs, index]
+
+
+def mixed_adapter_model(model, names, strategy="concat"):
+    """A Keras model computing each row of a batch with its own adapter.
+
+    Its inputs are `model`'s own plus `adapter_index`, int32 of shape
+    `(batch,)`: row `i` is computed with adapter `names[adapter_index[i]]`,
+    `-1` meaning the base alone. Call it as `served([x, adapter_index])`
+    (or with one more key `"adapter_index"` for dict inputs). The adapters
+    may differ in rank, alpha, rsLoRA and DoRA; one traced function serves
+    any mix. `model` is not changed, and its variables are shared.
+
+    Isolation: an eager `adapter_index` outside `[-1, n)` raises
+    `ValueError`; in a compiled function such a row gets the base output,
+    never another adapter's.
+
+    Training through it updates each adapter from its own rows only; make
+    all of `names` trainable first with `set_adapter(model, names)`.
+
+    Args:
+        model: a functional model with LoRA layers holding `names`.
+        names: list of adapter names; `adapter_index` indexes it.
+        strategy: `"concat"` (default: one product with the concatenated
+            `A`s, a per-row mask, one with the `B`s) or `"gather"` (each row
+            gathers its own `A`, `B`); see `docs/serving.md`.
+
+    Returns:
+        A `keras.Model`.
+
+    Raises:
+        ValueError: unknown or duplicate names, no LoRA layers, a merged
+            layer or a PiSSA/OLoRA adapter among `names`.
+        TypeError: a LoRA layer type without per-row routing holds a name.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"mixed_adapter_model: `model` must be a keras.Model. Received: "
+            f"{model!r} of type {type(model).__name__}"
+        )
+    _check_names(model, names, strategy)
+    inputs, index, served_inputs = _served_inputs(model)
+    layer = MixedAdapters(model, names, strategy, name="mixed_adapters")
+    outputs = layer(inputs, index)
+    return keras.Model(served_inputs, outputs, name=f"{model.name}_mixed")
+
+
+def mixed_layer(model):
+    """The `MixedAdapters` layer of a served model, or `None`."""
+    for layer in getattr(model, "layers", ()):
+        if isinstance(layer, MixedAdapters):
+            return layer
+    return None
