@@ -1,4 +1,8 @@
-"""Merge, then export: the artifact has no adapter variables or math."""
+"""Merge, then export: the artifact has no adapter variables or math.
+
+A served model of `mixed_adapter_model` is exported as it is (nothing
+merged): its `serve` endpoint takes the inputs plus `adapter_index`.
+"""
 
 import importlib
 import importlib.util
@@ -11,6 +15,7 @@ from pathlib import Path
 import keras
 
 from keras_lora.atomic import atomic_output
+from keras_lora.model.mixed import INDEX_NAME, mixed_layer
 from keras_lora.model.surgery import merge_lora
 from keras_lora.model.walk import iter_layers
 
@@ -34,6 +39,14 @@ def export(model, path, format="tf_saved_model", check_finite=True, verbose=Fals
             `__main__` must be registered in an importable module instead.
             Either way `tensorflow` must be installed.
         `"keras"`: the merged model as one `.keras` file.
+
+    A served model from `mixed_adapter_model` is exported unmerged, with
+    every adapter it routes to: the SavedModel's `serve` endpoint (and its
+    `serving_default` signature) takes the model's inputs plus
+    `adapter_index` (int32, `(batch,)`), named `inputs` and
+    `adapter_index` for a single-input model, by their keys for dict
+    inputs, `inputs_0`, `inputs_1`, ... for a list. Out-of-range indices
+    give the base output there (a graph raises nothing).
 
     The output is written beside `path` and moved into place when complete,
     so an interrupted export leaves any earlier output intact.
@@ -70,14 +83,17 @@ def export(model, path, format="tf_saved_model", check_finite=True, verbose=Fals
             f"`path` '{path}' is a file; format='tf_saved_model' writes a "
             "SavedModel directory there."
         )
-    merged = merge_lora(model, check_finite=check_finite)
+    if mixed_layer(model) is not None:
+        merged = model  # a mixed-batch model is served unmerged
+    else:
+        merged = merge_lora(model, check_finite=check_finite)
     if format == "keras":
         with atomic_output(path) as tmp:
             merged.save(tmp)
         return path
     with atomic_output(path, directory=True) as tmp:
         if keras.backend.backend() == "tensorflow":
-            merged.export(str(tmp), format="tf_saved_model", verbose=verbose)
+            _write_saved_model(merged, str(tmp), verbose)
         else:
             _export_in_tensorflow_subprocess(merged, tmp, verbose)
     return path
@@ -121,6 +137,40 @@ def _export_in_tensorflow_subprocess(model, out_dir, verbose):
             )
 
 
+def _write_saved_model(model, out_dir, verbose=False):
+    """Keras's own export; for a served mixed model, an `ExportArchive` with
+    a named `adapter_index` input (TensorFlow backend)."""
+    layer = mixed_layer(model)
+    if layer is None:
+        model.export(out_dir, format="tf_saved_model", verbose=verbose)
+        return
+    import tensorflow as tf
+
+    def spec(tensor, name):
+        return tf.TensorSpec(tensor.shape, tensor.dtype, name=name)
+
+    struct = layer.model.input
+    index = tf.TensorSpec((None,), "int32", name=INDEX_NAME)
+    if isinstance(struct, dict):
+        specs = {key: spec(t, key) for key, t in struct.items()}
+        specs[INDEX_NAME] = index
+        signature, serve = [specs], model
+    else:
+        many = isinstance(struct, (list, tuple))
+        tensors = list(struct) if many else [struct]
+        names = [f"inputs_{i}" for i in range(len(tensors))] if many else ["inputs"]
+        signature = [spec(t, n) for t, n in zip(tensors, names, strict=True)]
+        signature.append(index)
+
+        def serve(*args):
+            return model(list(args))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve, input_signature=signature)
+    archive.write_out(out_dir, verbose=verbose)
+
+
 def _main(argv):
     """`python -m keras_lora.exporting MODEL.keras OUT_DIR [MODULE ...]`, run
     by `export` under the TensorFlow backend; imports each MODULE first."""
@@ -128,7 +178,7 @@ def _main(argv):
     for module in modules:
         importlib.import_module(module)
     model = keras.saving.load_model(keras_file)
-    model.export(out_dir, format="tf_saved_model", verbose=False)
+    _write_saved_model(model, out_dir)
 
 
 if __name__ == "__main__":
