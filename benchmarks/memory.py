@@ -62,6 +62,7 @@ def train_memory_worker(args):
         rng.standard_normal((args["batch"], args["width"]), dtype=np.float32)
     )
     y = keras.ops.convert_to_tensor(rng.integers(0, args["classes"], args["batch"]))
+    rss.settle(model.weights)
     gc.collect()
     with rss.PeakRSS() as peak:
         for _ in range(args["steps"]):
@@ -90,6 +91,7 @@ def apply_lora_memory_worker(args):
         kl.apply_lora(models.mlp(64, 64, 2, args["classes"]), rank=args["rank"])
     model = models.mlp(args["width"], args["width"], args["depth"], args["classes"])
     model_bytes = models.weight_bytes(model.weights)
+    rss.settle(model.weights)  # its own construction is not apply_lora's
     gc.collect()
     with rss.PeakRSS() as peak:
         lora = kl.apply_lora(model, rank=args["rank"])

@@ -50,6 +50,23 @@ class PeakRSS:
         return False
 
 
+def settle(variables):
+    """Waits until the backend has computed `variables`.
+
+    JAX dispatches work asynchronously: a model's initializers (a random
+    fill per kernel, with kernel-sized temporaries) are still running when
+    the model is returned. A peak measured right after building a model
+    would count the tail of its construction, by chance, so every memory
+    measurement settles the model first. TensorFlow and torch run eagerly.
+    """
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.block_until_ready([v.value for v in variables])
+
+
 def peak_rss():
     """The process's peak RSS so far (`VmHWM`), or the current RSS."""
     return _high_water_mark() or current_rss()
