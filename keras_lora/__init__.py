@@ -3,6 +3,7 @@
 from keras_lora.distribution import lora_layout_map
 from keras_lora.exporting import export
 from keras_lora.io import load_adapter, save_adapter
+from keras_lora.io.hotswap import hotswap_adapter
 from keras_lora.layers import (
     LoRAConv,
     LoRADense,
@@ -11,6 +12,7 @@ from keras_lora.layers import (
     LoRALayer,
 )
 from keras_lora.model.core_lora import from_core_lora
+from keras_lora.model.hotswap import prepare_hotswap
 from keras_lora.model.mixed import mixed_adapter_model
 from keras_lora.model.named_adapters import (
     active_adapters,
@@ -45,10 +47,12 @@ __all__ = [
     "apply_lora",
     "export",
     "from_core_lora",
+    "hotswap_adapter",
     "load_adapter",
     "lora_layout_map",
     "merge_lora",
     "mixed_adapter_model",
+    "prepare_hotswap",
     "save_adapter",
     "trainable_summary",
 ]

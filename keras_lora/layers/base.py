@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from keras_lora.config import DEFAULT_NAME, validate_factoring
-from keras_lora.layers import checks, hot_path, quantized
+from keras_lora.layers import checks, hot_path, mixed, quantized
 from keras_lora.layers.drop_in import DropIn
 from keras_lora.layers.merging import Merging
 from keras_lora.layers.registry import AdapterRegistry, adapter_specs
@@ -56,6 +56,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         active_adapters: names of the active adapters (default: the first).
         factoring: how `A·B` covers the kernel (`LoRAEinsumDense`); the
             other types have one factoring.
+        hotswap: the scale is a variable (set by `prepare_hotswap`).
         **kwargs: base `Layer` arguments; `name` and `dtype` default to the
             wrapped layer's.
 
@@ -87,12 +88,15 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         adapters=None,
         active_adapters=None,
         factoring=None,
+        hotswap=False,
         **kwargs,
     ):
         restoring = kwargs.pop("_restoring", False)
         self._check_base_layer(layer)
         factoring = self._resolve_factoring(layer, factoring)
-        first = Adapter(adapter_name, rank, alpha, use_rslora, dropout, init, use_dora)
+        first = Adapter(
+            adapter_name, rank, alpha, use_rslora, dropout, init, use_dora, hotswap
+        )
         specs, active = adapter_specs(layer, first, adapters, active_adapters)
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", checks.float_policy(layer))
@@ -217,6 +221,8 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         the adapters it applies, and which kernel it multiplies by
         (`"merged"`, `"residual"`, `"base"`, or `None` for a quantized
         base's own op)."""
+        if mixed.current() is not None:  # a mixed batch: see `layers.mixed`
+            return mixed.plan(self)
         plan = self._plan
         if plan is None:
             plan = self._make_plan()
@@ -269,6 +275,9 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         `c = m / ‖W + s·A·B‖` (PEFT's sum over adapters); alone, that is
         `c·(x·W + s·x·A·B)`.
         """
+        route = mixed.current()
+        if route is not None:  # each row with its own adapter
+            return mixed.routed_updates(self, inputs, base, training, route)
         out = base
         dtype = keras.backend.standardize_dtype(base.dtype)
         for adapter in adapters:
@@ -295,8 +304,12 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
     @staticmethod
     def _scaled(x, adapter, dtype=None):
         """`scale·x` on a rank-sized tensor; nothing when the scale is 1. A
-        Python float keeps `x`'s dtype and makes no tensor per call."""
+        Python float keeps `x`'s dtype and makes no tensor per call; a scale
+        variable (`prepare_hotswap`) is read at call time, in `x`'s dtype."""
         scale = adapter.scale
+        if isinstance(scale, keras.Variable):
+            dtype = dtype or keras.backend.standardize_dtype(x.dtype)
+            return x * hot_path.read(scale, dtype)
         return x if scale == 1.0 else x * scale
 
     @staticmethod

@@ -10,7 +10,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora.config import DEFAULT_NAME, validate_alpha, validate_flag
+from keras_lora.config import (
+    DEFAULT_NAME,
+    validate_alpha,
+    validate_flag,
+    validate_rank,
+)
 from keras_lora.layers import checks, variants
 from keras_lora.layers.checks import check_variant
 from keras_lora.layers.variants import Adapter
@@ -190,6 +195,92 @@ class AdapterRegistry:
                 ops.add(frozen, self._adapter_delta(adapter)), self._norm_axes()
             )
             adapter.magnitude.assign(ops.cast(norm, adapter.magnitude.dtype))
+        if adapter.hotswap:
+            adapter.scale_variable = self._scale_weight(adapter)
+
+    # ----- hot-swapping (`prepare_hotswap`, `hotswap_adapter`) -------------
+
+    def prepare_hotswap(self, capacity):
+        """Pads every adapter to rank `capacity` and gives each a scale variable.
+
+        Zero columns of `A` and rows of `B` keep `A·B`, so the outputs stay;
+        `alpha` becomes `scale·capacity` (`scale·sqrt(capacity)`, rsLoRA) so
+        the scale stays. The scale becomes a non-trainable float32 variable
+        (`lora_scale[_<name>]`) that calls read: a new one needs no retrace.
+
+        Raises `ValueError` if a rank is above `capacity` (nothing changed).
+        """
+        capacity = validate_rank(capacity, "max_rank")
+        above = {n: a.rank for n, a in self._adapters.items() if a.rank > capacity}
+        if above:
+            raise ValueError(
+                f"LoRA layer '{self.name}' has adapters of rank above "
+                f"max_rank={capacity}: {above}. Pass a max_rank of at least "
+                f"{max(above.values())}; nothing was changed."
+            )
+        if not self.built or any(a.a is None for a in self._adapters.values()):
+            raise ValueError(
+                f"LoRA layer '{self.name}' is not built; build the model (call "
+                "it on data) before `prepare_hotswap`."
+            )
+        self._unlocked(
+            lambda: [self._pad(a, capacity) for a in self._adapters.values()]
+        )
+        # A `.keras` file stores variables by position: put the scale variables
+        # where building from the config puts them (after each residual).
+        ordered = [
+            v
+            for a in self._adapters.values()
+            for v in (a.residual, a.scale_variable)
+            if v is not None
+        ]
+        ids = {id(v) for v in ordered}
+        store = self._non_trainable_variables
+        store[:] = [v for v in store if id(v) not in ids] + ordered
+        self._changed()
+
+    def _pad(self, adapter, capacity):
+        if adapter.rank < capacity:
+            scale = adapter.scale_value
+            for attr, axis in (("a", -1), ("b", 0)):
+                old = getattr(adapter, attr)
+                value = np.asarray(ops.convert_to_numpy(old))
+                widths = [(0, 0)] * value.ndim
+                widths[axis] = (0, capacity - adapter.rank)
+                new = self._new_weight(old.name, np.pad(value, widths), old.dtype)
+                new.trainable = old.trainable
+                self._replace_variable(old, new)
+                setattr(adapter, attr, new)
+            adapter.rank = capacity
+            adapter.set_scale(scale, adapter.use_rslora, assign=False)
+        if adapter.scale_variable is None:
+            adapter.scale_variable = self._scale_weight(adapter)
+        adapter.hotswap = True
+
+    def _scale_weight(self, adapter):
+        suffix = "" if adapter.name == DEFAULT_NAME else f"_{adapter.name}"
+        value = np.float32(adapter.scale_value)
+        return self._new_weight(f"lora_scale{suffix}", value, "float32", False)
+
+    def _new_weight(self, name, value, dtype, trainable=True):
+        kwargs = {"initializer": "zeros", "dtype": dtype, "trainable": trainable}
+        variable = self.add_weight(name=name, shape=np.shape(value), **kwargs)
+        variable.assign(value)
+        return variable
+
+    def _replace_variable(self, old, new):
+        """Puts `new` where `old` is in this layer's variable lists."""
+        for store in ("trainable_variables", "non_trainable_variables"):
+            variables = getattr(self, f"_{store}")
+            ids = self._tracker.stored_ids[store]
+            if id(new) in ids:
+                variables[:] = [v for v in variables if v is not new]
+                ids.discard(id(new))
+            for i, variable in enumerate(variables):
+                if variable is old:
+                    variables[i] = new
+                    ids.discard(id(old))
+                    ids.add(id(new))
 
     # ----- the first active adapter's options, as layer properties ---------
 
@@ -292,10 +383,12 @@ class AdapterRegistry:
 
     def _remove_variables(self, adapter):
         doomed = {id(v) for v in adapter.variables}
-        if adapter.residual is not None:
-            doomed.add(id(adapter.residual))
+        for extra in (adapter.residual, adapter.scale_variable):
+            if extra is not None:
+                doomed.add(id(extra))
         for store in ("trainable_variables", "non_trainable_variables"):
             variables = getattr(self, f"_{store}")
             variables[:] = [v for v in variables if id(v) not in doomed]
             self._tracker.stored_ids[store] -= doomed
         adapter.a = adapter.b = adapter.magnitude = adapter.residual = None
+        adapter.scale_variable = None

@@ -44,10 +44,14 @@ class Adapter:
 
     Attributes:
         name, rank, alpha, use_rslora, dropout, init, use_dora: the options.
+        hotswap: whether the scale is a variable (`prepare_hotswap`), so
+            that `hotswap_adapter` can change it without a retrace.
         a, b: the `lora_a`/`lora_b` variables (set when the layer builds).
         magnitude: DoRA's magnitude variable, or `None`.
         residual: the residual kernel variable of a `"pissa"`/`"olora"`
             adapter, or `None`.
+        scale_variable: the scale's non-trainable float32 variable of a
+            `hotswap` adapter (set when the layer builds), or `None`.
     """
 
     def __init__(
@@ -59,23 +63,65 @@ class Adapter:
         dropout=0.0,
         init="default",
         use_dora=False,
+        hotswap=False,
     ):
+        self.a = self.b = self.magnitude = self.residual = None
+        self.scale_variable = None
         self.name = validate_adapter_name(name)
         self.rank = validate_rank(rank)
         alpha = validate_alpha(alpha)
-        self.alpha = float(self.rank) if alpha is None else alpha
-        self.use_rslora = validate_flag(use_rslora, "use_rslora")
+        self._alpha = float(self.rank) if alpha is None else alpha
+        self._use_rslora = validate_flag(use_rslora, "use_rslora")
         self.dropout = validate_dropout(dropout)
         self.init = validate_init(init)
         self.use_dora = validate_flag(use_dora, "use_dora")
-        self.a = self.b = self.magnitude = self.residual = None
+        self.hotswap = validate_flag(hotswap, "hotswap")
+
+    @property
+    def alpha(self):
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value):
+        self._alpha = value
+        self._sync_scale()
+
+    @property
+    def use_rslora(self):
+        return self._use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value):
+        self._use_rslora = value
+        self._sync_scale()
 
     @property
     def scale(self):
-        """`alpha / rank`, or `alpha / sqrt(rank)` with `use_rslora`."""
-        if self.use_rslora:
-            return self.alpha / float(np.sqrt(self.rank))
-        return self.alpha / self.rank
+        """`alpha / rank`, or `alpha / sqrt(rank)` with `use_rslora`: a
+        Python float, or the scale variable of a built `hotswap` adapter
+        (read it with `ops`, or `scale_value` for a float)."""
+        if self.scale_variable is not None:
+            return self.scale_variable
+        return self.scale_value
+
+    @property
+    def scale_value(self):
+        """The scale as a Python float, from `alpha`, `rank`, `use_rslora`."""
+        return scale_for(self.rank, self._alpha, self._use_rslora)
+
+    def set_scale(self, scale, use_rslora, assign=True):
+        """Sets `alpha` so that the scale is `scale` under the rule
+        `use_rslora`, at this adapter's rank; with `assign`, the scale
+        variable too (a `hotswap_adapter` assigns it with the factors)."""
+        self._use_rslora = use_rslora
+        root = float(np.sqrt(self.rank)) if use_rslora else float(self.rank)
+        self._alpha = float(scale) * root
+        if assign:
+            self._sync_scale()
+
+    def _sync_scale(self):
+        if self.scale_variable is not None:
+            self.scale_variable.assign(np.float32(self.scale_value))
 
     @property
     def changes_base(self):
@@ -83,6 +129,7 @@ class Adapter:
 
     @property
     def variables(self):
+        """The trainable ones: the factors and DoRA's magnitude."""
         return [v for v in (self.a, self.b, self.magnitude) if v is not None]
 
     def config(self, with_name=True):
@@ -98,6 +145,8 @@ class Adapter:
             config["init"] = self.init
         if self.use_dora:
             config["use_dora"] = True
+        if self.hotswap:
+            config["hotswap"] = True
         return config
 
     def describe(self):
@@ -110,6 +159,13 @@ class Adapter:
             "init": self.init,
             "use_dora": self.use_dora,
         }
+
+
+def scale_for(rank, alpha, use_rslora):
+    """LoRA's scale: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA)."""
+    if use_rslora:
+        return alpha / float(np.sqrt(rank))
+    return alpha / rank
 
 
 def factor_kernel(matrix, rank, scale, init):

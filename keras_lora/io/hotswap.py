@@ -1,0 +1,204 @@
+"""`hotswap_adapter`: write an adapter file into a prepared model's variables.
+
+The file is read by the same readers as `load_adapter` (keras_lora files,
+PEFT directories, KerasHub-mapped PEFT directories) into validated
+`LayerRecord`s. Everything is checked against the prepared adapters (the
+target set, layer types and factoring, variant, rank against capacity,
+shapes) before anything is assigned. Then the factors, zero-padded to the
+capacity, DoRA's magnitude and the scale are assigned to the existing
+variables: no variable is created, no shape or Python value in a compiled
+function changes, so nothing is traced again.
+"""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+
+from keras_lora.config import DEFAULT_NAME, validate_adapter_name
+from keras_lora.io import READERS, _check_model, _check_path
+from keras_lora.io.install import _check_layer
+from keras_lora.io.names import check_name_map, follow_renamed_root
+from keras_lora.io.report import user_stacklevel
+from keras_lora.layers import LoRALayer
+from keras_lora.layers.variants import scale_for
+from keras_lora.model.walk import iter_layers
+
+
+def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
+    """Writes the adapter at `path` into adapter `adapter_name` of a prepared model.
+
+    `model` must have been prepared with `prepare_hotswap(model, max_rank)`.
+    The adapter may have any rank up to `max_rank`, any alpha and either
+    scale rule: its factors are zero-padded to `max_rank` and assigned, with
+    its scale, to the variables the model already has. A compiled
+    `predict`, `evaluate` or train step keeps running with no retrace, and
+    the outputs are those of `load_adapter(base_model, path)`. Swap between
+    calls (on JAX, `fit` holds the variables' values for its whole run).
+
+    The file must hold adapter `adapter_name`'s layers, no more, no less,
+    and the same variant (plain or DoRA). The adapter's `dropout` stays the
+    model's (it is a training option fixed when the step was traced); a
+    differing one in the file is reported with a warning. When training
+    after a swap, the optimizer's moments still belong to the previous
+    adapter.
+
+    Args:
+        model: a `keras.Model` prepared with `prepare_hotswap`.
+        path: a `keras_lora` `.safetensors` file or a PEFT adapter directory,
+            as `load_adapter` takes.
+        adapter_name: the adapter to overwrite (`"default"`).
+        name_map: as in `load_adapter`.
+
+    Returns:
+        `model`.
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+        TypeError: `model` or `path` of the wrong type.
+        ValueError: the model is not prepared, has no adapter `adapter_name`,
+            or the file does not fit it (a rank above the capacity, another
+            set of layers, layer type, factoring, variant or shape); nothing
+            was changed.
+    """
+    _check_path(path)
+    _check_model(model, "hotswap_adapter")
+    adapter_name = validate_adapter_name(adapter_name)
+    check_name_map(name_map)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No adapter file or PEFT directory at '{path}'.")
+    layers = list(iter_layers(model))
+    targets = _prepared_adapters(model, layers, adapter_name)
+    reader = next(fmt for fmt in READERS if fmt.claims(path))
+    records = reader.read(path, name_map, model, layers, strict=True)
+    if name_map is None:
+        records = follow_renamed_root(records, layers)
+    source = f"{reader.DESCRIPTION} '{path}'"
+    plan, scales = _plan(model, dict(layers), targets, records, source, adapter_name)
+    for variable, value in plan:
+        variable.assign(value)
+    for adapter, scale, use_rslora in scales:
+        adapter.set_scale(scale, use_rslora, assign=False)
+    return model
+
+
+def _prepared_adapters(model, layers, name):
+    """`{path: Adapter}` of adapter `name`; raises unless all are prepared."""
+    lora = [(p, layer) for p, layer in layers if isinstance(layer, LoRALayer)]
+    if not lora:
+        raise ValueError(
+            f"hotswap_adapter: model '{model.name}' has no LoRA layers. Apply "
+            "LoRA, then call `kl.prepare_hotswap(model, max_rank)`."
+        )
+    targets = {
+        p: layer.get_adapter(name) for p, layer in lora if name in layer.adapter_names
+    }
+    if not targets:
+        known = sorted({n for _, layer in lora for n in layer.adapter_names})
+        raise ValueError(
+            f"hotswap_adapter: model '{model.name}' has no adapter named "
+            f"{name!r} (adapters: {known}). Received: adapter_name={name!r}"
+        )
+    unprepared = sorted(p for p, a in targets.items() if a.scale_variable is None)
+    if unprepared:
+        raise ValueError(
+            f"hotswap_adapter: adapter {name!r} of LoRA layers {unprepared} of "
+            f"model '{model.name}' is not prepared for hot-swapping. Call "
+            "`kl.prepare_hotswap(model, max_rank)` once (before compiling)."
+        )
+    return targets
+
+
+def _plan(model, by_path, targets, records, source, name):
+    """`([(variable, value)], [(adapter, scale, use_rslora)])` for the swap;
+    raises, having changed nothing, on anything that does not fit."""
+    paths = [r.path for r in records]
+    missing = sorted(set(targets) - set(paths))
+    extra = sorted(set(paths) - set(targets))
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if missing or extra or twice:
+        raise ValueError(
+            f"hotswap_adapter: {source} must cover exactly the layers of "
+            f"adapter {name!r} of model '{model.name}'. Layers it lacks: "
+            f"{missing}; layers it has that the adapter lacks: {extra}; layers "
+            f"several entries map to: {twice}. Nothing was changed."
+        )
+    problems, plan, scales, dropouts = [], [], [], []
+    for record in records:
+        adapter = targets[record.path]
+        _check_layer(by_path[record.path], record, model, source)
+        where = f"layer '{record.path}'"
+        if record.init in ("pissa", "olora") or adapter.changes_base:
+            init = record.init if record.init in ("pissa", "olora") else adapter.init
+            problems.append(
+                f"{where}: init={init!r} adapters have a residual kernel that a "
+                "swap cannot change; hot-swapping takes plain and DoRA adapters"
+            )
+            continue
+        if record.use_dora != adapter.use_dora:
+            problems.append(
+                f"{where}: the file's adapter is {_variant(record.use_dora)}, "
+                f"the model's {_variant(adapter.use_dora)}"
+            )
+            continue
+        if record.rank > adapter.rank:
+            problems.append(
+                f"{where}: rank {record.rank} is above the capacity "
+                f"max_rank={adapter.rank} (prepare_hotswap)"
+            )
+            continue
+        pairs = [(adapter.a, record.a, -1), (adapter.b, record.b, 0)]
+        if record.use_dora:
+            pairs.append((adapter.magnitude, record.magnitude, None))
+        for variable, array, axis in pairs:
+            value, problem = _padded(variable, array, axis)
+            if problem:
+                problems.append(f"{where} {variable.name}: {problem}")
+            else:
+                plan.append((variable, value))
+        scale = scale_for(record.rank, record.alpha, record.use_rslora)
+        plan.append((adapter.scale_variable, np.float32(scale)))
+        scales.append((adapter, scale, record.use_rslora))
+        if record.dropout != adapter.dropout:
+            dropouts.append(
+                f"'{record.path}': {adapter.dropout} (file: {record.dropout})"
+            )
+    if problems:
+        raise ValueError(
+            f"hotswap_adapter: {source} does not fit adapter {name!r} of model "
+            f"'{model.name}'; nothing was changed:\n  " + "\n  ".join(problems)
+        )
+    if dropouts:
+        warnings.warn(
+            "hotswap_adapter keeps the model's dropout (fixed when the train "
+            "step was traced); the file records another:\n  " + "\n  ".join(dropouts),
+            stacklevel=user_stacklevel(),
+        )
+    return plan, scales
+
+
+def _padded(variable, array, axis):
+    """`(value, None)`: `array` zero-padded along `axis` to `variable`'s
+    shape, in its dtype; or `(None, problem)`."""
+    shape = tuple(variable.shape)
+    got = tuple(array.shape)
+    if axis is None:
+        fits = got == shape
+    else:
+        rest = [i for i in range(len(shape)) if i != axis % len(shape)]
+        fits = len(got) == len(shape) and all(got[i] == shape[i] for i in rest)
+    if not fits:
+        expected = "the shape" if axis is None else "all but the rank axis of the shape"
+        return None, f"expected {expected} {shape}, the file has {got}"
+    try:  # bfloat16 has no NumPy dtype without ml_dtypes: `assign` casts
+        dtype = np.dtype(keras.backend.standardize_dtype(variable.dtype))
+    except TypeError:
+        dtype = np.float32
+    value = np.zeros(shape, dtype)
+    value[tuple(slice(0, d) for d in got)] = array
+    return value, None
+
+
+def _variant(use_dora):
+    return "a DoRA adapter" if use_dora else "a plain (non-DoRA) adapter"

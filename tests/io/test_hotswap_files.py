@@ -1,0 +1,258 @@
+"""`hotswap_adapter`: files of any rank <= capacity, alpha and scale rule, in
+the keras_lora and PEFT formats (KerasHub-mapped too), give the outputs of a
+fresh `load_adapter`; compiled predict and train steps are not traced again;
+a file that does not fit changes nothing."""
+
+import collections
+
+import keras
+import numpy as np
+import pytest
+from conftest import mlp, randomize_adapters, to_numpy
+
+import keras_lora as kl
+from keras_lora.model.surgery import lora_layers
+
+X = np.random.default_rng(5).normal(size=(8, 16)).astype("float32")
+Y = np.random.default_rng(6).normal(size=(8, 3)).astype("float32")
+# Eager `load_adapter` outputs against a compiled (XLA / tf.function) predict
+# of the padded model: float32 rounding of differently ordered sums.
+ATOL = 1e-5
+TRACES = collections.Counter()
+SWAPS = [  # (rank, alpha, use_rslora): ranks {2, 4, 8} and three alphas
+    (2, 1.0, False),
+    (4, 4.0, False),
+    (8, 16.0, False),
+    (2, 16.0, True),
+    (8, 1.0, True),
+    (4, 4.0, True),
+]
+
+
+class TraceCounter(keras.layers.Layer):
+    """The identity; counts how often its `call` runs as Python. Under
+    `jax.jit` or `tf.function` that is once per trace, not per call."""
+
+    def call(self, x):
+        TRACES[id(self)] += 1
+        return x
+
+
+def counted_mlp():
+    inputs = keras.Input((16,), name="x")
+    x = TraceCounter(name="counter")(inputs)
+    x = keras.layers.Dense(32, activation="relu", name="d1")(x)
+    x = keras.layers.Dense(32, activation="relu", name="d2")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def adapter_file(base, path, rank, alpha, use_rslora=False, seed=0, **options):
+    """Saves a random adapter for `base` to `path`; returns its outputs on X
+    when loaded fresh, the reference a swap must give."""
+    lora = kl.apply_lora(base, rank=rank, alpha=alpha, use_rslora=use_rslora, **options)
+    randomize_adapters(lora, scale=0.3, seed=seed)
+    fmt = "peft" if path.suffix != ".safetensors" else "keras_lora"
+    kl.save_adapter(lora, path, format=fmt)
+    return to_numpy(kl.load_adapter(base, path)(X))
+
+
+def prepared(base, rank=2, max_rank=8, **options):
+    lora = kl.apply_lora(base, rank=rank, **options)
+    return kl.prepare_hotswap(lora, max_rank)
+
+
+def snapshot(model):
+    layers = lora_layers(model)
+    return (
+        [(v.path, v.trainable, to_numpy(v).tobytes()) for v in model.weights],
+        [
+            (p, a.rank, a.alpha, a.use_rslora, a.dropout)
+            for p, layer in layers
+            for a in map(layer.get_adapter, layer.adapter_names)
+        ],
+    )
+
+
+@pytest.mark.parametrize("fmt", ["keras_lora", "peft"])
+def test_swaps_equal_fresh_loads(fmt, tmp_path):
+    base = mlp()
+    model = prepared(base)
+    for i, (rank, alpha, rslora) in enumerate(SWAPS):
+        path = tmp_path / (f"a{i}.safetensors" if fmt == "keras_lora" else f"a{i}")
+        expected = adapter_file(base, path, rank, alpha, rslora, seed=i)
+        assert kl.hotswap_adapter(model, path) is model
+        np.testing.assert_allclose(to_numpy(model(X)), expected, atol=1e-6, rtol=0)
+
+
+def test_dora_and_named_adapters_swap(tmp_path):
+    base = mlp()
+    model = prepared(base, use_dora=True)
+    kl.add_adapter(model, "plain", rank=2)
+    kl.prepare_hotswap(model, 8)  # pads the new adapter too
+    expected = adapter_file(base, tmp_path / "d.safetensors", 4, 3.0, use_dora=True)
+    kl.hotswap_adapter(model, tmp_path / "d.safetensors")
+    np.testing.assert_allclose(to_numpy(model(X)), expected, atol=1e-6, rtol=0)
+    expected = adapter_file(base, tmp_path / "p.safetensors", 8, 2.0, seed=3)
+    kl.hotswap_adapter(model, tmp_path / "p.safetensors", adapter_name="plain")
+    kl.set_adapter(model, "plain")
+    np.testing.assert_allclose(to_numpy(model(X)), expected, atol=1e-6, rtol=0)
+
+
+def test_compiled_predict_and_train_step_are_not_traced_again(tmp_path):
+    if keras.backend.backend() == "torch":
+        pytest.skip(
+            "torch runs Keras steps eagerly (no trace to repeat); "
+            "test_torch_compiled_steps_are_not_recompiled covers torch.compile"
+        )
+    base = counted_mlp()
+    model = prepared(base)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    # The counter layer is shared with `base` and the fresh loads (apply_lora
+    # keeps unadapted layers), so count only what the compiled calls run.
+    counter = id(model.get_layer("counter"))
+
+    def traces(step):
+        before = TRACES[counter]
+        result = step()
+        return TRACES[counter] - before, result
+
+    first = traces(lambda: model.predict(X, batch_size=8, verbose=0))[0]
+    first += traces(lambda: model.train_on_batch(X, Y))[0]
+    assert first >= 2  # the counter does see the first traces
+    retraces = 0
+    for round_ in range(2):
+        for i, (rank, alpha, rslora) in enumerate(SWAPS):
+            path = tmp_path / f"a{i}.safetensors"
+            if round_ == 0:
+                adapter_file(base, path, rank, alpha, rslora, seed=i)
+            expected = to_numpy(kl.load_adapter(base, path)(X))
+            kl.hotswap_adapter(model, path)
+            n, got = traces(lambda: model.predict(X, batch_size=8, verbose=0))
+            np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+            retraces += n + traces(lambda: model.train_on_batch(X, Y))[0]
+    assert retraces == 0
+
+
+def test_torch_compiled_steps_are_not_recompiled(tmp_path):
+    if keras.backend.backend() != "torch":
+        pytest.skip("torch.compile (jit_compile=True) is torch's compiler")
+    from torch._dynamo.utils import counters
+
+    base = mlp()
+    model = prepared(base)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse", jit_compile=True)
+    model.predict(X, batch_size=8, verbose=0)
+    model.train_on_batch(X, Y)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    for i, (rank, alpha, rslora) in enumerate(SWAPS):
+        expected = adapter_file(
+            base, tmp_path / f"a{i}.safetensors", rank, alpha, rslora
+        )
+        kl.hotswap_adapter(model, tmp_path / f"a{i}.safetensors")
+        got = model.predict(X, batch_size=8, verbose=0)
+        np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+        model.train_on_batch(X, Y)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_kerashub_mapped_peft_directory_swaps(tmp_path):
+    tiny = pytest.importorskip("tiny_kerashub")
+    inputs = tiny.backbone_inputs(tiny.backbone("gpt2"))
+
+    def hub_lora(rank, alpha, seed):
+        backbone = tiny.backbone("gpt2")
+        kl.apply_lora(backbone, rank=rank, alpha=alpha, in_place=True)
+        randomize_adapters(backbone, scale=0.3, seed=seed)
+        return backbone
+
+    def out(model):
+        return to_numpy(model(inputs))
+
+    source = hub_lora(4, 8.0, seed=1)
+    kl.save_adapter(source, tmp_path / "hub_peft", format="peft")  # HF names
+    fresh = hub_lora(4, 8.0, seed=2)
+    kl.load_adapter(fresh, tmp_path / "hub_peft")
+    model = kl.prepare_hotswap(hub_lora(2, 2.0, seed=3), 8)
+    kl.hotswap_adapter(model, tmp_path / "hub_peft")
+    np.testing.assert_allclose(out(model), out(fresh), atol=1e-5, rtol=0)
+
+
+def bad_cases(base, tmp_path):
+    """`{case: (make the file, error, message)}`: files that must not fit a
+    model prepared by `prepared(base, max_rank=8)`."""
+
+    def save(name, model, **kwargs):
+        randomize_adapters(model)
+        kl.save_adapter(model, tmp_path / name, **kwargs)
+        return tmp_path / name
+
+    return {
+        "rank-above-capacity": (
+            lambda: save("r16.safetensors", kl.apply_lora(base, rank=16)),
+            "above the capacity",
+        ),
+        "fewer-layers": (
+            lambda: save("d1.safetensors", kl.apply_lora(base, rank=2, targets=["d1"])),
+            "cover exactly",
+        ),
+        "wrong-shapes": (
+            lambda: save("wide.safetensors", kl.apply_lora(mlp(hidden=24), rank=2)),
+            "shape",
+        ),
+        "dora-into-plain": (
+            lambda: save(
+                "dora.safetensors", kl.apply_lora(base, rank=2, use_dora=True)
+            ),
+            "DoRA",
+        ),
+        "pissa": (
+            lambda: save(
+                "pissa.safetensors", kl.apply_lora(base, rank=2, init="pissa")
+            ),
+            "pissa",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["rank-above-capacity", "fewer-layers", "wrong-shapes", "dora-into-plain", "pissa"],
+)
+def test_a_file_that_does_not_fit_changes_nothing(case, tmp_path):
+    base = mlp()
+    model = prepared(base)
+    make, message = bad_cases(base, tmp_path)[case]
+    path = make()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        kl.hotswap_adapter(model, path)
+    assert snapshot(model) == before
+
+
+def test_bad_calls_are_refused(tmp_path):
+    base = mlp()
+    adapter_file(base, tmp_path / "a.safetensors", 2, 2.0)
+    with pytest.raises(ValueError, match="prepare_hotswap"):
+        kl.hotswap_adapter(kl.apply_lora(base, rank=2), tmp_path / "a.safetensors")
+    model = prepared(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="no adapter named 'tenant'"):
+        kl.hotswap_adapter(model, tmp_path / "a.safetensors", adapter_name="tenant")
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        kl.hotswap_adapter(base, tmp_path / "a.safetensors")
+    with pytest.raises(TypeError, match="path"):
+        kl.hotswap_adapter(model, 3)
+    with pytest.raises(FileNotFoundError):
+        kl.hotswap_adapter(model, tmp_path / "missing.safetensors")
+    assert snapshot(model) == before
+
+
+def test_dropout_of_the_file_is_reported_not_applied(tmp_path):
+    base = mlp()
+    model = prepared(base)
+    expected = adapter_file(base, tmp_path / "a.safetensors", 2, 2.0, dropout=0.5)
+    with pytest.warns(UserWarning, match="keeps the model's dropout"):
+        kl.hotswap_adapter(model, tmp_path / "a.safetensors")
+    np.testing.assert_allclose(to_numpy(model(X)), expected, atol=1e-6, rtol=0)
+    assert {layer.dropout for _, layer in lora_layers(model)} == {0.0}
