@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 BACKENDS = ("tensorflow", "jax", "torch")
-SECTIONS = ("training", "block", "inference", "eager", "memory", "merge")
+SECTIONS = ("training", "block", "inference", "eager", "memory", "merge", "hotswap")
 
 
 def parse_args(argv=None):

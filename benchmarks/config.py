@@ -60,6 +60,19 @@ FULL = {
         "merge_repeats": 3,
         "process_per_size": True,
     },
+    "hotswap": {
+        "width": 1024,
+        "depth": 4,
+        "classes": 10,
+        "batch": 256,
+        "max_rank": 8,
+        "ranks": [2, 4, 8],
+        "alphas": [4.0, 8.0, 16.0],
+        "swaps": 100,
+        "warmup": 3,
+        "repeats": 12,
+        "steps": 10,
+    },
 }
 
 QUICK = {
@@ -95,6 +108,9 @@ QUICK = {
         sizes=[262_144, 1_048_576, 4_194_304],
         merge_repeats=3,
         process_per_size=False,
+    ),
+    "hotswap": dict(
+        FULL["hotswap"], width=128, batch=32, swaps=12, warmup=1, repeats=3, steps=3
     ),
 }
 

@@ -180,6 +180,10 @@ def backend_text(results):
             ),
             "",
         ]
+    if "hotswap" in s:
+        from benchmarks import hotswap
+
+        lines += hotswap.report_lines(s["hotswap"])
     lines += ["Targets (ratios from this run; reported, never asserted)"]
     rows = [
         [

@@ -7,12 +7,20 @@ import keras
 from benchmarks import config as configs
 from benchmarks import machine
 
-SECTIONS = ("training", "block", "inference", "eager", "memory", "merge")
+SECTIONS = (
+    "training",
+    "block",
+    "inference",
+    "eager",
+    "memory",
+    "merge",
+    "hotswap",
+)
 
 
 def run(quick, sections=SECTIONS, log=print):
     """Returns the results of `sections` on this process's Keras backend."""
-    from benchmarks import eager_forward, inference, memory, merging, training
+    from benchmarks import eager_forward, hotswap, inference, memory, merging, training
 
     backend = keras.backend.backend()
     config = configs.get(quick)
@@ -23,6 +31,7 @@ def run(quick, sections=SECTIONS, log=print):
         "eager": lambda: eager_forward.run(**eager_forward.sizes(quick)),
         "memory": lambda: memory.run(config, backend),
         "merge": lambda: merging.run(config, backend),
+        "hotswap": lambda: hotswap.run(config),
     }
     results = {
         "backend": backend,

@@ -17,6 +17,8 @@ TARGETS = (
     ),
     ("merge/numpy", 2.0, "merge_lora time / NumPy W + s*A@B (largest ratio)"),
     ("per_param_growth", 1.5, "merge time per parameter, largest / smallest size"),
+    ("hotswap/retraces", 0, "retraces over the hot-swaps (predict + train step)"),
+    ("hotswap/raw_assign", 2.0, "one hotswap_adapter / raw assign of the same bytes"),
 )
 
 
@@ -68,4 +70,9 @@ def _figures(sections):
         merge = sections["merge"]
         add("merge/numpy", "all sizes", merge["max_merge/numpy"])
         add("per_param_growth", "smallest to largest", merge["per_param_growth"])
+    if "hotswap" in sections:
+        hotswap = sections["hotswap"]
+        add("hotswap/retraces", f"{hotswap['swaps']} swaps", hotswap["retraces"])
+        add("hotswap/raw_assign", "min", hotswap["ratio_min"])
+        add("hotswap/raw_assign", "median", hotswap["ratio_median"])
     return figures
