@@ -100,6 +100,9 @@ class LoRAEmbedding(LoRALayer):
         slots, input_dim, width = a_stack.shape
         flat = ops.reshape(a_stack, (slots * input_dim, width))
         offset = ops.reshape(index * input_dim, (-1,) + (1,) * (len(inputs.shape) - 1))
+        # Broadcast first: on TensorFlow `ops.add` takes a `(batch, 1)` second
+        # operand for a bias on the LAST axis when that has `batch` entries.
+        offset = ops.broadcast_to(offset, ops.shape(inputs))
         h = ops.take(flat, ops.add(inputs, offset), axis=0)
         return ops.einsum("b...r,bro->b...o", h, ops.take(b_stack, index, axis=0))
 

@@ -1,0 +1,288 @@
+"""`mixed_adapter_model`: each row of a batch with its own adapter.
+
+Every served row is compared with the model that has only that adapter
+active (`set_adapter`), or with adapters disabled for `-1`. Tolerance
+1e-5 in float32: the served model sums the same products in another order
+(one product over the concatenated factors, or a gathered batched one).
+"""
+
+import keras
+import numpy as np
+import pytest
+from conftest import mlp
+from keras import ops
+from tiny_kerashub import backbone, backbone_inputs
+
+import keras_lora as kl
+from keras_lora.layers import LoRADense, LoRALayer
+from keras_lora.layers.mixed import routing
+from keras_lora.model.walk import iter_layers
+
+STRATEGIES = ["concat", "gather"]
+ATOL = 1e-5
+
+
+def randomize(model, seed=0):
+    """Non-zero A, B for every adapter; DoRA magnitudes moved off the norms."""
+    rng = np.random.default_rng(seed)
+    for _, layer in iter_layers(model):
+        if not isinstance(layer, LoRALayer):
+            continue
+        for name in layer.adapter_names:
+            adapter = layer.get_adapter(name)
+            for w in (adapter.a, adapter.b):
+                w.assign(rng.normal(0, 0.3, w.shape).astype(w.dtype))
+            if adapter.magnitude is not None:
+                m = ops.convert_to_numpy(adapter.magnitude)
+                adapter.magnitude.assign(m * rng.uniform(0.5, 1.5, m.shape))
+    return model
+
+
+def numpy(x):
+    return keras.tree.map_structure(ops.convert_to_numpy, x)
+
+
+def reference_rows(model, names, inputs, index):
+    """Row i from the model with only `names[index[i]]` active (-1: none)."""
+    active = kl.active_adapters(model)
+    outputs = {}
+    for k, name in enumerate(names):
+        kl.set_adapter(model, name)
+        outputs[k] = numpy(model(inputs))
+    kl.set_adapter(model, active)
+    with kl.disable_adapters(model):
+        outputs[-1] = numpy(model(inputs))
+    return np.stack([outputs[int(k)][row] for row, k in enumerate(index)])
+
+
+def mixed_mlp():
+    model = kl.apply_lora(mlp(input_dim=6, hidden=8, outputs=3), rank=2)
+    kl.add_adapter(model, "wide", rank=4, alpha=7.0, use_rslora=True)
+    kl.add_adapter(model, "dora", rank=1, use_dora=True)
+    kl.add_adapter(model, "first_only", rank=3, targets=["d1"])
+    return randomize(model)
+
+
+NAMES = ["default", "wide", "dora", "first_only"]
+X = np.random.default_rng(1).normal(size=(9, 6)).astype("float32")
+INDEX = np.array([0, 1, 2, 3, -1, 3, 2, 1, 0], "int32")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rows_match_the_per_adapter_models(strategy):
+    model = mixed_mlp()
+    served = kl.mixed_adapter_model(model, NAMES, strategy=strategy)
+    want = reference_rows(model, NAMES, X, INDEX)
+    np.testing.assert_allclose(numpy(served([X, INDEX])), want, atol=ATOL)
+    compiled = served.predict([X, INDEX], batch_size=9, verbose=0)
+    np.testing.assert_allclose(compiled, want, atol=ATOL)
+    # The served model is a view: the LoRA model's own state is untouched.
+    assert kl.active_adapters(model) == ["default"]
+
+
+def attention_model():
+    tokens = keras.Input((5,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(20, 8, name="embed")(tokens)
+    x = keras.layers.MultiHeadAttention(2, 4, name="mha")(x, x)
+    out = keras.layers.Dense(3, name="head")(x)
+    model = keras.Model(tokens, out)
+    targets = ["embed", "query", "value", "attention_output", "head"]
+    model = kl.apply_lora(model, rank=2, targets=targets)
+    kl.add_adapter(model, "b", rank=3, alpha=5.0)
+    kl.add_adapter(model, "c", rank=2, use_dora=True, targets=["head", "query"])
+    return randomize(model)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_attention_block_and_embedding(strategy):
+    model = attention_model()
+    names = ["default", "b", "c"]
+    tokens = np.random.default_rng(2).integers(0, 20, size=(5, 5)).astype("int32")
+    index = np.array([2, 0, -1, 1, 2], "int32")
+    served = kl.mixed_adapter_model(model, names, strategy=strategy)
+    want = reference_rows(model, names, tokens, index)
+    np.testing.assert_allclose(numpy(served([tokens, index])), want, atol=ATOL)
+    got = served.predict([tokens, index], batch_size=5, verbose=0)
+    np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_convolutions(strategy):
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.Conv1D(3, 2, name="c2")(keras.layers.Reshape((36, 4))(x))
+    model = kl.apply_lora(keras.Model(inputs, x), rank=2, targets=["c1", "c2"])
+    kl.add_adapter(model, "b", rank=1, alpha=3.0, use_dora=True)
+    randomize(model)
+    images = np.random.default_rng(3).normal(size=(4, 6, 6, 2)).astype("float32")
+    index = np.array([1, -1, 0, 1], "int32")
+    served = kl.mixed_adapter_model(model, ["default", "b"], strategy=strategy)
+    want = reference_rows(model, ["default", "b"], images, index)
+    np.testing.assert_allclose(numpy(served([images, index])), want, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_kerashub_backbone_in_place(name):
+    model = kl.apply_lora(backbone(name), rank=2, in_place=True)
+    kl.add_adapter(model, "b", rank=3, alpha=6.0)
+    kl.add_adapter(model, "c", rank=2, use_dora=True)
+    randomize(model)
+    names = ["default", "b", "c"]
+    inputs = backbone_inputs(model, batch=4)
+    index = np.array([1, 2, -1, 0], "int32")
+    served = kl.mixed_adapter_model(model, names)
+    want = reference_rows(model, names, inputs, index)
+    got = numpy(served({**inputs, "adapter_index": index}))
+    np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def count_traces(served, feeds):
+    """How many times one compiled function traces `served` over `feeds`."""
+    traces = []
+
+    def forward(x, index):
+        traces.append(1)
+        return served([x, index])
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        compiled = jax.jit(forward)
+    else:
+        import tensorflow as tf
+
+        compiled = tf.function(forward)
+    outputs = [numpy(compiled(x, index)) for x, index in feeds]
+    return len(traces), outputs
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch", reason="torch runs eagerly: nothing traces"
+)
+def test_one_traced_function_serves_any_mix():
+    model = mixed_mlp()
+    served = kl.mixed_adapter_model(model, NAMES)
+    rng = np.random.default_rng(4)
+    mixes = [INDEX, np.zeros(9, "int32"), np.full(9, -1, "int32"), INDEX[::-1]]
+    feeds = [(X, np.ascontiguousarray(m)) for m in mixes]
+    feeds.append((X, rng.integers(-1, 4, size=9).astype("int32")))
+    n, outputs = count_traces(served, feeds)
+    assert n == 1
+    for (x, index), got in zip(feeds, outputs, strict=True):
+        want = reference_rows(model, NAMES, x, index)
+        np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+BAD = np.array([4, 5, -2, 2**31 - 1, -(2**31), 0, 1, -1, 3], "int32")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_out_of_range_rows_get_the_base_output_in_a_graph(strategy):
+    """Tenant isolation: an index outside [-1, n) never reads an adapter,
+    by clamping, wrapping or an out-of-bounds gather: the row is the base's.
+    (In a graph nothing can raise; eagerly `served` raises, so the layers'
+    own routing is also called directly, on every backend.)"""
+    model = mixed_mlp()
+    with kl.disable_adapters(model):
+        base = numpy(model(X))
+    want = reference_rows(model, NAMES, X, np.where(BAD < 4, BAD, -1).clip(-1))
+    want[:5] = base[:5]
+    with routing(ops.convert_to_tensor(BAD), NAMES, strategy):
+        np.testing.assert_allclose(numpy(model(X)), want, atol=ATOL)
+    if keras.backend.backend() != "torch":  # torch's predict runs eagerly
+        served = kl.mixed_adapter_model(model, NAMES, strategy=strategy)
+        got = served.predict([X, BAD], batch_size=9, verbose=0)
+        np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_bad_index_in_eager_mode_raises():
+    served = kl.mixed_adapter_model(mixed_mlp(), NAMES)
+    for bad in ([0, 4], [-2, 0], [0, 2**31 - 1]):
+        index = np.array(bad + [0] * 7, "int32")
+        with pytest.raises(ValueError, match=r"adapter_index.*\[-1, 4\)"):
+            served([X, index])
+    with pytest.raises(ValueError, match=r"shape \(batch,\)"):
+        served.get_layer("mixed_adapters")(X, np.zeros((9, 1), "int32"))
+    with pytest.raises(TypeError, match="integer"):
+        served.get_layer("mixed_adapters")(X, np.zeros((9,), "float32"))
+
+
+def trainable_state(model):
+    return [(v.path, v.trainable) for v in model.weights]
+
+
+def test_bad_names_change_nothing():
+    model = mixed_mlp()
+    before = trainable_state(model), kl.active_adapters(model)
+    with pytest.raises(ValueError, match=r"unknown adapter names \['nope'\]"):
+        kl.mixed_adapter_model(model, ["default", "nope"])
+    with pytest.raises(ValueError, match="unique"):
+        kl.mixed_adapter_model(model, ["wide", "wide"])
+    with pytest.raises(ValueError, match="non-empty"):
+        kl.mixed_adapter_model(model, [])
+    with pytest.raises(TypeError, match="`names` must be a list"):
+        kl.mixed_adapter_model(model, "default")
+    with pytest.raises(ValueError, match=r"`strategy` must be one of"):
+        kl.mixed_adapter_model(model, NAMES, strategy="loop")
+    with pytest.raises(TypeError, match="keras.Model"):
+        kl.mixed_adapter_model(model.layers[1], NAMES)
+    assert (trainable_state(model), kl.active_adapters(model)) == before
+
+
+def test_refused_adapters_and_layer_types():
+    model = kl.apply_lora(mlp(input_dim=6, hidden=8), rank=2)
+    kl.add_adapter(model, "pissa", rank=2, init="pissa", targets=["d2"])
+    with pytest.raises(ValueError, match=r"'pissa' uses init='pissa'"):
+        kl.mixed_adapter_model(model, ["default", "pissa"])
+    kl.mixed_adapter_model(model, ["default"])  # the others still serve
+
+    class NoRouting(LoRADense):
+        _routed_first = None
+
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(2)
+    dense.build((None, 4))
+    odd = keras.Model(inputs, NoRouting(dense, rank=1)(inputs))
+    with pytest.raises(TypeError, match="NoRouting, which has no per-row"):
+        kl.mixed_adapter_model(odd, ["default"])
+
+
+def variables_of(model, name):
+    found = []
+    for _, layer in iter_layers(model):
+        if isinstance(layer, LoRALayer) and name in layer.adapter_names:
+            found += [
+                ops.convert_to_numpy(v) for v in layer.get_adapter(name).variables
+            ]
+    return found
+
+
+def changed(before, after):
+    return [not np.array_equal(b, a) for b, a in zip(before, after, strict=True)]
+
+
+def test_training_updates_each_adapter_from_its_own_rows_only():
+    model = mixed_mlp()
+    kl.set_adapter(model, NAMES)  # all routed adapters trainable
+    served = kl.mixed_adapter_model(model, NAMES)
+    served.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    y = np.random.default_rng(5).normal(size=(9, 3)).astype("float32")
+    base = [ops.convert_to_numpy(v) for v in model.non_trainable_weights]
+    before = {name: variables_of(model, name) for name in NAMES}
+    # Rows of "wide" and the base only: "wide" learns, no other adapter moves.
+    index = np.array([1, 1, -1, 1, -1, 1, 1, -1, 1], "int32")
+    served.train_on_batch([X, index], y)
+    after = {name: variables_of(model, name) for name in NAMES}
+    assert all(changed(before["wide"], after["wide"]))
+    for name in ("default", "dora", "first_only"):
+        assert not any(changed(before[name], after[name])), name
+    # Now "dora" and "first_only" rows only.
+    index = np.array([2, 3, 2, 3, 2, 3, 2, 3, 2], "int32")
+    served.train_on_batch([X, index], y)
+    again = {name: variables_of(model, name) for name in NAMES}
+    assert all(changed(after["dora"], again["dora"]))
+    assert all(changed(after["first_only"], again["first_only"]))
+    for name in ("default", "wide"):
+        assert not any(changed(after[name], again[name])), name
+    frozen = [ops.convert_to_numpy(v) for v in model.non_trainable_weights]
+    assert not any(changed(base, frozen))
