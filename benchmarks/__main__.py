@@ -14,7 +14,16 @@ import subprocess
 import sys
 
 BACKENDS = ("tensorflow", "jax", "torch")
-SECTIONS = ("training", "block", "inference", "eager", "memory", "merge", "hotswap")
+SECTIONS = (
+    "training",
+    "block",
+    "inference",
+    "eager",
+    "memory",
+    "merge",
+    "hotswap",
+    "serving",
+)
 
 
 def parse_args(argv=None):

@@ -73,6 +73,32 @@ FULL = {
         "repeats": 12,
         "steps": 10,
     },
+    # Mixed-adapter batches (benchmarks/serving.py): 8 and 64 adapters in one
+    # batch against the single-adapter model. The transformer row is
+    # models.CAUSAL_LM at batch 16 (batch 256 x seq 128 is 21 GB of logits).
+    "serving": {
+        "rank": 8,
+        "adapters": [8, 64],
+        "mlp": {
+            "input_dim": 1024,
+            "width": 1024,
+            "depth": 4,
+            "classes": 10,
+            "batch": 256,
+        },
+        "transformer": {
+            "num_layers": 4,
+            "hidden_dim": 256,
+            "num_heads": 4,
+            "intermediate_dim": 1024,
+            "vocabulary_size": 4096,
+            "sequence_length": 128,
+            "batch": 16,
+        },
+        "warmup": 3,
+        "repeats": 10,
+        "steps": 3,
+    },
 }
 
 QUICK = {
@@ -111,6 +137,23 @@ QUICK = {
     ),
     "hotswap": dict(
         FULL["hotswap"], width=128, batch=32, swaps=12, warmup=1, repeats=3, steps=3
+    ),
+    "serving": dict(
+        FULL["serving"],
+        adapters=[2, 4],
+        mlp=dict(FULL["serving"]["mlp"], input_dim=64, width=64, batch=16),
+        transformer={
+            "num_layers": 1,
+            "hidden_dim": 32,
+            "num_heads": 2,
+            "intermediate_dim": 64,
+            "vocabulary_size": 128,
+            "sequence_length": 16,
+            "batch": 4,
+        },
+        warmup=1,
+        repeats=2,
+        steps=2,
     ),
 }
 

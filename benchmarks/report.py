@@ -184,6 +184,10 @@ def backend_text(results):
         from benchmarks import hotswap
 
         lines += hotswap.report_lines(s["hotswap"])
+    if "serving" in s:
+        from benchmarks import serving
+
+        lines += serving.report_lines(s["serving"])
     lines += ["Targets (ratios from this run; reported, never asserted)"]
     rows = [
         [

@@ -15,12 +15,21 @@ SECTIONS = (
     "memory",
     "merge",
     "hotswap",
+    "serving",
 )
 
 
 def run(quick, sections=SECTIONS, log=print):
     """Returns the results of `sections` on this process's Keras backend."""
-    from benchmarks import eager_forward, hotswap, inference, memory, merging, training
+    from benchmarks import (
+        eager_forward,
+        hotswap,
+        inference,
+        memory,
+        merging,
+        serving,
+        training,
+    )
 
     backend = keras.backend.backend()
     config = configs.get(quick)
@@ -32,6 +41,7 @@ def run(quick, sections=SECTIONS, log=print):
         "memory": lambda: memory.run(config, backend),
         "merge": lambda: merging.run(config, backend),
         "hotswap": lambda: hotswap.run(config),
+        "serving": lambda: serving.run(config),
     }
     results = {
         "backend": backend,

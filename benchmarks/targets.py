@@ -19,6 +19,8 @@ TARGETS = (
     ("per_param_growth", 1.5, "merge time per parameter, largest / smallest size"),
     ("hotswap/retraces", 0, "retraces over the hot-swaps (predict + train step)"),
     ("hotswap/raw_assign", 2.0, "one hotswap_adapter / raw assign of the same bytes"),
+    ("serving/8", 1.30, "serving: 8 adapters mixed in a batch / single adapter"),
+    ("serving/64", 2.0, "serving: 64 adapters mixed in a batch / single adapter"),
 )
 
 
@@ -75,4 +77,9 @@ def _figures(sections):
         add("hotswap/retraces", f"{hotswap['swaps']} swaps", hotswap["retraces"])
         add("hotswap/raw_assign", "min", hotswap["ratio_min"])
         add("hotswap/raw_assign", "median", hotswap["ratio_median"])
+    if "serving" in sections:
+        from benchmarks import serving
+
+        for key, where, value in serving.figures(sections["serving"]):
+            add(key, where, value)
     return figures
