@@ -76,11 +76,29 @@ def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
         records = follow_renamed_root(records, layers)
     source = f"{reader.DESCRIPTION} '{path}'"
     plan, scales = _plan(model, dict(layers), targets, records, source, adapter_name)
-    for variable, value in plan:
-        variable.assign(value)
+    assign_all(plan)
     for adapter, scale, use_rslora in scales:
         adapter.set_scale(scale, use_rslora, assign=False)
     return model
+
+
+def assign_all(plan):
+    """Assigns each `(variable, NumPy value)` of `plan`.
+
+    On JAX the values go to their devices in one `jax.device_put` (placed
+    as each variable's current value is, shardings included): one transfer
+    instead of one per variable, about half the time for a dozen small
+    arrays. Elsewhere each is assigned as it is.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        variables = [variable for variable, _ in plan]
+        places = [variable.value.sharding for variable in variables]
+        values = jax.device_put([value for _, value in plan], places)
+        plan = zip(variables, values, strict=True)
+    for variable, value in plan:
+        variable.assign(value)
 
 
 def _prepared_adapters(model, layers, name):

@@ -176,3 +176,22 @@ def test_training_a_prepared_adapter_keeps_the_padding_zero():
         assert not to_numpy(layer.lora_a)[:, 2:].any()
         assert not to_numpy(layer.lora_b)[2:].any()
         assert layer.get_adapter("default").scale_variable.trainable is False
+
+
+def test_mixed_adapter_batches_on_a_prepared_model():
+    _, lora = lora_mlp(rank=2, alpha=4)
+    kl.add_adapter(lora, "b", rank=4, alpha=2, use_dora=True)
+    randomize_adapters(lora, seed=7)  # the active adapter only
+    for _, layer in lora_layers(lora):
+        b = layer.get_adapter("b")
+        b.b.assign(np.full(b.b.shape, 0.1, "float32"))
+    kl.prepare_hotswap(lora, 8)
+    expected = {}
+    for name in ("default", "b"):
+        kl.set_adapter(lora, name)
+        expected[name] = to_numpy(lora(X))
+    served = kl.mixed_adapter_model(lora, ["default", "b"])
+    index = np.array([0, 1, 0, 1, 1, 0, 0, 1], "int32")
+    got = to_numpy(served([X, index]))
+    want = np.where(index[:, None] == 0, expected["default"], expected["b"])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
