@@ -286,3 +286,15 @@ def test_training_updates_each_adapter_from_its_own_rows_only():
         assert not any(changed(after[name], again[name])), name
     frozen = [ops.convert_to_numpy(v) for v in model.non_trainable_weights]
     assert not any(changed(base, frozen))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_after_prepare_hotswap(strategy):
+    """Padded ranks and scale variables (`prepare_hotswap`) route the same."""
+    model = mixed_mlp()
+    want = reference_rows(model, NAMES, X, INDEX)
+    kl.prepare_hotswap(model, 8)
+    served = kl.mixed_adapter_model(model, NAMES, strategy=strategy)
+    np.testing.assert_allclose(numpy(served([X, INDEX])), want, atol=ATOL)
+    got = served.predict([X, INDEX], batch_size=9, verbose=0)
+    np.testing.assert_allclose(got, want, atol=ATOL)
