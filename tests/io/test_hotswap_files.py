@@ -259,3 +259,20 @@ def test_dropout_of_the_file_is_reported_not_applied(tmp_path):
         kl.hotswap_adapter(model, tmp_path / "a.safetensors")
     np.testing.assert_allclose(to_numpy(model(X)), expected, atol=1e-6, rtol=0)
     assert {layer.dropout for _, layer in lora_layers(model)} == {0.0}
+
+
+def test_ranks_and_alphas_may_differ_per_layer(tmp_path):
+    base = mlp()
+    source = kl.apply_lora(base, rank=2)
+    for (_, layer), (rank, alpha) in zip(
+        lora_layers(source), [(3, 5.0), (8, 2.0)], strict=True
+    ):
+        adapter = layer.add_adapter("mixed", rank=rank, alpha=alpha)
+        rng = np.random.default_rng(rank)
+        for v in (adapter.a, adapter.b):
+            v.assign(rng.normal(0, 0.3, v.shape).astype("float32"))
+    kl.save_adapter(source, tmp_path / "mixed.safetensors", adapter="mixed")
+    kl.set_adapter(source, "mixed")
+    model = prepared(base)
+    kl.hotswap_adapter(model, tmp_path / "mixed.safetensors")
+    np.testing.assert_allclose(to_numpy(model(X)), to_numpy(source(X)), atol=1e-6)

@@ -149,6 +149,9 @@ def test_merge_save_and_named_adapters_work_on_a_prepared_model(tmp_path):
     kl.set_adapter(lora, "copy")
     np.testing.assert_allclose(to_numpy(lora(X)), expected, atol=1e-5, rtol=0)
     kl.set_adapter(lora, "default")
+    kl.merge_lora(lora, in_place=True)
+    np.testing.assert_allclose(to_numpy(lora(X)), expected, atol=1e-5, rtol=0)
+    kl.unmerge_lora(lora)
     with kl.disable_adapters(lora):
         np.testing.assert_allclose(to_numpy(lora(X)), to_numpy(base(X)), rtol=0)
     np.testing.assert_allclose(to_numpy(lora(X)), expected, atol=ATOL, rtol=0)
