@@ -8,9 +8,10 @@ compiled. Adapter files of every rank in `ranks` and alpha in `alphas`
 - **retraces**: `swaps` swaps cycle through the files; after each, one
   `predict` and one `train_on_batch` run. A layer in front of the model
   counts how often its `call` runs as Python during those calls: once per
-  trace under `jax.jit`/`tf.function`, so the target is 0. On torch Keras
-  runs steps eagerly (nothing is traced, so nothing can be retraced): the
-  figure is `None` there.
+  trace under `jax.jit`/`tf.function`, so the target is 0. On torch, where
+  Keras runs steps eagerly by default, the model is compiled with
+  `jit_compile=True` (`torch.compile`) and the figure is the number of
+  graphs dynamo adds.
 - **swap time**: one `hotswap_adapter(model, path)` (read, check, pad,
   assign) against a raw `variable.assign` of the same padded arrays and
   scales, computed beforehand, one variable at a time; and against the
@@ -41,22 +42,25 @@ def run(config):
     base, counter = _model(c)
     model = kl.apply_lora(base, rank=c["ranks"][0])
     kl.prepare_hotswap(model, c["max_rank"])
-    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+    torch = keras.backend.backend() == "torch"
+    # On torch, Keras's steps run eagerly unless compiled with torch.compile.
+    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse", jit_compile=torch)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(c["batch"], c["width"])).astype("float32")
     y = rng.normal(size=(c["batch"], c["classes"])).astype("float32")
     with tempfile.TemporaryDirectory() as tmp:
         paths = _adapter_files(base, c, tmp)
-        eager = keras.backend.backend() == "torch"
         retraces = 0
-        for step in range(c["swaps"] + 1):
-            if step:  # step 0 traces for the first time
+        # Steps 0 and 1 compile (Keras's torch train step compiles again on
+        # its second call); after that every swap is counted.
+        for step in range(c["swaps"] + 2):
+            if step > 1:
                 kl.hotswap_adapter(model, paths[step % len(paths)])
-            before = TRACES[id(counter)]
+            before = _traces(counter, torch)
             model.predict(x, batch_size=c["batch"], verbose=0)
             model.train_on_batch(x, y)
-            if step:
-                retraces += TRACES[id(counter)] - before
+            if step > 1:
+                retraces += _traces(counter, torch) - before
         # The raw floor: the same padded arrays and scales, already in memory.
         layers = list(iter_layers(model))
         plans = []
@@ -91,7 +95,8 @@ def run(config):
     nbytes = sum(np.asarray(v).nbytes for _, v in plans[0])
     return {
         "config": c,
-        "retraces": None if eager else retraces,
+        "retraces": retraces,
+        "retrace_counter": "torch.compile graphs" if torch else "traces",
         "swaps": c["swaps"],
         "files": len(paths),
         "assigned_bytes": int(nbytes),
@@ -114,11 +119,7 @@ def report_lines(h):
     c = h["config"]
     rows = h["rows"]
     own = rows["swap's assign"]
-    retraces = (
-        "n/a (torch runs Keras steps eagerly: nothing is traced)"
-        if h["retraces"] is None
-        else str(h["retraces"])
-    )
+    retraces = f"{h['retraces']} ({h['retrace_counter']})"
     return [
         f"5. Hot-swap: {c['depth']} x Dense({c['width']}) + head, LoRA on every "
         f"Dense, prepare_hotswap(max_rank={c['max_rank']}), ranks {c['ranks']} x "
@@ -156,6 +157,17 @@ class _TraceCounter:
 
             cls.cls = TraceCounter
         return cls.cls
+
+
+def _traces(counter, torch):
+    """How often the model was traced so far: `torch.compile`'s graphs on
+    torch (compiled with `jit_compile=True`), else how often the counter
+    layer's Python ran (once per trace under `jax.jit`/`tf.function`)."""
+    if torch:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
+    return TRACES[id(counter)]
 
 
 def _model(c):
