@@ -7,9 +7,11 @@ Targets are reported, never asserted: a miss is a line in the report.
 TARGETS = (
     ("keras_lora/core_lora", 0.70, "train step: keras_lora / Keras core enable_lora"),
     ("keras_lora/floor", 1.10, "train step: keras_lora / floor"),
-    ("keras_lora/peft", 1.15, "train step: keras_lora (torch backend) / PEFT"),
+    ("keras_lora/peft", 1.10, "train step: keras_lora (torch backend) / PEFT"),
+    ("dora/keras_lora", 1.20, "train step: DoRA / LoRA (keras_lora)"),
+    ("keras_lora/enable_lora", 0.80, "train step: keras_lora / KerasHub enable_lora"),
     ("merged/plain", 1.03, "inference: merged / plain"),
-    ("unmerged/plain", 1.15, "inference: unmerged rank 8 / plain"),
+    ("unmerged/plain", 1.10, "inference: unmerged rank 8 / plain"),
     (
         "apply_lora_added/model_bytes",
         0.10,
@@ -53,9 +55,30 @@ def _figures(sections):
 
     if "training" in sections:
         ratios = sections["training"]["ratios"]
-        for key in ("keras_lora/core_lora", "keras_lora/floor", "keras_lora/peft"):
+        for key in (
+            "keras_lora/core_lora",
+            "keras_lora/floor",
+            "keras_lora/peft",
+            "dora/keras_lora",
+        ):
             if key in ratios:
                 add(key, "MLP", ratios[key])
+        no_jit = sections["training"].get("no_jit")
+        if no_jit is not None:
+            add(
+                "keras_lora/floor",
+                "MLP, jit_compile=False",
+                no_jit["ratios"].get("keras_lora/floor"),
+            )
+            add(
+                "dora/keras_lora",
+                "MLP, jit_compile=False",
+                no_jit["ratios"].get("dora/keras_lora"),
+            )
+    if "transformer" in sections:
+        ratios = sections["transformer"]["ratios"]
+        for key in ("keras_lora/enable_lora", "keras_lora/floor", "dora/keras_lora"):
+            add(key, "GPT-2", ratios[key])
     if "inference" in sections:
         for batch, data in sections["inference"]["batches"].items():
             for key, value in data["ratios"].items():

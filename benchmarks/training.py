@@ -11,7 +11,11 @@ eagerly, as Keras does by default there):
 - `floor`: every weight frozen except the first layer's bias: a forward
   pass plus an input-gradient backward through every layer, the least any
   LoRA method can cost.
+- `dora` (MLP only): `keras_lora.apply_lora(..., use_dora=True)`.
 - `peft` (torch backend only): PEFT LoRA on the same MLP in plain PyTorch.
+
+On TensorFlow the MLP rows run twice: with XLA (`jit_compile=True`) and
+as a plain `tf.function` (`jit_compile=False`, under `"no_jit"`).
 """
 
 import keras
@@ -21,7 +25,7 @@ import keras_lora as kl
 from benchmarks import models
 from benchmarks.timing import ratio, time_interleaved
 
-ROWS = ("full", "core_lora", "keras_lora", "floor")
+ROWS = ("full", "core_lora", "keras_lora", "floor", "dora")
 
 
 def jit_compile():
@@ -29,7 +33,7 @@ def jit_compile():
     return keras.backend.backend() != "torch"
 
 
-def make_rows(make_model, targets, rank):
+def make_rows(make_model, targets, rank, dora=False):
     """Returns `{row: model}`, each a fresh copy of `make_model()`."""
     rows = {"full": make_model()}
 
@@ -52,6 +56,10 @@ def make_rows(make_model, targets, rank):
     first.trainable = True
     first.kernel.trainable = False
     rows["floor"] = floor
+    if dora:
+        rows["dora"] = kl.apply_lora(
+            make_model(), targets=targets, rank=rank, use_dora=True
+        )
     return rows
 
 
@@ -62,7 +70,7 @@ def trainable_counts(rows):
     }
 
 
-def train_steps(rows, x, y):
+def train_steps(rows, x, y, jit=None):
     """Compiles every model and returns `{row: step}` (one `train_on_batch`)."""
     x = keras.ops.convert_to_tensor(x)
     y = keras.ops.convert_to_tensor(y)
@@ -71,7 +79,7 @@ def train_steps(rows, x, y):
         model.compile(
             optimizer=keras.optimizers.Adam(1e-3),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=jit_compile(),
+            jit_compile=jit_compile() if jit is None else jit,
         )
         steps[name] = _step(model, x, y)
     return steps
@@ -92,7 +100,7 @@ def run_mlp(config):
         return models.mlp(c["input_dim"], c["width"], c["depth"], c["classes"])
 
     hidden = [f"dense_{i}" for i in range(c["depth"])]
-    rows = make_rows(make_model, hidden, c["rank"])
+    rows = make_rows(make_model, hidden, c["rank"], dora=True)
     steps = train_steps(rows, x, y)
     counts = trainable_counts(rows)
     peft_info = None
@@ -104,7 +112,13 @@ def run_mlp(config):
             steps["peft"] = peft_step
             counts["peft"] = peft_info["trainable"]
     timings = time_interleaved(steps, c["repeats"], c["steps"], c["warmup"])
-    return _result(c, timings, counts, peft_info)
+    result = _result(c, timings, counts, peft_info)
+    if keras.backend.backend() == "tensorflow":
+        rows = make_rows(make_model, hidden, c["rank"], dora=True)
+        steps = train_steps(rows, x, y, jit=False)
+        timings = time_interleaved(steps, c["repeats"], c["steps"], c["warmup"])
+        result["no_jit"] = _result(c, timings, counts, None, jit=False)
+    return result
 
 
 def run_block(config):
@@ -125,11 +139,12 @@ def run_block(config):
     return _result(c, timings, trainable_counts(rows), None)
 
 
-def _result(config, timings, counts, peft_info):
+def _result(config, timings, counts, peft_info, jit=None):
     median = {name: t["median_ms"] for name, t in timings.items()}
+    low = {name: t["min_ms"] for name, t in timings.items()}
     result = {
         "config": config,
-        "jit_compile": jit_compile(),
+        "jit_compile": jit_compile() if jit is None else jit,
         "rows": {
             name: dict(timings[name], trainable_params=counts[name]) for name in timings
         },
@@ -139,11 +154,21 @@ def _result(config, timings, counts, peft_info):
             "keras_lora/full": ratio(median["keras_lora"], median["full"]),
             "core_lora/full": ratio(median["core_lora"], median["full"]),
         },
+        "ratios_min": {
+            "keras_lora/core_lora": ratio(low["keras_lora"], low["core_lora"]),
+            "keras_lora/floor": ratio(low["keras_lora"], low["floor"]),
+        },
     }
+    if "dora" in median:
+        result["ratios"]["dora/keras_lora"] = ratio(
+            median["dora"], median["keras_lora"]
+        )
+        result["ratios_min"]["dora/keras_lora"] = ratio(low["dora"], low["keras_lora"])
     if "peft" in median:
         result["ratios"]["keras_lora/peft"] = ratio(
             median["keras_lora"], median["peft"]
         )
+        result["ratios_min"]["keras_lora/peft"] = ratio(low["keras_lora"], low["peft"])
     if peft_info is not None:
         result["peft"] = peft_info
     return result
