@@ -4,6 +4,10 @@ Each size gets a model of `Dense(width)` layers (all adapted), adapters set
 to non-zero values; `merge_lora` is timed end to end (new model included),
 after a warm-up merge of a tiny model, as the median of up to
 `merge_repeats` runs (fewer once 5 s are spent); the same for NumPy.
+The first merge of each size is also measured for peak RSS: the merged
+model's own weights are 1.0 of its bytes, so anything above 1.0 is an extra
+copy (freed memory is handed back to the system first, so the merge cannot
+hide in it).
 The NumPy reference computes `W + s * A @ B` for every layer on the same
 arrays, already in host memory. In the full run every size has its own
 process, so one size's memory never inflates the next; quick mode runs its
@@ -14,6 +18,7 @@ import gc
 import statistics
 import time
 
+from benchmarks import rss
 from benchmarks.isolated import run_isolated
 
 
@@ -31,6 +36,9 @@ def run(config, backend):
         "config": c,
         "points": points,
         "max_merge/numpy": max(p["merge/numpy"] for p in points),
+        "max_merge_peak/merged_bytes": max(
+            p["merge_peak/merged_bytes"] for p in points
+        ),
         # 1.0 when time grows exactly linearly with the parameters merged.
         "per_param_growth": (last["merge_s"] / last["params"])
         / (first["merge_s"] / first["params"]),
@@ -70,13 +78,24 @@ def _measure(target_params, args):
     import keras
 
     import keras_lora as kl
+    from benchmarks import models
 
     width = args["width"]
     depth = max(1, round(target_params / (width * width)))
     lora = _lora_model(width, depth, args["rank"])
+    rss.settle(lora.weights)
+    gc.collect()
+    rss.release_free_memory()
+
+    with rss.PeakRSS() as peak:
+        start = time.perf_counter()
+        merged = kl.merge_lora(lora)
+        first_s = time.perf_counter() - start
+    merged_bytes = models.weight_bytes(merged.weights)
+    del merged
     gc.collect()
 
-    merge_runs = []
+    merge_runs = [first_s]
     while len(merge_runs) < args["merge_repeats"] and sum(merge_runs) < 5.0:
         start = time.perf_counter()
         merged = kl.merge_lora(lora)
@@ -110,4 +129,8 @@ def _measure(target_params, args):
         "numpy_s": reference_s,
         "merge/numpy": merge_s / reference_s,
         "merge_ns_per_param": 1e9 * merge_s / params,
+        "merge_peak_added_bytes": peak.added,
+        "merged_model_bytes": merged_bytes,
+        # 1.0: the merged model's weights and nothing more.
+        "merge_peak/merged_bytes": peak.added / merged_bytes,
     }

@@ -12,6 +12,7 @@ ROW_LABELS = {
     "keras_lora": "keras_lora",
     "floor": "floor (first bias only)",
     "peft": "PEFT LoRA, plain PyTorch",
+    "dora": "keras_lora DoRA",
 }
 
 
@@ -53,6 +54,11 @@ def _training_lines(title, data):
         *_table(["row", "ms/step", "min", "trainable", "/ full"], rows),
         "ratios: " + ", ".join(f"{k} {_fmt(v)}" for k, v in data["ratios"].items()),
     ]
+    if "ratios_min" in data:
+        lines.append(
+            "ratios of minimums: "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in data["ratios_min"].items())
+        )
     if "peft" in data and "skipped" in data["peft"]:
         lines.append(f"PEFT reference skipped: {data['peft']['skipped']}")
     return lines
@@ -78,6 +84,12 @@ def backend_text(results):
             f"Dense({c['classes']}) head"
         )
         lines += _training_lines(title, s["training"]) + [""]
+        if "no_jit" in s["training"]:
+            lines += _training_lines(title, s["training"]["no_jit"]) + [""]
+    if "transformer" in s:
+        from benchmarks import transformer
+
+        lines += transformer.report_lines(s["transformer"])
     if "block" in s:
         c = s["block"]["config"]
         title = (
@@ -168,6 +180,7 @@ def backend_text(results):
                 _fmt(p["numpy_s"], 3),
                 _fmt(p["merge/numpy"]),
                 _fmt(p["merge_ns_per_param"], 2),
+                _fmt(p.get("merge_peak/merged_bytes")),
             ]
             for p in m["points"]
         ]
@@ -175,7 +188,15 @@ def backend_text(results):
             f"4. merge_lora scaling, Dense({m['config']['width']}) layers, rank "
             f"{m['config']['rank']}",
             *_table(
-                ["params", "layers", "merge s", "numpy s", "merge/numpy", "ns/param"],
+                [
+                    "params",
+                    "layers",
+                    "merge s",
+                    "numpy s",
+                    "merge/numpy",
+                    "ns/param",
+                    "peak/merged bytes",
+                ],
                 rows,
             ),
             "",
@@ -188,6 +209,10 @@ def backend_text(results):
         from benchmarks import serving
 
         lines += serving.report_lines(s["serving"])
+    if "qlora" in s:
+        from benchmarks import qlora
+
+        lines += qlora.report_lines(s["qlora"])
     lines += ["Targets (ratios from this run; reported, never asserted)"]
     rows = [
         [

@@ -67,6 +67,19 @@ def settle(variables):
         jax.block_until_ready([v.value for v in variables])
 
 
+def release_free_memory():
+    """Returns the allocator's freed memory to the system (glibc's
+    `malloc_trim`), so that a peak taken next counts new memory instead of
+    reusing what earlier work freed. A no-op where that is unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss():
     """The process's peak RSS so far (`VmHWM`), or the current RSS."""
     return _high_water_mark() or current_rss()

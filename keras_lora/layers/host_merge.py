@@ -2,10 +2,17 @@
 built straight from arrays.
 
 A merge is a one-off pass over every adapted kernel, bound by memory
-bandwidth. Three things keep it near a plain NumPy `W + s·A@B`:
+bandwidth. Four things keep it near (or under) a plain NumPy `W + s·A@B`:
 
 - the scale is folded into the small `A`, not applied to the big product;
-- the sum is formed in place in the product's buffer;
+- `A·B` is written straight into the merged kernel's buffer; for a kernel
+  laid out as its `(fan_in, fan_out)` matrix, `+ W` and the finite check
+  then run in blocks of rows small enough to stay in cache, so the kernel
+  is read once and the merged kernel written once and read once;
+- the merged kernel is written into a 64-byte aligned buffer, which each
+  backend can take over without a copy (a JAX CPU array through
+  `jax.device_put`, a TensorFlow tensor and a torch tensor through DLPack
+  or `from_numpy`);
 - the new layer's variables start from the merged arrays: its initializers
   (a random fill as large as the kernel) never run, and no second copy
   follows through `set_weights`.
@@ -27,15 +34,19 @@ def host_view(x):
     """
     # `convert_to_numpy` copies on JAX, and on torch and TensorFlow goes
     # through a slow `np.array(tensor)`; CPU arrays of JAX and torch expose
-    # their buffer, and a TensorFlow tensor's own `numpy()` is a fast copy.
+    # their buffer, and so does a TensorFlow CPU tensor to `np.asarray`
+    # (its `numpy()` copies).
     backend = keras.backend.backend()
     value = x.value if isinstance(x, keras.Variable) else x
     if backend == "jax":
         if all(d.platform == "cpu" for d in value.devices()):
             return np.asarray(value)
     elif backend == "tensorflow":
-        if hasattr(value, "numpy"):
-            return value.numpy()
+        import tensorflow as tf
+
+        tensor = tf.convert_to_tensor(value)  # a variable's read shares memory
+        if "CPU" in tensor.device.upper():
+            return np.asarray(tensor)
     elif backend == "torch":
         import torch
 
@@ -44,25 +55,56 @@ def host_view(x):
     return ops.convert_to_numpy(x)
 
 
+def aligned_empty(shape, dtype):
+    """An uninitialized C-contiguous array whose data starts on a 64-byte
+    boundary, as XLA and TensorFlow need to adopt host memory uncopied."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = np.empty(size + _ALIGNMENT, np.uint8)
+    start = (-buffer.ctypes.data) % _ALIGNMENT
+    return buffer[start : start + size].view(dtype).reshape(shape)
+
+
 def merged_kernel_array(kernel, lora_a, lora_b, scale, rank, layout=(None, None)):
     """Returns `kernel + scale·A·B` as a NumPy array of the kernel's dtype,
     `A·B` laid out on the kernel as `layout` says (`layers.factoring`)."""
+    return merge_kernel(kernel, lora_a, lora_b, scale, rank, layout)[0]
+
+
+def merge_kernel(kernel, lora_a, lora_b, scale, rank, layout=(None, None)):
+    """`(merged, finite)`: `merged_kernel_array`'s result in an aligned
+    buffer, and whether it has no NaN or Inf (`all_finite`, found while
+    each block is in cache)."""
     kernel = host_view(kernel)
     a = np.asarray(ops.convert_to_numpy(lora_a), np.float32).reshape(-1, rank)
     b = np.asarray(ops.convert_to_numpy(lora_b), np.float32).reshape(rank, -1)
-    # Non-finite values are the caller's check (`all_finite`), not a warning.
+    a = a * np.float32(scale)
+    merged = aligned_empty(kernel.shape, kernel.dtype)
+    # Non-finite values are the caller's check (`finite`), not a warning.
     with np.errstate(invalid="ignore", over="ignore"):
-        merged = to_kernel(
-            np.matmul(a * np.float32(scale), b), kernel.shape, layout, np
-        )
-        if not merged.flags.c_contiguous:
-            merged = np.ascontiguousarray(merged)
-        if kernel.dtype == np.float32:
-            merged += kernel
-        else:
-            merged += kernel.astype(np.float32)
-            merged = merged.astype(kernel.dtype)
-    return merged
+        if not _rows_of_matrix(kernel.shape, layout):
+            delta = to_kernel(np.matmul(a, b), kernel.shape, layout, np)
+            if kernel.dtype == np.float32:
+                np.add(kernel, delta, out=merged)
+            else:
+                merged[...] = delta + kernel.astype(np.float32)
+            return merged, all_finite(merged)
+        w = kernel.reshape(a.shape[0], -1)
+        out = merged.reshape(w.shape)
+        direct = kernel.dtype == np.float32
+        # One BLAS call for the product: OpenBLAS wakes its threads per call,
+        # which costs far more than the product on a busy machine.
+        product = np.matmul(a, b, out=out if direct else None)
+        step = max(1, _BLOCK_BYTES // (4 * max(1, w.shape[1])))
+        finite = True
+        for start in range(0, w.shape[0], step):
+            rows = slice(start, start + step)
+            block = product[rows]
+            block += w[rows] if direct else w[rows].astype(np.float32)
+            finite = finite and all_finite(block)
+            if not direct:
+                out[rows] = block
+    return merged, finite
 
 
 def all_finite(array):
@@ -115,14 +157,37 @@ def build_with_weights(layer, values):
     return new
 
 
-def _adopt(array):
-    """A backend tensor on `array`'s memory where that needs no copy (torch;
-    `array` must not be used elsewhere), else `array` itself."""
-    if keras.backend.backend() == "torch" and array.flags.writeable:
-        import torch
+def _rows_of_matrix(shape, layout):
+    """Whether the kernel's `(fan_in, fan_out)` matrix is the kernel itself
+    reshaped (no transpose in the layout), so its blocks of rows are."""
+    perm, _ = layout
+    return perm is None or tuple(perm) == tuple(range(len(shape)))
 
-        try:
+
+def _adopt(array):
+    """A backend tensor on `array`'s memory where that needs no copy
+    (`array` must not be used elsewhere), else `array` itself."""
+    aligned = array.ctypes.data % _ALIGNMENT == 0 and array.flags.c_contiguous
+    backend = keras.backend.backend()
+    try:
+        if backend == "torch" and array.flags.writeable:
+            import torch
+
             return torch.from_numpy(array)
-        except TypeError:  # a dtype torch cannot wrap, such as bfloat16
-            pass
+        if backend == "jax" and aligned:
+            import jax
+
+            if jax.default_backend() == "cpu":
+                return jax.device_put(array)  # XLA's CPU client adopts it
+        if backend == "tensorflow" and aligned and array.dtype.kind == "f":
+            import tensorflow as tf
+
+            return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    except (TypeError, ValueError, BufferError, RuntimeError):
+        pass  # a dtype the backend cannot wrap, such as bfloat16
     return array
+
+
+_ALIGNMENT = 64
+# Rows of a block of the chunked merge: about 256 KiB of float32.
+_BLOCK_BYTES = 1 << 18

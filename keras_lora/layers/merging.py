@@ -55,8 +55,8 @@ class Merging:
         """
         base = self.layer
         mode = self.quantization_mode
-        merged = self._merged_array(host=mode is None)
-        if check_finite and not host_merge.all_finite(merged):
+        merged, finite = self._merged_array(host=mode is None, check=check_finite)
+        if check_finite and not finite:
             raise ValueError(
                 f"Merging LoRA layer '{self.name}' gives NaN or Inf in its "
                 "kernel; nothing was merged. Check the adapters, or pass "
@@ -150,9 +150,11 @@ class Merging:
             total = ops.add(total, ops.add(scaled, ops.multiply(c, delta)))
         return total
 
-    def _merged_array(self, host):
-        """The merged kernel as a NumPy array; one plain adapter on a float
-        base is merged in host memory (`host_merge`)."""
+    def _merged_array(self, host, check=True):
+        """`(merged, finite)`: the merged kernel as a NumPy array, and
+        whether it is finite (`True` if not `check`ed). One plain adapter on a
+        float base is merged in host memory (`host_merge`): the same
+        `W + scale·A·B` as `delta()`, through the same factoring."""
         adapters = self._merge_adapters(None)
         plain = (
             len(adapters) == 1
@@ -161,7 +163,7 @@ class Merging:
         )
         if host and plain:
             (adapter,) = adapters
-            return host_merge.merged_kernel_array(
+            return host_merge.merge_kernel(
                 self.base_kernel,
                 adapter.a,
                 adapter.b,
@@ -169,7 +171,8 @@ class Merging:
                 adapter.rank,
                 self.kernel_layout(),
             )
-        return ops.convert_to_numpy(self.merged_kernel())
+        merged = ops.convert_to_numpy(self.merged_kernel())
+        return merged, not check or host_merge.all_finite(merged)
 
     def _expand_to_kernel(self, c):
         for axis in sorted(self._norm_axes()):
