@@ -16,6 +16,7 @@ import sys
 BACKENDS = ("tensorflow", "jax", "torch")
 SECTIONS = (
     "training",
+    "transformer",
     "block",
     "inference",
     "eager",
@@ -23,6 +24,7 @@ SECTIONS = (
     "merge",
     "hotswap",
     "serving",
+    "qlora",
 )
 
 

@@ -18,6 +18,7 @@ TASKS = {
     "train_memory": "benchmarks.memory:train_memory_worker",
     "apply_lora_memory": "benchmarks.memory:apply_lora_memory_worker",
     "merge_scaling": "benchmarks.merging:merge_scaling_worker",
+    "qlora_memory": "benchmarks.qlora:qlora_memory_worker",
 }
 
 

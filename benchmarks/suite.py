@@ -9,6 +9,7 @@ from benchmarks import machine
 
 SECTIONS = (
     "training",
+    "transformer",
     "block",
     "inference",
     "eager",
@@ -16,6 +17,7 @@ SECTIONS = (
     "merge",
     "hotswap",
     "serving",
+    "qlora",
 )
 
 
@@ -27,14 +29,17 @@ def run(quick, sections=SECTIONS, log=print):
         inference,
         memory,
         merging,
+        qlora,
         serving,
         training,
+        transformer,
     )
 
     backend = keras.backend.backend()
     config = configs.get(quick)
     steps = {
         "training": lambda: training.run_mlp(config),
+        "transformer": lambda: transformer.run(config),
         "block": lambda: training.run_block(config),
         "inference": lambda: inference.run(config),
         "eager": lambda: eager_forward.run(**eager_forward.sizes(quick)),
@@ -42,6 +47,7 @@ def run(quick, sections=SECTIONS, log=print):
         "merge": lambda: merging.run(config, backend),
         "hotswap": lambda: hotswap.run(config),
         "serving": lambda: serving.run(config),
+        "qlora": lambda: qlora.run(config, backend),
     }
     results = {
         "backend": backend,
