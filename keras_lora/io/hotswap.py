@@ -125,6 +125,13 @@ def _prepared_adapters(model, layers, name):
             f"model '{model.name}' is not prepared for hot-swapping. Call "
             "`kl.prepare_hotswap(model, max_rank)` once (before compiling)."
         )
+    merged = sorted(p for p, layer in lora if p in targets and layer.merged)
+    if merged:
+        raise ValueError(
+            f"hotswap_adapter: LoRA layers {merged} of model '{model.name}' are "
+            "merged in place, so a swapped adapter would not be used; call "
+            "`kl.unmerge_lora(model)` first."
+        )
     return targets
 
 

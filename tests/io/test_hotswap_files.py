@@ -249,6 +249,10 @@ def test_bad_calls_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
         kl.hotswap_adapter(model, tmp_path / "missing.safetensors")
     assert snapshot(model) == before
+    kl.merge_lora(model, in_place=True)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        kl.hotswap_adapter(model, tmp_path / "a.safetensors")
+    assert snapshot(model) == before
 
 
 def test_dropout_of_the_file_is_reported_not_applied(tmp_path):
