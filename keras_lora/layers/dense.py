@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_lora.layers.base import LoRALayer
-from keras_lora.layers.hot_path import matmul, value
+from keras_lora.layers.hot_path import low_rank, matmul, scalar, value
 from keras_lora.layers.mixed import scale_rows
 
 
@@ -57,9 +57,9 @@ class LoRADense(LoRALayer):
         return matmul(inputs, value(kernel))
 
     def _update(self, inputs, adapter, dtype, training=None):
-        update = matmul(inputs, self._adapter(adapter.a, dtype))
-        update = self._scaled(update, adapter, dtype)
-        return matmul(update, self._adapter(adapter.b, dtype))
+        a = self._adapter(adapter.a, dtype)
+        b = self._adapter(adapter.b, dtype)
+        return low_rank(inputs, a, b, scalar(adapter.scale, dtype))
 
     # ----- mixed batches (`layers.mixed`): x·A, h·B, both per row ----------
 

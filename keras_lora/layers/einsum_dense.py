@@ -5,6 +5,7 @@ This is the layer type of the `query`, `key`, `value` and
 and most KerasHub attention blocks.
 """
 
+import math
 import string
 
 import keras
@@ -12,7 +13,13 @@ from keras import ops
 
 from keras_lora.config import LEGACY_FACTORING, validate_factoring
 from keras_lora.layers.base import LoRALayer
-from keras_lora.layers.hot_path import matmul
+from keras_lora.layers.hot_path import (
+    leading_shape,
+    low_rank,
+    matmul,
+    reshape,
+    scalar,
+)
 from keras_lora.layers.mixed import scale_rows
 
 
@@ -81,6 +88,24 @@ def lora_equations(equation):
     second = f"{mid},{r}{last}->{output}"
     is_matmul = mid == output.replace(last, r) and output.endswith(last)
     return first, second, is_matmul
+
+
+def flat_inputs(equation):
+    """How many trailing input axes the standard factoring's `x·A·B`
+    flattens into one, so that it is one 2-D product `low_rank` can take,
+    or `None` when it cannot: the input must end with the kernel's input
+    axes and the output be the input's other axes then the kernel's output
+    axes, each in kernel order (every attention projection of
+    `MultiHeadAttention` and KerasHub's GPT-2 is so)."""
+    lhs, output = equation.replace(" ", "").split("->")
+    x_spec, k_spec = lhs.split(",")
+    inputs, outputs, shared = kernel_axes(equation)
+    in_chars = "".join(k_spec[i] for i in inputs)
+    out_chars = "".join(k_spec[i] for i in outputs)
+    batch = x_spec[: len(x_spec) - len(in_chars)]
+    if shared or x_spec != batch + in_chars or output != batch + out_chars:
+        return None
+    return len(in_chars)
 
 
 def _is_matmul(equation):
@@ -180,13 +205,16 @@ class LoRAEinsumDense(LoRALayer):
             first, second = standard_equations(equation)
             layout = (tuple(inputs + outputs), len(inputs))
             matmuls = (_is_matmul(first), _is_matmul(second))
+            flat = flat_inputs(equation)
         else:
+            flat = None
             first, second, is_matmul = lora_equations(equation)
             layout, matmuls = (None, None), (False, is_matmul)
         # Plain Python state, decided once (not re-parsed per call).
         object.__setattr__(self, "_layout", layout)
         object.__setattr__(self, "_equations", (first, second))
         object.__setattr__(self, "_matmuls", matmuls)
+        object.__setattr__(self, "_flat_inputs", flat)
         object.__setattr__(self, "_norm_axes_cache", tuple(inputs))
         lhs, output = equation.split("->")
         c_spec = "".join(ch for ch in lhs.split(",")[1] if ch in output)
@@ -212,6 +240,9 @@ class LoRAEinsumDense(LoRALayer):
         return ops.einsum(self.layer.equation, inputs, kernel)
 
     def _update(self, inputs, adapter, dtype, training=None):
+        n_in = self._flat_inputs
+        if n_in is not None:  # one 2-D product: `low_rank`'s fast backward
+            return self._flat_update(inputs, adapter, dtype, n_in)
         (first, second), (first_matmul, second_matmul) = self._equations, self._matmuls
         a = self._adapter(adapter.a, dtype)
         update = matmul(inputs, a) if first_matmul else ops.einsum(first, inputs, a)
@@ -220,6 +251,23 @@ class LoRAEinsumDense(LoRALayer):
         if second_matmul:
             return matmul(update, b)
         return ops.einsum(second, update, b)
+
+    def _flat_update(self, inputs, adapter, dtype, n_in):
+        a = self._adapter(adapter.a, dtype)
+        b = self._adapter(adapter.b, dtype)
+        rank = b.shape[0]
+        x = inputs
+        if n_in > 1:
+            fan_in = math.prod(a.shape[:-1])
+            x = reshape(inputs, leading_shape(inputs, n_in) + [fan_in])
+            a = reshape(a, (fan_in, rank))
+        out_dims = list(b.shape[1:])
+        if len(out_dims) > 1:
+            b = reshape(b, (rank, math.prod(out_dims)))
+        y = low_rank(x, a, b, scalar(adapter.scale, dtype))
+        if len(out_dims) > 1:
+            y = reshape(y, leading_shape(x, 1) + out_dims)
+        return y
 
     # ----- mixed batches (`layers.mixed`): x·A, h·B, both per row ----------
 
