@@ -6,8 +6,9 @@ same rank. The rows, timed interleaved through Keras's compiled
 `predict_on_batch` (XLA on TensorFlow and JAX, eager on torch):
 
 - `single`: the LoRA model with one adapter active, the whole batch on it;
-- `n/concat`, `n/gather`: the served model of `n` adapters, each row of the
-  batch on a random one of them, per strategy (`layers.mixed`).
+- `n/auto`, `n/concat`, `n/gather`: the served model of `n` adapters, each
+  row of the batch on a random one of them, per strategy (`layers.mixed`;
+  `"auto"`, the default, is concat for the MLP, gather for the transformer).
 
 Ratios are against `single`, median over median and minimum over minimum.
 """
@@ -22,7 +23,7 @@ from benchmarks.training import jit_compile
 from keras_lora.layers import LoRALayer
 from keras_lora.model.walk import iter_layers
 
-STRATEGIES = ("concat", "gather")
+STRATEGIES = ("auto", "concat", "gather")
 
 
 def _with_adapters(model, count, rank, targets=None, in_place=False):
@@ -45,6 +46,8 @@ def _time_row(lora, names, counts, x, batch, c):
     calls = {"single": lambda: lora.predict_on_batch(x)}
     for n in counts:
         index = rng.integers(0, n, size=(batch,)).astype("int32")
+        if not isinstance(x, dict):  # like `x`: torch takes no numpy/tensor mix
+            index = keras.ops.convert_to_tensor(index)
         for strategy in STRATEGIES:
             served = kl.mixed_adapter_model(lora, names[:n], strategy=strategy)
             served.compile(jit_compile=jit_compile())
@@ -119,12 +122,12 @@ def report_lines(result):
 
 def figures(result):
     """`[(target key, where, value)]` for `targets.py`: the default
-    strategy's median and minimum ratios."""
+    strategy's (`"auto"`) median and minimum ratios."""
     out = []
     for row in ("mlp", "transformer"):
         for name, r in result[row]["ratios"].items():
             n, strategy = name.split("/")
-            if strategy != "concat":
+            if strategy != "auto":
                 continue
             key = {8: "serving/8", 64: "serving/64"}.get(int(n))
             if key is None:  # --quick counts: no target

@@ -86,6 +86,9 @@ class LoRAEmbedding(LoRALayer):
 
     # ----- mixed batches (`layers.mixed`): A's rows, h·B, both per row -----
 
+    # Token ids have no feature axis: every axis after the batch is positions.
+    _routed_feature_axes = 0
+
     def _routed_first(self, inputs, a):
         return ops.take(a, inputs, axis=0)
 

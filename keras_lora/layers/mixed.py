@@ -21,6 +21,12 @@ all zeros (`"concat"`), and `"gather"` reads the all-zero slot for it, never
 another slot. Such a row gets the base output: no tenant ever reads
 another's adapter through a bad index.
 
+`"auto"` (the default) picks per layer, from static shapes: `"concat"` for
+one position per row (an MLP's rows), `"gather"` for sequences (tokens per
+row, or unknown), as measured in `benchmarks/serving.py`. Layer types
+without `_routed_gather` (convolutions), and training with dropout, use
+`"concat"`.
+
 DoRA rows are scaled by their own `m/‖W + s·A·B‖` (`1` for the other rows).
 Each layer type supplies the products through three hooks: `_routed_first`
 (`x·A`), `_routed_second` (`h·B`) and `_routed_gather` (both, per row);
@@ -36,7 +42,7 @@ from keras import ops
 
 from keras_lora.layers import hot_path
 
-STRATEGIES = ("concat", "gather")
+STRATEGIES = ("auto", "concat", "gather")
 
 _STATE = threading.local()
 
@@ -45,7 +51,7 @@ class Routing:
     """What a routed call needs: the int32 `index` (batch,), the adapter
     `names` it indexes, and the `strategy`."""
 
-    def __init__(self, index, names, strategy="concat"):
+    def __init__(self, index, names, strategy="auto"):
         self.index = index
         self.names = tuple(names)
         self.strategy = strategy
@@ -58,7 +64,7 @@ def current():
 
 
 @contextlib.contextmanager
-def routing(index, names, strategy="concat"):
+def routing(index, names, strategy="auto"):
     """Routes the LoRA layers called inside to `names[index[i]]` per row."""
     stack = _STATE.__dict__.setdefault("stack", [])
     stack.append(Routing(index, names, strategy))
@@ -161,7 +167,10 @@ def routed_updates(layer, inputs, base, training, route):
     index = ops.cast(route.index, "int32")
     dropping = training and any(a.dropout for _, a in members)
     gather = callable(getattr(layer, "_routed_gather", None))
-    if route.strategy == "gather" and gather and not dropping:
+    strategy = route.strategy
+    if strategy == "auto":
+        strategy = "concat" if _positions_per_row(layer, inputs) == 1 else "gather"
+    if strategy == "gather" and gather and not dropping:
         update = _gather_update(layer, inputs, members, index, dtype, training)
     else:
         update = _concat_update(layer, inputs, members, index, dtype, training)
@@ -170,6 +179,15 @@ def routed_updates(layer, inputs, base, training, route):
     if doras:
         out = _dora_rows(layer, out, doras, index, dtype)
     return out
+
+
+def _positions_per_row(layer, inputs):
+    """Positions (tokens, pixels) per row of `inputs`, or `None` if unknown."""
+    feature_axes = getattr(layer, "_routed_feature_axes", 1)
+    dims = inputs.shape[1 : len(inputs.shape) - feature_axes]
+    if any(d is None for d in dims):
+        return None
+    return int(np.prod(dims, dtype="int64"))
 
 
 def _dropped(layer, x, rate, training, on_inputs):

@@ -65,14 +65,14 @@ class MixedAdapters(keras.layers.Layer):
     Args:
         model: a model with LoRA layers.
         names: the adapter names `adapter_index` indexes.
-        strategy: `"concat"` or `"gather"` (see `layers.mixed`).
+        strategy: `"auto"`, `"concat"` or `"gather"` (see `layers.mixed`).
 
     Call arguments:
         inputs: `model`'s inputs.
         adapter_index: int `(batch,)`; `-1` for the base alone.
     """
 
-    def __init__(self, model, names, strategy="concat", **kwargs):
+    def __init__(self, model, names, strategy="auto", **kwargs):
         super().__init__(**kwargs)
         self.model = model
         self.names = tuple(names)
@@ -174,7 +174,7 @@ def _served_inputs(model):
     return inputs, index, [inputs, index]
 
 
-def mixed_adapter_model(model, names, strategy="concat"):
+def mixed_adapter_model(model, names, strategy="auto"):
     """A Keras model computing each row of a batch with its own adapter.
 
     Its inputs are `model`'s own plus `adapter_index`, int32 of shape
@@ -194,9 +194,11 @@ def mixed_adapter_model(model, names, strategy="concat"):
     Args:
         model: a functional model with LoRA layers holding `names`.
         names: list of adapter names; `adapter_index` indexes it.
-        strategy: `"concat"` (default: one product with the concatenated
-            `A`s, a per-row mask, one with the `B`s) or `"gather"` (each row
-            gathers its own `A`, `B`); see `docs/serving.md`.
+        strategy: `"concat"` (one product with the concatenated `A`s, a
+            per-row mask, one with the `B`s), `"gather"` (each row gathers
+            its own `A`, `B`), or `"auto"` (the default: per layer, concat
+            for one position per row, gather for sequences, as measured);
+            see `docs/serving.md`.
 
     Returns:
         A `keras.Model`.

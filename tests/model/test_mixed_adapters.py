@@ -18,7 +18,7 @@ from keras_lora.layers import LoRADense, LoRALayer
 from keras_lora.layers.mixed import routing
 from keras_lora.model.walk import iter_layers
 
-STRATEGIES = ["concat", "gather"]
+STRATEGIES = ["auto", "concat", "gather"]
 ATOL = 1e-5
 
 
