@@ -44,7 +44,10 @@ def run(config):
     kl.prepare_hotswap(model, c["max_rank"])
     torch = keras.backend.backend() == "torch"
     # On torch, Keras's steps run eagerly unless compiled with torch.compile.
-    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse", jit_compile=torch)
+    jit_compile = True if torch else "auto"  # False on JAX would run eagerly
+    model.compile(
+        optimizer=keras.optimizers.SGD(1e-4), loss="mse", jit_compile=jit_compile
+    )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(c["batch"], c["width"])).astype("float32")
     y = rng.normal(size=(c["batch"], c["classes"])).astype("float32")
