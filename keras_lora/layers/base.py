@@ -289,6 +289,8 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
                 out = out + update
                 continue
             c = ops.cast(self._dora_factor(adapter), dtype)
+            if len(adapters) == 1:  # alone: one product, one pass over y
+                return self._scale_output(base + update, c)
             dora = ops.add(
                 self._scale_output(base, ops.subtract(c, 1.0)),
                 self._scale_output(update, c),
@@ -304,12 +306,10 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
     @staticmethod
     def _scaled(x, adapter, dtype=None):
         """`scale·x` on a rank-sized tensor; nothing when the scale is 1. A
-        Python float keeps `x`'s dtype and makes no tensor per call; a scale
-        variable (`prepare_hotswap`) is read at call time, in `x`'s dtype."""
+        Python float keeps `x`'s dtype and makes no tensor per call."""
         scale = adapter.scale
-        if isinstance(scale, keras.Variable):
-            dtype = dtype or keras.backend.standardize_dtype(x.dtype)
-            return x * hot_path.read(scale, dtype)
+        if isinstance(scale, keras.Variable):  # `prepare_hotswap`: read per call
+            return x * hot_path.read(scale, keras.backend.standardize_dtype(x.dtype))
         return x if scale == 1.0 else x * scale
 
     @staticmethod
