@@ -165,7 +165,9 @@ def test_kerashub_mapped_peft_directory_swaps(tmp_path):
 
     def hub_lora(rank, alpha, seed):
         backbone = tiny.backbone("gpt2")
-        kl.apply_lora(backbone, rank=rank, alpha=alpha, in_place=True)
+        kl.apply_lora(  # attention too: GPT2's fused c_attn in PEFT's names
+            backbone, targets=projections, rank=rank, alpha=alpha, in_place=True
+        )
         randomize_adapters(backbone, scale=0.3, seed=seed)
         return backbone
 
@@ -174,11 +176,17 @@ def test_kerashub_mapped_peft_directory_swaps(tmp_path):
 
     source = hub_lora(4, 8.0, seed=1)
     kl.save_adapter(source, tmp_path / "hub_peft", format="peft")  # HF names
-    fresh = hub_lora(4, 8.0, seed=2)
-    kl.load_adapter(fresh, tmp_path / "hub_peft")
-    model = kl.prepare_hotswap(hub_lora(2, 2.0, seed=3), 8)
+    # GPT2's fused c_attn holds q, k and v as one rank-12 adapter (A shared,
+    # B block-diagonal) and reads back so: the model needs capacity >= 12.
+    model = kl.prepare_hotswap(hub_lora(2, 2.0, seed=3), 16)
     kl.hotswap_adapter(model, tmp_path / "hub_peft")
-    np.testing.assert_allclose(out(model), out(fresh), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out(model), out(source), atol=1e-5, rtol=0)
+    query = dict(lora_layers(model))["transformer_layer_0/self_attention/query"]
+    assert query.rank == 16 and np.abs(to_numpy(query.lora_b)[12:]).max() == 0
+
+
+def projections(layer):
+    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
 
 
 def bad_cases(base, tmp_path):
