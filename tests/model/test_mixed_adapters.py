@@ -298,3 +298,20 @@ def test_after_prepare_hotswap(strategy):
     np.testing.assert_allclose(numpy(served([X, INDEX])), want, atol=ATOL)
     got = served.predict([X, INDEX], batch_size=9, verbose=0)
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_tied_reversible_embedding(strategy):
+    """The lookup and the tied logits `x·(E + s·A·B)ᵀ` both route per row."""
+    tokens = keras.Input((4,), dtype="int32")
+    embed = keras.layers.ReversibleEmbedding(12, 6, tie_weights=True, name="embed")
+    x = keras.layers.Dense(6, name="mix")(embed(tokens))
+    model = keras.Model(tokens, embed(x, reverse=True))
+    model = kl.apply_lora(model, rank=2, targets=["embed", "mix"])
+    kl.add_adapter(model, "b", rank=3, alpha=2.0, targets=["embed"])
+    randomize(model)
+    ids = np.random.default_rng(6).integers(0, 12, size=(4, 4)).astype("int32")
+    index = np.array([1, 0, -1, 1], "int32")
+    served = kl.mixed_adapter_model(model, ["default", "b"], strategy=strategy)
+    want = reference_rows(model, ["default", "b"], ids, index)
+    np.testing.assert_allclose(numpy(served([ids, index])), want, atol=ATOL)
