@@ -109,7 +109,15 @@ def _jax_low_rank():
         return dx, da, db, jax.numpy.zeros_like(scale)
 
     low_rank.defvjp(forward, backward)
-    return low_rank
+
+    def dispatch(x, a, b, scale):
+        # Op by op (no trace), nothing can be differentiated: skip the
+        # custom_vjp machinery, which costs more than the products at batch 1.
+        if isinstance(a, jax.core.Tracer) or isinstance(x, jax.core.Tracer):
+            return low_rank(x, a, b, scale)
+        return _plain_low_rank(x, a, b, scale)
+
+    return dispatch
 
 
 def _tensorflow_low_rank():
@@ -133,7 +141,18 @@ def _tensorflow_low_rank():
         def barrier(t):
             return t
 
+    try:  # private: whether a gradient tape could record this op
+        from tensorflow.python.eager.record import could_possibly_record
+    except ImportError:  # pragma: no cover
+
+        def could_possibly_record():
+            return True
+
     def low_rank(x, a, b, scale):
+        if tf.executing_eagerly() and not could_possibly_record():
+            # Eager, no tape: nothing to differentiate, and custom_gradient
+            # costs more than the products at batch 1.
+            return _plain_low_rank(x, a, b, scale)
         if not isinstance(scale, float | int):
             scale = tf.convert_to_tensor(scale)
 

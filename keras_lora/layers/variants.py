@@ -21,6 +21,9 @@ base. Each adapter has its own rank, alpha, scale rule and variant options:
   but writes nothing kernel-sized (extra memory O(out·rank)).
 """
 
+import functools
+import weakref
+
 import keras
 import numpy as np
 from keras import ops
@@ -274,7 +277,42 @@ def _norm_view(ndim, layout, norm_axes):
     return None
 
 
-def dora_norm(frozen, a, b, scale, layout, norm_axes):
+# ‖W_j‖² of frozen torch kernels: `W` never trains, so its column norms are
+# computed once and reused while the kernel's in-place version counter
+# (bumped by every `assign`) stays the same: `{id(kernel): (weak reference
+# to it, {view: (version, norms)})}`, an entry dropped with its kernel.
+# Eager torch only: under XLA (JAX, TensorFlow) the sum of squares fuses
+# with the kernel's other read, and a traced function has no counter.
+_SQUARED_NORMS = {}
+
+
+def _squared_norms(w, kernel, view):
+    """`‖W_j‖²` of the reshaped kernel `w` (`(..., fan_in, out)`); cached
+    for a torch `kernel` tensor (see `_SQUARED_NORMS`)."""
+    if kernel is None:
+        return ops.sum(ops.multiply(w, w), axis=-2)
+    key = id(kernel)
+    entry = _SQUARED_NORMS.get(key)
+    if entry is None or entry[0]() is not kernel:
+        drop = functools.partial(_SQUARED_NORMS.pop, key, None)
+        entry = (weakref.ref(kernel, lambda _: drop()), {})
+        _SQUARED_NORMS[key] = entry
+    entries, version = entry[1], kernel._version
+    cached = entries.get(view)
+    if cached is None or cached[0] != version:
+        cached = (version, ops.sum(ops.multiply(w, w), axis=-2))
+        entries[view] = cached
+    return cached[1]
+
+
+def _cache_key(frozen):
+    """The torch tensor to cache `frozen`'s column norms under, or `None`."""
+    if keras.backend.backend() != "torch" or not isinstance(frozen, keras.Variable):
+        return None
+    return frozen.value  # a fresh tensor under autocast: no reuse, no harm
+
+
+def dora_norm(frozen, a, b, scale, layout, norm_axes, kernel=None):
     """`‖W + scale·A·B‖` per output unit, float32, never forming `W + s·A·B`.
 
     Per output column `j` of the kernel as a matrix (`layers.factoring`):
@@ -288,6 +326,8 @@ def dora_norm(frozen, a, b, scale, layout, norm_axes):
         scale: the adapter's scale `s`.
         layout: the layer's `kernel_layout()`.
         norm_axes: the kernel axes the norm reduces (`_norm_axes()`).
+        kernel: on torch, the frozen kernel's own tensor, under which
+            `‖W_j‖²` is cached (`_SQUARED_NORMS`); `None` recomputes it.
     """
     shape = tuple(frozen.shape)
     rank = int(b.shape[0])
@@ -312,7 +352,7 @@ def dora_norm(frozen, a, b, scale, layout, norm_axes):
     cross = ops.sum(ops.multiply(ops.matmul(a_t, w), b), axis=-2)
     gram = ops.matmul(a_t, a)
     square = ops.sum(ops.multiply(ops.matmul(gram, b), b), axis=-2)
-    total = ops.sum(ops.square(w), axis=-2) + (2.0 * scale) * cross
+    total = _squared_norms(w, kernel, view) + (2.0 * scale) * cross
     total = total + (scale * scale) * square
     # Rounding can take a column of W + s·A·B that is all but zero below 0.
     norm = ops.sqrt(ops.maximum(total, 0.0))
@@ -325,6 +365,7 @@ def dora_factor(frozen, adapter, layout, norm_axes):
     gradient): `frozen` is `W`, `adapter` a DoRA `Adapter`."""
     a = ops.stop_gradient(ops.cast(adapter.a, "float32"))
     b = ops.stop_gradient(ops.cast(adapter.b, "float32"))
+    kernel = _cache_key(frozen)
     frozen = ops.stop_gradient(ops.cast(frozen, "float32"))
-    norm = dora_norm(frozen, a, b, adapter.scale, layout, norm_axes)
+    norm = dora_norm(frozen, a, b, adapter.scale, layout, norm_axes, kernel)
     return ops.divide(ops.cast(adapter.magnitude, "float32"), ops.stop_gradient(norm))
