@@ -4,6 +4,9 @@ Each size gets a model of `Dense(width)` layers (all adapted), adapters set
 to non-zero values; `merge_lora` is timed end to end (new model included),
 after a warm-up merge of a tiny model, as the median of up to
 `merge_repeats` runs (fewer once 5 s are spent); the same for NumPy.
+For context, NumPy is timed once more keeping every sum, as a merge
+keeps its kernels (the reference above reuses one freed buffer, so it
+never pays for fresh memory), next to the first merge.
 The first merge of each size is also measured for peak RSS: the merged
 model's own weights are 1.0 of its bytes, so anything above 1.0 is an extra
 copy (freed memory is handed back to the system first, so the merge cannot
@@ -118,6 +121,21 @@ def _measure(target_params, args):
             total += time.perf_counter() - start
             del result, w
         numpy_s.append(total)
+    # Context: the same NumPy sums, each kept as a merge must keep its
+    # kernels (fresh memory, first-touch page faults), timed once, right
+    # after the reference above dropped every result.
+    rss.release_free_memory()
+    kept, numpy_kept_s = [], 0.0
+    for layer in lora.layers:
+        if isinstance(layer, kl.LoRALayer):
+            w = keras.ops.convert_to_numpy(layer.base_kernel)
+            a = keras.ops.convert_to_numpy(layer.lora_a)
+            b = keras.ops.convert_to_numpy(layer.lora_b)
+            start = time.perf_counter()
+            kept.append(w + layer.scale * (a @ b))
+            numpy_kept_s += time.perf_counter() - start
+            del w
+    del kept
     params = depth * width * width
     reference_s = statistics.median(numpy_s)
     return {
@@ -129,6 +147,9 @@ def _measure(target_params, args):
         "numpy_s": reference_s,
         "merge/numpy": merge_s / reference_s,
         "merge_ns_per_param": 1e9 * merge_s / params,
+        "first_merge_s": first_s,
+        "numpy_kept_s": numpy_kept_s,
+        "first_merge/numpy_kept": first_s / numpy_kept_s,
         "merge_peak_added_bytes": peak.added,
         "merged_model_bytes": merged_bytes,
         # 1.0: the merged model's weights and nothing more.

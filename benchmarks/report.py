@@ -180,6 +180,7 @@ def backend_text(results):
                 _fmt(p["numpy_s"], 3),
                 _fmt(p["merge/numpy"]),
                 _fmt(p["merge_ns_per_param"], 2),
+                _fmt(p.get("first_merge/numpy_kept")),
                 _fmt(p.get("merge_peak/merged_bytes")),
             ]
             for p in m["points"]
@@ -195,6 +196,7 @@ def backend_text(results):
                     "numpy s",
                     "merge/numpy",
                     "ns/param",
+                    "1st merge/numpy kept",
                     "peak/merged bytes",
                 ],
                 rows,

@@ -19,6 +19,7 @@ bandwidth. Four things keep it near (or under) a plain NumPy `W + s·A@B`:
 """
 
 import inspect
+import mmap
 
 import keras
 import numpy as np
@@ -57,9 +58,18 @@ def host_view(x):
 
 def aligned_empty(shape, dtype):
     """An uninitialized C-contiguous array whose data starts on a 64-byte
-    boundary, as XLA and TensorFlow need to adopt host memory uncopied."""
+    boundary, as XLA and TensorFlow need to adopt host memory uncopied.
+
+    A large one is its own anonymous memory map (page aligned). NumPy's
+    allocator asks for transparent huge pages on large arrays, and the
+    kernel's compaction for them made first writes several times slower
+    on a busy machine (system time 2.05 s against 0.46 s for 800 MB); a
+    merge writes each page once, so huge pages gain nothing here.
+    """
     dtype = np.dtype(dtype)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size >= _MAPPED_BYTES:
+        return np.frombuffer(mmap.mmap(-1, size), dtype).reshape(shape)
     buffer = np.empty(size + _ALIGNMENT, np.uint8)
     start = (-buffer.ctypes.data) % _ALIGNMENT
     return buffer[start : start + size].view(dtype).reshape(shape)
@@ -189,5 +199,6 @@ def _adopt(array):
 
 
 _ALIGNMENT = 64
+_MAPPED_BYTES = 1 << 20
 # Rows of a block of the chunked merge: about 256 KiB of float32.
 _BLOCK_BYTES = 1 << 18
