@@ -112,3 +112,26 @@ def test_dict_inputs_export_with_an_adapter_index_key(tmp_path):
     assert sorted(specs) == ["a", "adapter_index", "b"]
     got = signature(**{k: tf.constant(v) for k, v in feed.items()}, adapter_index=index)
     np.testing.assert_allclose(next(iter(got.values())).numpy(), want, atol=1e-5)
+
+
+def test_kerashub_task_converted_in_place(tmp_path):
+    """A tiny GPT2 causal LM, LoRA in place, two adapters: logits per row."""
+    import tensorflow as tf
+    from tiny_kerashub import backbone_inputs, gpt2_causal_lm
+
+    task = kl.apply_lora(gpt2_causal_lm(), rank=2, in_place=True)
+    kl.add_adapter(task, "b", rank=3, alpha=6.0)
+    randomize(task)
+    served = kl.mixed_adapter_model(task, ["default", "b"])
+    feed = backbone_inputs(task.backbone, batch=3)
+    feed["token_ids"] %= task.backbone.vocabulary_size
+    index = np.array([1, -1, 0], "int32")
+    want = ops.convert_to_numpy(served({**feed, "adapter_index": index}))
+    kl.export(served, tmp_path / "saved")
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    signature = loaded.signatures["serving_default"]
+    _, specs = signature.structured_input_signature
+    assert sorted(specs) == ["adapter_index", "padding_mask", "token_ids"]
+    feed = {k: tf.constant(v) for k, v in feed.items()}
+    got = signature(**feed, adapter_index=tf.constant(index))
+    np.testing.assert_allclose(next(iter(got.values())).numpy(), want, atol=1e-5)
