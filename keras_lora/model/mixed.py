@@ -10,6 +10,7 @@ choice is data, not Python state, so one traced function serves any mix.
 import keras
 import numpy as np
 from keras import ops
+from keras.src.models.functional import Functional
 
 from keras_lora.layers import LoRALayer
 from keras_lora.layers import mixed as routing_lib
@@ -106,6 +107,62 @@ class MixedAdapters(keras.layers.Layer):
         config = dict(config)
         config["model"] = keras.saving.deserialize_keras_object(config["model"])
         return cls(**config)
+
+
+def _guard_wide_index(index, n):
+    """An index wider than int32 (int64, uint32, ...), before Keras casts it
+    to the int32 input (which wraps modulo 2**32): eagerly checked like any
+    index; traced, every value outside `[-1, n)` becomes `-1` (the base)."""
+    if not hasattr(index, "dtype") or isinstance(index, keras.KerasTensor):
+        return index
+    dtype = keras.backend.standardize_dtype(index.dtype)
+    if dtype in ("int32", "int16", "int8", "uint8", "uint16"):
+        return index
+    if not keras.backend.is_int_dtype(dtype):
+        raise TypeError(
+            f"`{INDEX_NAME}` must be an integer tensor. Received: dtype={dtype}"
+        )
+    if _is_concrete(index):
+        check_index(index, n)
+        return index
+    valid = ops.logical_and(ops.greater_equal(index, -1), ops.less(index, n))
+    return ops.where(valid, index, ops.full_like(index, -1))
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class MixedAdapterModel(Functional):
+    """The served model of `mixed_adapter_model`: a functional model whose
+    `adapter_index` is checked before Keras casts it to int32."""
+
+    def _standardize_inputs(self, inputs):
+        n = len(mixed_layer(self).names)
+        if isinstance(inputs, dict) and INDEX_NAME in inputs:
+            inputs = {**inputs, INDEX_NAME: _guard_wide_index(inputs[INDEX_NAME], n)}
+        elif isinstance(inputs, (list, tuple)) and inputs:
+            inputs = [*inputs[:-1], _guard_wide_index(inputs[-1], n)]
+        return super()._standardize_inputs(inputs)
+
+    def _host_check(self, x):
+        # JAX (without x64) turns int64 arrays into int32 itself, wrapping,
+        # before the model sees them: check NumPy indices on the host.
+        index = x.get(INDEX_NAME) if isinstance(x, dict) else None
+        if isinstance(x, (list, tuple)) and x:
+            index = x[-1]
+        if isinstance(index, np.ndarray):
+            if not np.issubdtype(index.dtype, np.integer):
+                raise TypeError(
+                    f"`{INDEX_NAME}` must be an integer array. Received: "
+                    f"dtype={index.dtype}"
+                )
+            check_index(index, len(mixed_layer(self).names))
+
+    def predict(self, x, *args, **kwargs):
+        self._host_check(x)
+        return super().predict(x, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        self._host_check(x)
+        return super().predict_on_batch(x)
 
 
 def _check_names(model, names, strategy):
@@ -217,7 +274,7 @@ def mixed_adapter_model(model, names, strategy="auto"):
     inputs, index, served_inputs = _served_inputs(model)
     layer = MixedAdapters(model, names, strategy, name="mixed_adapters")
     outputs = layer(inputs, index)
-    return keras.Model(served_inputs, outputs, name=f"{model.name}_mixed")
+    return MixedAdapterModel(served_inputs, outputs, name=f"{model.name}_mixed")
 
 
 def mixed_layer(model):

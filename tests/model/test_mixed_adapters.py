@@ -136,6 +136,23 @@ def test_kerashub_backbone_in_place(name):
     np.testing.assert_allclose(got, want, atol=ATOL)
 
 
+def compiled(served, traces=None):
+    """`served` under `jax.jit` or `tf.function`, counting traces."""
+    traces = [] if traces is None else traces
+
+    def forward(x, index):
+        traces.append(1)
+        return served([x, index])
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(forward)
+    import tensorflow as tf
+
+    return tf.function(forward)
+
+
 def count_traces(served, feeds):
     """How many times one compiled function traces `served` over `feeds`."""
     traces = []
@@ -181,7 +198,8 @@ def test_out_of_range_rows_get_the_base_output_in_a_graph(strategy):
     """Tenant isolation: an index outside [-1, n) never reads an adapter,
     by clamping, wrapping or an out-of-bounds gather: the row is the base's.
     (In a graph nothing can raise; eagerly `served` raises, so the layers'
-    own routing is also called directly, on every backend.)"""
+    own routing is also called directly, on every backend; torch has no
+    graph to compile here.)"""
     model = mixed_mlp()
     with kl.disable_adapters(model):
         base = numpy(model(X))
@@ -189,9 +207,9 @@ def test_out_of_range_rows_get_the_base_output_in_a_graph(strategy):
     want[:5] = base[:5]
     with routing(ops.convert_to_tensor(BAD), NAMES, strategy):
         np.testing.assert_allclose(numpy(model(X)), want, atol=ATOL)
-    if keras.backend.backend() != "torch":  # torch's predict runs eagerly
+    if keras.backend.backend() != "torch":
         served = kl.mixed_adapter_model(model, NAMES, strategy=strategy)
-        got = served.predict([X, BAD], batch_size=9, verbose=0)
+        got = numpy(compiled(served)(X, BAD))
         np.testing.assert_allclose(got, want, atol=ATOL)
 
 
@@ -201,6 +219,9 @@ def test_bad_index_in_eager_mode_raises():
         index = np.array(bad + [0] * 7, "int32")
         with pytest.raises(ValueError, match=r"adapter_index.*\[-1, 4\)"):
             served([X, index])
+    # `predict` checks NumPy indices on the host before compiling anything.
+    with pytest.raises(ValueError, match=r"adapter_index.*\[-1, 4\)"):
+        served.predict([X, np.array([9] * 9, "int32")], verbose=0)
     with pytest.raises(ValueError, match=r"shape \(batch,\)"):
         served.get_layer("mixed_adapters")(X, np.zeros((9, 1), "int32"))
     with pytest.raises(TypeError, match="integer"):
@@ -315,3 +336,22 @@ def test_tied_reversible_embedding(strategy):
     served = kl.mixed_adapter_model(model, ["default", "b"], strategy=strategy)
     want = reference_rows(model, ["default", "b"], ids, index)
     np.testing.assert_allclose(numpy(served([ids, index])), want, atol=ATOL)
+
+
+def test_int64_index_never_wraps_to_another_tenant():
+    """Keras casts the index to the int32 input, which wraps 2**32 + 1 to 1:
+    a wide index is checked (eagerly) or sent to the base (traced) first."""
+    model = mixed_mlp()
+    served = kl.mixed_adapter_model(model, NAMES)
+    wide = np.full((9,), 2**32 + 1, "int64")
+    with pytest.raises(ValueError, match=r"\[-1, 4\).*4294967297"):
+        served([X, wide])
+    with pytest.raises(ValueError, match=r"\[-1, 4\).*4294967297"):
+        served.predict([X, wide], verbose=0)
+    if keras.backend.backend() == "tensorflow":  # int64 stays int64 in a graph
+        import tensorflow as tf
+
+        with kl.disable_adapters(model):
+            base = numpy(model(X))
+        got = numpy(compiled(served)(tf.constant(X), tf.constant(wide)))
+        np.testing.assert_allclose(got, base, atol=ATOL)
