@@ -110,6 +110,20 @@ class Env:
         return keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
 
     @functools.cached_property
+    def hot(self):
+        """A LoRA model at rank 2 prepared for hot-swapping up to rank 4."""
+        model = kl.apply_lora(mlp(name="hot_net"), rank=2)
+        kl.prepare_hotswap(model, max_rank=4)
+        return model
+
+    @functools.cached_property
+    def rank8_file(self):
+        """An adapter file of rank 8 for the same layers as `hot`."""
+        path = self.input(self.tmp / "rank8.safetensors")
+        kl.save_adapter(kl.apply_lora(mlp(name="hot_net"), rank=8), path)
+        return path
+
+    @functools.cached_property
     def unbuilt(self):
         return keras.Sequential([keras.layers.Dense(4, name="d")])
 
@@ -1225,6 +1239,111 @@ CASES = [
         TypeError,
         r"`in_place` must be True or False",
         "base",
+    ),
+    # --- mixed_adapter_model ------------------------------------------------
+    C(
+        "mixed_adapter_model",
+        "model=str",
+        lambda e: kl.mixed_adapter_model("m", ["default"]),
+        TypeError,
+        r"mixed_adapter_model: `model` must be a keras.Model",
+    ),
+    C(
+        "mixed_adapter_model",
+        "unknown name",
+        lambda e: kl.mixed_adapter_model(e.lora, ["default", "nope"]),
+        ValueError,
+        r"unknown adapter names \['nope'\]",
+        "lora",
+    ),
+    C(
+        "mixed_adapter_model",
+        "names=str",
+        lambda e: kl.mixed_adapter_model(e.lora, "default"),
+        TypeError,
+        r"`names` must be a list of adapter names",
+        "lora",
+    ),
+    C(
+        "mixed_adapter_model",
+        "names=[]",
+        lambda e: kl.mixed_adapter_model(e.lora, []),
+        ValueError,
+        r"`names` must be a non-empty list",
+        "lora",
+    ),
+    C(
+        "mixed_adapter_model",
+        "no LoRA layers",
+        lambda e: kl.mixed_adapter_model(e.base, ["default"]),
+        ValueError,
+        r"has no LoRA layers",
+        "base",
+    ),
+    C(
+        "mixed_adapter_model",
+        "strategy='fast'",
+        lambda e: kl.mixed_adapter_model(e.lora, ["default"], strategy="fast"),
+        ValueError,
+        r"`strategy` must be one of",
+        "lora",
+    ),
+    # --- prepare_hotswap ----------------------------------------------------
+    C(
+        "prepare_hotswap",
+        "model=str",
+        lambda e: kl.prepare_hotswap("m", 8),
+        TypeError,
+        r"prepare_hotswap: `model` must be a keras.Model",
+    ),
+    C(
+        "prepare_hotswap",
+        "max_rank=0",
+        lambda e: kl.prepare_hotswap(e.lora, 0),
+        ValueError,
+        r"`max_rank` must be a positive integer",
+        "lora",
+    ),
+    C(
+        "prepare_hotswap",
+        "max_rank below a rank",
+        lambda e: kl.prepare_hotswap(e.lora, 2),
+        ValueError,
+        r"`max_rank` must be at least the rank of every adapter",
+        "lora",
+    ),
+    C(
+        "prepare_hotswap",
+        "no LoRA layers",
+        lambda e: kl.prepare_hotswap(e.base, 8),
+        ValueError,
+        r"has no LoRA layers",
+        "base",
+    ),
+    # --- hotswap_adapter ----------------------------------------------------
+    C(
+        "hotswap_adapter",
+        "missing file",
+        lambda e: kl.hotswap_adapter(e.hot, e.tmp / "missing.safetensors"),
+        FileNotFoundError,
+        r"No adapter file or PEFT directory",
+        "hot",
+    ),
+    C(
+        "hotswap_adapter",
+        "not prepared",
+        lambda e: kl.hotswap_adapter(e.lora, e.rank8_file),
+        ValueError,
+        r"is not prepared for hot-swapping",
+        "lora rank8_file",
+    ),
+    C(
+        "hotswap_adapter",
+        "rank above capacity",
+        lambda e: kl.hotswap_adapter(e.hot, e.rank8_file),
+        ValueError,
+        r"rank 8",
+        "hot rank8_file",
     ),
     # --- lora_layout_map ----------------------------------------------------
     C(
