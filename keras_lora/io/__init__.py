@@ -25,13 +25,11 @@ it cannot hold, and `save(model, records, path, name_map) -> Path`.
 
 import os
 
-import keras
-
 from keras_lora.io import keras_lora_format, kerashub_format, peft_format
 from keras_lora.io.install import install
 from keras_lora.io.names import check_name_map, follow_renamed_root
 from keras_lora.io.records import collect
-from keras_lora.model.walk import iter_layers
+from keras_lora.model.walk import check_is_model, iter_layers
 
 WRITERS = {fmt.NAME: fmt for fmt in (keras_lora_format, peft_format)}
 # Tried in order; the keras_lora reader claims whatever the others do not.
@@ -83,7 +81,7 @@ def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
         raise ValueError(
             f"`format` must be one of {FORMATS}. Received: format={format!r}"
         )
-    _check_model(model, "save_adapter")
+    check_is_model(model, "save_adapter")
     check_name_map(name_map)
     records = collect(model, f"save_adapter(format={format!r})", adapter)
     writer.check(model, records, path, name_map)
@@ -141,7 +139,7 @@ def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
             cannot represent.
     """
     _check_path(path)
-    _check_model(model, "load_adapter")
+    check_is_model(model, "load_adapter")
     check_name_map(name_map)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No adapter file or PEFT directory at '{path}'.")
@@ -161,14 +159,6 @@ def _check_path(path):
         raise TypeError(
             f"`path` must be a str or os.PathLike. Received: {path!r} "
             f"of type {type(path).__name__}"
-        )
-
-
-def _check_model(model, function):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"{function}: `model` must be a keras.Model. Received: {model!r} "
-            f"of type {type(model).__name__}"
         )
 
 

@@ -17,13 +17,13 @@ import keras
 import numpy as np
 
 from keras_lora.config import DEFAULT_NAME, validate_adapter_name
-from keras_lora.io import READERS, _check_model, _check_path
+from keras_lora.io import READERS, _check_path
 from keras_lora.io.install import _check_layer
 from keras_lora.io.names import check_name_map, follow_renamed_root
 from keras_lora.io.report import user_stacklevel
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.variants import scale_for
-from keras_lora.model.walk import iter_layers
+from keras_lora.model.walk import check_is_model, iter_layers
 
 
 def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
@@ -63,7 +63,7 @@ def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
             was changed.
     """
     _check_path(path)
-    _check_model(model, "hotswap_adapter")
+    check_is_model(model, "hotswap_adapter")
     adapter_name = validate_adapter_name(adapter_name)
     check_name_map(name_map)
     if not os.path.exists(path):

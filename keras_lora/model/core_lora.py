@@ -14,7 +14,7 @@ from keras_lora.config import validate_flag
 from keras_lora.layers import LoRAEinsumDense, lora_class_for
 from keras_lora.model import same_class
 from keras_lora.model.in_place import apply_in_place
-from keras_lora.model.walk import graph_model, iter_layers
+from keras_lora.model.walk import check_is_model, graph_model, iter_layers
 
 
 def from_core_lora(model, in_place=False):
@@ -43,11 +43,7 @@ def from_core_lora(model, in_place=False):
         ValueError: `model` has no core-LoRA layer, or a copy was asked of a
             model that cannot be copied with its class; `model` unchanged.
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "from_core_lora: `model` must be a keras.Model. Received: "
-            f"{model!r} of type {type(model).__name__}"
-        )
+    check_is_model(model, "from_core_lora")
     in_place = validate_flag(in_place, "in_place")
     targets = [
         (path, layer)

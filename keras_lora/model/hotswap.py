@@ -9,11 +9,10 @@ zeros to one rank (its capacity) and its scale becomes a variable, so that
 `keras_lora.hotswap_adapter` only assigns variables.
 """
 
-import keras
-
 from keras_lora.config import validate_rank
 from keras_lora.model.named_adapters import _reset_compiled
 from keras_lora.model.surgery import lora_layers
+from keras_lora.model.walk import check_is_model
 
 
 def prepare_hotswap(model, max_rank):
@@ -58,11 +57,7 @@ def prepare_hotswap(model, max_rank):
     >>> lora_model.compile(...)
     >>> kl.hotswap_adapter(lora_model, "tenant_a.safetensors")
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "prepare_hotswap: `model` must be a keras.Model. "
-            f"Received: {model!r} of type {type(model).__name__}"
-        )
+    check_is_model(model, "prepare_hotswap")
     max_rank = validate_rank(max_rank, "max_rank")
     layers = lora_layers(model)
     if not layers:

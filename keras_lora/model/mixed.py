@@ -14,7 +14,7 @@ from keras.src.models.functional import Functional
 
 from keras_lora.layers import LoRALayer
 from keras_lora.layers import mixed as routing_lib
-from keras_lora.model.walk import iter_layers
+from keras_lora.model.walk import check_is_model, iter_layers
 
 INDEX_NAME = "adapter_index"
 
@@ -265,11 +265,7 @@ def mixed_adapter_model(model, names, strategy="auto"):
             layer or a PiSSA/OLoRA adapter among `names`.
         TypeError: a LoRA layer type without per-row routing holds a name.
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"mixed_adapter_model: `model` must be a keras.Model. Received: "
-            f"{model!r} of type {type(model).__name__}"
-        )
+    check_is_model(model, "mixed_adapter_model")
     _check_names(model, names, strategy)
     inputs, index, served_inputs = _served_inputs(model)
     layer = MixedAdapters(model, names, strategy, name="mixed_adapters")

@@ -28,15 +28,11 @@ from keras_lora.config import validate_adapter_name
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.host_merge import all_finite
 from keras_lora.model.targets import match_layers
-from keras_lora.model.walk import iter_layers
+from keras_lora.model.walk import check_is_model, iter_layers
 
 
 def _lora_layers(model, function):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"{function}: `model` must be a keras.Model. Received: {model!r} "
-            f"of type {type(model).__name__}"
-        )
+    check_is_model(model, function)
     layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
     if not layers:
         raise ValueError(

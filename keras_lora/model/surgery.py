@@ -34,7 +34,7 @@ from keras_lora.model.in_place import (
     trainable_state,
 )
 from keras_lora.model.targets import match_layers
-from keras_lora.model.walk import children, graph_model, iter_layers
+from keras_lora.model.walk import check_is_model, children, graph_model, iter_layers
 
 
 def apply_lora(
@@ -286,11 +286,7 @@ def _copy_loses_class(model):
 
 
 def _check_model(model, function):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"{function}: `model` must be a keras.Model. Received: {model!r} "
-            f"of type {type(model).__name__}"
-        )
+    check_is_model(model, function)
     if graph_model(model):
         built = model.built and getattr(model, "inputs", None)
     else:

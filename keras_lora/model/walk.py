@@ -17,6 +17,15 @@ import keras
 from keras_lora.layers.base import LoRALayer
 
 
+def check_is_model(model, function):
+    """Raises `TypeError` naming `function` unless `model` is a `keras.Model`."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{function}: `model` must be a keras.Model. Received: {model!r} "
+            f"of type {type(model).__name__}"
+        )
+
+
 def graph_model(layer):
     """Whether `layer` is a model whose config lists its layers."""
     return isinstance(layer, (keras.Sequential, keras.src.models.Functional))
