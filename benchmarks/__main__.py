@@ -13,19 +13,9 @@ import os
 import subprocess
 import sys
 
+from benchmarks.config import SECTIONS
+
 BACKENDS = ("tensorflow", "jax", "torch")
-SECTIONS = (
-    "training",
-    "transformer",
-    "block",
-    "inference",
-    "eager",
-    "memory",
-    "merge",
-    "hotswap",
-    "serving",
-    "qlora",
-)
 
 
 def parse_args(argv=None):

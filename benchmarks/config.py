@@ -6,6 +6,20 @@ models with few repeats; its timings are not meaningful.
 
 import copy
 
+# The sections, in the order they run.
+SECTIONS = (
+    "training",
+    "transformer",
+    "block",
+    "inference",
+    "eager",
+    "memory",
+    "merge",
+    "hotswap",
+    "serving",
+    "qlora",
+)
+
 FULL = {
     "mlp": {
         "input_dim": 1024,

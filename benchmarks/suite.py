@@ -6,19 +6,7 @@ import keras
 
 from benchmarks import config as configs
 from benchmarks import machine
-
-SECTIONS = (
-    "training",
-    "transformer",
-    "block",
-    "inference",
-    "eager",
-    "memory",
-    "merge",
-    "hotswap",
-    "serving",
-    "qlora",
-)
+from benchmarks.config import SECTIONS
 
 
 def run(quick, sections=SECTIONS, log=print):
