@@ -20,6 +20,28 @@ SECTIONS = (
     "qlora",
 )
 
+# The transformer row: a GPT2-style KerasHub causal LM (models.causal_lm),
+# used by the transformer, serving and qlora sections.
+CAUSAL_LM = {
+    "num_layers": 4,
+    "hidden_dim": 256,
+    "num_heads": 4,
+    "intermediate_dim": 1024,
+    "vocabulary_size": 4096,
+    "sequence_length": 128,
+    "batch": 8,
+}
+CAUSAL_LM_QUICK = dict(
+    CAUSAL_LM,
+    num_layers=1,
+    hidden_dim=64,
+    num_heads=2,
+    intermediate_dim=128,
+    vocabulary_size=256,
+    sequence_length=16,
+    batch=2,
+)
+
 FULL = {
     "mlp": {
         "input_dim": 1024,
@@ -100,30 +122,14 @@ FULL = {
             "classes": 10,
             "batch": 256,
         },
-        "transformer": {
-            "num_layers": 4,
-            "hidden_dim": 256,
-            "num_heads": 4,
-            "intermediate_dim": 1024,
-            "vocabulary_size": 4096,
-            "sequence_length": 128,
-            "batch": 16,
-        },
+        "transformer": dict(CAUSAL_LM, batch=16),
         "warmup": 3,
         "repeats": 10,
         "steps": 3,
     },
     # The transformer row (models.CAUSAL_LM) over float32, int8, int4 bases.
     "qlora": {
-        "model": {
-            "num_layers": 4,
-            "hidden_dim": 256,
-            "num_heads": 4,
-            "intermediate_dim": 1024,
-            "vocabulary_size": 4096,
-            "sequence_length": 128,
-            "batch": 8,
-        },
+        "model": dict(CAUSAL_LM),
         "targets": ["query", "value"],
         "rank": 8,
         "memory_steps": 3,
@@ -133,15 +139,7 @@ FULL = {
     },
     # The transformer row: models.CAUSAL_LM, adapters on query and value.
     "transformer": {
-        "model": {
-            "num_layers": 4,
-            "hidden_dim": 256,
-            "num_heads": 4,
-            "intermediate_dim": 1024,
-            "vocabulary_size": 4096,
-            "sequence_length": 128,
-            "batch": 8,
-        },
+        "model": dict(CAUSAL_LM),
         "rank": 8,
         "warmup": 2,
         "repeats": 8,
@@ -190,30 +188,14 @@ QUICK = {
         FULL["serving"],
         adapters=[2, 4],
         mlp=dict(FULL["serving"]["mlp"], input_dim=64, width=64, batch=16),
-        transformer={
-            "num_layers": 1,
-            "hidden_dim": 32,
-            "num_heads": 2,
-            "intermediate_dim": 64,
-            "vocabulary_size": 128,
-            "sequence_length": 16,
-            "batch": 4,
-        },
+        transformer=dict(CAUSAL_LM_QUICK, batch=4),
         warmup=1,
         repeats=2,
         steps=2,
     ),
     "qlora": dict(
         FULL["qlora"],
-        model=dict(
-            FULL["qlora"]["model"],
-            num_layers=1,
-            hidden_dim=64,
-            intermediate_dim=128,
-            vocabulary_size=512,
-            sequence_length=16,
-            batch=2,
-        ),
+        model=dict(CAUSAL_LM_QUICK),
         memory_steps=2,
         warmup=1,
         repeats=2,
@@ -221,16 +203,7 @@ QUICK = {
     ),
     "transformer": dict(
         FULL["transformer"],
-        model=dict(
-            FULL["transformer"]["model"],
-            num_layers=1,
-            hidden_dim=32,
-            num_heads=2,
-            intermediate_dim=64,
-            vocabulary_size=256,
-            sequence_length=16,
-            batch=2,
-        ),
+        model=dict(CAUSAL_LM_QUICK),
         warmup=1,
         repeats=2,
         steps=2,

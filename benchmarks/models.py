@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from benchmarks.config import CAUSAL_LM  # noqa: F401 (the transformer row)
+
 
 def mlp(input_dim, width, depth, classes, name="mlp"):
     """`depth` x `Dense(width, relu)` plus a `Dense(classes)` head."""
@@ -72,18 +74,6 @@ def weight_bytes(weights):
             size * np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
         )
     return total
-
-
-# The transformer row: a GPT2-style KerasHub causal LM built from config.
-CAUSAL_LM = {
-    "num_layers": 4,
-    "hidden_dim": 256,
-    "num_heads": 4,
-    "intermediate_dim": 1024,
-    "vocabulary_size": 4096,
-    "sequence_length": 128,
-    "batch": 8,
-}
 
 
 def causal_lm(
