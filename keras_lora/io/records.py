@@ -25,6 +25,7 @@ from keras_lora.config import (
 )
 from keras_lora.io.report import user_stacklevel
 from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.model.surgery import require_built
 from keras_lora.model.walk import iter_layers
 
 
@@ -195,18 +196,12 @@ def collect(model, function, adapter=None):
             unbuilt ones, or several active adapters on one layer.
     """
     layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
-    if not layers:
-        raise ValueError(
-            f"{function}: model '{model.name}' has no LoRA layers, so there is "
-            "no adapter to save. Use `apply_lora` first."
-        )
-    unbuilt = [path for path, layer in layers if not layer.built]
-    if unbuilt:
-        raise ValueError(
-            f"{function}: LoRA layers {unbuilt} of model '{model.name}' are "
-            "not built, so they have no adapter weights yet. Build the model "
-            "(call it on data or a `keras.Input`) first."
-        )
+    require_built(
+        layers,
+        model,
+        function,
+        ", so there is no adapter to save. Use `apply_lora` first.",
+    )
     _warn_unsaved_trainables(model, layers)
     if adapter is not None:
         layers = [(p, lay) for p, lay in layers if adapter in lay.adapter_names]

@@ -11,7 +11,7 @@ zeros to one rank (its capacity) and its scale becomes a variable, so that
 
 from keras_lora.config import validate_rank
 from keras_lora.model.named_adapters import _reset_compiled
-from keras_lora.model.surgery import lora_layers
+from keras_lora.model.surgery import lora_layers, require_built
 from keras_lora.model.walk import check_is_model
 
 
@@ -59,18 +59,12 @@ def prepare_hotswap(model, max_rank):
     """
     check_is_model(model, "prepare_hotswap")
     max_rank = validate_rank(max_rank, "max_rank")
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(
-            f"prepare_hotswap: model '{model.name}' has no LoRA layers. Use "
-            "`apply_lora` (or `load_adapter`) first."
-        )
-    unbuilt = [path for path, layer in layers if not layer.built]
-    if unbuilt:
-        raise ValueError(
-            f"prepare_hotswap: LoRA layers {unbuilt} of model '{model.name}' "
-            "are not built. Build the model (call it on data) first."
-        )
+    layers = require_built(
+        lora_layers(model),
+        model,
+        "prepare_hotswap",
+        ". Use `apply_lora` (or `load_adapter`) first.",
+    )
     above = [
         f"'{path}' adapter {adapter.name!r} rank {adapter.rank}"
         for path, layer in layers

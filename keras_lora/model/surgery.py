@@ -277,6 +277,22 @@ def lora_layers(model):
     ]
 
 
+def require_built(layers, model, function, hint):
+    """Returns `layers` (`model`'s `(path, LoRA layer)` pairs), refusing
+    (`ValueError`, messages prefixed with `function`) none, `hint` ending
+    that message, or unbuilt ones."""
+    if not layers:
+        raise ValueError(f"{function}: model '{model.name}' has no LoRA layers{hint}")
+    unbuilt = [path for path, layer in layers if not layer.built]
+    if unbuilt:
+        raise ValueError(
+            f"{function}: LoRA layers {unbuilt} of model '{model.name}' are "
+            "not built, so they have no adapter weights yet. Build the model "
+            "(call it on data or a `keras.Input`) first."
+        )
+    return layers
+
+
 def _copy_loses_class(model):
     """Whether copying `model` (with `clone_model`) would lose its class."""
     return graph_model(model) and type(model) not in (
