@@ -1162,6 +1162,28 @@ CASES = [
         r"`model` must be a keras.Model",
     ),
     C(
+        "enable_adapters",
+        "no LoRA layers",
+        lambda e: kl.enable_adapters(e.base),
+        ValueError,
+        r"enable_adapters: model 'mlp' has no LoRA layers",
+        "base",
+    ),
+    C(
+        "enable_adapters",
+        "model=str",
+        lambda e: kl.enable_adapters("m"),
+        TypeError,
+        r"enable_adapters: `model` must be a keras.Model",
+    ),
+    C(
+        "enable_adapters",
+        "model=None",
+        lambda e: kl.enable_adapters(None),
+        TypeError,
+        r"enable_adapters: `model` must be a keras.Model.*None",
+    ),
+    C(
         "delete_adapter",
         "unknown name",
         lambda e: kl.delete_adapter(e.lora, "nope"),

@@ -43,9 +43,15 @@ def _lora_layers(model, function):
 
 
 def _reset_compiled(model):
-    """Drops the model's traced predict/test/train functions: they baked in
-    the previous choice of adapters."""
-    for attr in ("predict_function", "test_function", "train_function"):
+    """Drops the model's traced predict/test/train functions, and a
+    KerasHub task's compiled `generate` loop: they baked in the previous
+    choice of adapters."""
+    for attr in (
+        "predict_function",
+        "test_function",
+        "train_function",
+        "generate_function",
+    ):
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
 
@@ -152,25 +158,72 @@ def set_adapter(model, names):
     return model
 
 
-@contextlib.contextmanager
 def disable_adapters(model):
-    """Context manager: inside it, `model` computes exactly its base model.
+    """Disables every adapter of `model` at once; also a context manager.
 
-    Every LoRA layer calls its base layer's own `call`, so outputs are
-    bitwise those of the model `apply_lora` was given (PiSSA/OLoRA residuals
-    and in-place merges are bypassed too).
+    While disabled, every LoRA layer calls its base layer's own `call`, so
+    outputs are bitwise those of the model `apply_lora` was given
+    (PiSSA/OLoRA residuals and in-place merges are bypassed too).
+
+    Called on its own, it disables the adapters until
+    `enable_adapters(model)`. Used as `with disable_adapters(model): ...`,
+    it also puts back, on leaving the block (by an exception too), each
+    layer's disabled flag as it was before the call.
+
+    Args:
+        model: a model with LoRA layers.
+
+    Returns:
+        A context manager whose `__enter__` returns `model`.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`.
+        ValueError: `model` has no LoRA layers.
     """
     layers = _lora_layers(model, "disable_adapters")
     previous = [(layer, layer.adapters_disabled) for _, layer in layers]
     for layer, _ in previous:
         layer.adapters_disabled = True
     _reset_compiled(model)
-    try:
-        yield model
-    finally:
-        for layer, flag in previous:
+    return _Disabled(model, previous)
+
+
+def enable_adapters(model):
+    """Undoes `disable_adapters(model)`: every LoRA layer applies its active
+    adapters again. A model whose adapters are not disabled is unchanged.
+
+    Args:
+        model: a model with LoRA layers.
+
+    Returns:
+        `model`.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`.
+        ValueError: `model` has no LoRA layers.
+    """
+    for _, layer in _lora_layers(model, "enable_adapters"):
+        layer.adapters_disabled = False
+    _reset_compiled(model)
+    return model
+
+
+class _Disabled:
+    """What `disable_adapters` returns: leaving it as a context manager puts
+    back each layer's disabled flag from before the call."""
+
+    def __init__(self, model, previous):
+        self.model = model
+        self.previous = previous
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc_info):
+        for layer, flag in self.previous:
             layer.adapters_disabled = flag
-        _reset_compiled(model)
+        _reset_compiled(self.model)
+        return False
 
 
 def delete_adapter(model, name):

@@ -219,3 +219,73 @@ def test_named_adapters_inside_multi_head_attention_round_trip(tmp_path):
         "b": ["mha/query", "mha/value"],
     }
     assert kl.active_adapters(loaded) == ["default", "b"]
+
+
+def test_disable_adapters_called_alone_disables_until_enable_adapters():
+    base, lora = two_adapter_model()
+    want_base = to_numpy(base(X))
+    want_lora = to_numpy(lora(X))
+    lora.predict(X, verbose=0)  # a compiled predict exists before the switch
+    returned = kl.disable_adapters(lora)  # no `with`: disabled at once
+    assert all(layer.adapters_disabled for _, layer in lora_layers(lora))
+    np.testing.assert_array_equal(to_numpy(lora(X)), want_base)
+    np.testing.assert_array_equal(lora.predict(X, verbose=0), base.predict(X, verbose=0))
+    assert returned is not None
+    assert kl.enable_adapters(lora) is lora
+    assert not any(layer.adapters_disabled for _, layer in lora_layers(lora))
+    np.testing.assert_allclose(to_numpy(lora(X)), want_lora, atol=1e-6)
+    np.testing.assert_allclose(lora.predict(X, verbose=0), want_lora, atol=1e-5)
+    kl.enable_adapters(lora)  # nothing disabled: unchanged
+    np.testing.assert_allclose(to_numpy(lora(X)), want_lora, atol=1e-6)
+
+
+def test_disable_adapters_block_restores_each_layers_flag_even_on_error():
+    base, lora = two_adapter_model()
+    d1, d2 = (layer for _, layer in lora_layers(lora))
+    d2.adapters_disabled = True  # a mixed state before the block
+    with kl.disable_adapters(lora) as inside:
+        assert inside is lora
+        assert d1.adapters_disabled and d2.adapters_disabled
+        np.testing.assert_array_equal(to_numpy(lora(X)), to_numpy(base(X)))
+    assert (d1.adapters_disabled, d2.adapters_disabled) == (False, True)
+    with pytest.raises(RuntimeError, match="inside"):
+        with kl.disable_adapters(lora):
+            raise RuntimeError("inside")
+    assert (d1.adapters_disabled, d2.adapters_disabled) == (False, True)
+    # A block after a bare call restores "disabled"; enable_adapters ends it.
+    kl.disable_adapters(lora)
+    with kl.disable_adapters(lora):
+        pass
+    assert d1.adapters_disabled and d2.adapters_disabled
+    kl.enable_adapters(lora)
+    assert not d1.adapters_disabled and not d2.adapters_disabled
+
+
+def test_a_kerashub_generate_follows_disable_and_set_adapter():
+    """A KerasHub task caches its compiled `generate` loop; switching
+    adapters must drop it, or `generate` keeps the old adapters silently."""
+    from conftest import randomize_adapters
+    from tiny_kerashub import gpt2_causal_lm
+
+    base = gpt2_causal_lm(seed=0)
+    base.compile(sampler="greedy")
+    lm = gpt2_causal_lm(seed=0)
+    kl.apply_lora(lm, targets=["query", "value"], rank=4, in_place=True)
+    kl.add_adapter(lm, "other", rank=4)
+    randomize_adapters(lm, scale=2.0)
+    lm.compile(sampler="greedy")
+    prompt = ["the", "a hat"]
+    want_base = base.generate(prompt, max_length=8)
+    with_default = lm.generate(prompt, max_length=8)  # compiles the loop
+    assert with_default != want_base  # the adapters change the greedy text
+    kl.disable_adapters(lm)
+    assert lm.generate(prompt, max_length=8) == want_base
+    kl.enable_adapters(lm)
+    assert lm.generate(prompt, max_length=8) == with_default
+    with kl.disable_adapters(lm):
+        assert lm.generate(prompt, max_length=8) == want_base
+    kl.set_adapter(lm, "other")
+    with_other = lm.generate(prompt, max_length=8)
+    kl.set_adapter(lm, "default")
+    assert lm.generate(prompt, max_length=8) == with_default
+    assert with_other == want_base  # "other" still has B = 0
