@@ -27,8 +27,7 @@ from keras_lora.model.named_adapters import (
 )
 from keras_lora.model.surgery import apply_lora, merge_lora
 from keras_lora.summary import TrainableSummary, trainable_summary
-
-__version__ = "0.1.0"
+from keras_lora.version import __version__ as __version__
 
 __all__ = [
     "active_adapters",

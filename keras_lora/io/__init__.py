@@ -1,7 +1,7 @@
 """Adapter files: save a model's LoRA weights alone, and load them back.
 
-Formats, chosen by lookup in `WRITERS` (by name) and `READERS` (the first
-that claims the path):
+Formats, chosen by lookup in `formats.WRITERS` (by name) and
+`formats.READERS` (the first that claims the path):
 
 - `"keras_lora"`: one `.safetensors` file keyed by stable layer path, with
   JSON metadata in its header (see `keras_lora_format`).
@@ -13,28 +13,22 @@ that claims the path):
 The flow is the same for all: saving collects one `LayerRecord` per LoRA
 layer in one walk of the model (`records.collect`), the format checks them,
 then writes atomically. Loading reads the file into validated records (no
-pickle), and `install.install` checks them against the model before it
-assigns anything.
-
-A format is a module with `NAME` and `DESCRIPTION` and, to be read,
-`claims(path) -> bool` and `read(path, name_map, model, layers, strict)`
-returning `LayerRecord`s (`layers`: the model's `(path, layer)` pairs); to
-be written, `check(model, records, path, name_map)`, which raises on what
-it cannot hold, and `save(model, records, path, name_map) -> Path`.
+pickle, `formats.read_records`), and `install.install` checks them against
+the model before it assigns anything. What a format module provides is
+described in `keras_lora.io.formats`.
 """
 
-import os
-
-from keras_lora.io import keras_lora_format, kerashub_format, peft_format
+from keras_lora.io.formats import (
+    FORMATS,
+    WRITERS,
+    check_path,
+    find_reader,
+    read_records,
+)
 from keras_lora.io.install import install
-from keras_lora.io.names import check_name_map, follow_renamed_root
+from keras_lora.io.names import check_name_map
 from keras_lora.io.records import collect
 from keras_lora.model.walk import check_is_model, iter_layers
-
-WRITERS = {fmt.NAME: fmt for fmt in (keras_lora_format, peft_format)}
-# Tried in order; the keras_lora reader claims whatever the others do not.
-READERS = (peft_format, kerashub_format, keras_lora_format)
-FORMATS = tuple(WRITERS)
 
 
 def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
@@ -75,7 +69,7 @@ def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
     >>> kl.save_adapter(lora_model, "task_peft", format="peft",
     ...                 name_map={"dense": "0", "dense_1": "2"})
     """
-    _check_path(path)
+    check_path(path)
     writer = WRITERS.get(format) if isinstance(format, str) else None
     if writer is None:
         raise ValueError(
@@ -138,28 +132,15 @@ def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
             unmatched keys under `strict`, or PEFT features keras_lora
             cannot represent.
     """
-    _check_path(path)
+    check_path(path)
     check_is_model(model, "load_adapter")
     check_name_map(name_map)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No adapter file or PEFT directory at '{path}'.")
-    reader = next(fmt for fmt in READERS if fmt.claims(path))
+    reader = find_reader(path)
     layers = list(iter_layers(model))
-    records = reader.read(path, name_map, model, layers, strict)
-    if name_map is None:
-        records = follow_renamed_root(records, layers)
-    source = f"{reader.DESCRIPTION} '{path}'"
+    records, source = read_records(reader, path, name_map, model, layers, strict)
     return install(
         model, records, layers, strict=strict, source=source, adapter_name=adapter_name
     )
-
-
-def _check_path(path):
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(
-            f"`path` must be a str or os.PathLike. Received: {path!r} "
-            f"of type {type(path).__name__}"
-        )
 
 
 __all__ = ["FORMATS", "load_adapter", "save_adapter"]

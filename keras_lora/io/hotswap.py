@@ -1,29 +1,28 @@
 """`hotswap_adapter`: write an adapter file into a prepared model's variables.
 
-The file is read by the same readers as `load_adapter` (keras_lora files,
-PEFT directories, KerasHub-mapped PEFT directories) into validated
-`LayerRecord`s. Everything is checked against the prepared adapters (the
-target set, layer types and factoring, variant, rank against capacity,
-shapes) before anything is assigned. Then the factors, zero-padded to the
-capacity, DoRA's magnitude and the scale are assigned to the existing
-variables: no variable is created, no shape or Python value in a compiled
-function changes, so nothing is traced again.
+The file is read by the same reader as `load_adapter`
+(`keras_lora.io.formats.read_records`: keras_lora files, PEFT directories,
+KerasHub-mapped PEFT directories) into validated `LayerRecord`s.
+Everything is checked against the prepared adapters (the target set,
+layer types and factoring, variant, rank against capacity, shapes) before
+anything is assigned. Then the factors, zero-padded to the capacity, DoRA's
+magnitude and the scale are assigned to the existing variables: no variable
+is created, no shape or Python value in a compiled function changes, so
+nothing is traced again.
 """
 
-import os
 import warnings
 
 import keras
 import numpy as np
 
 from keras_lora.config import DEFAULT_NAME, validate_adapter_name
-from keras_lora.io import READERS, _check_path
-from keras_lora.io.install import _check_layer
-from keras_lora.io.names import check_name_map, follow_renamed_root
-from keras_lora.io.report import user_stacklevel
-from keras_lora.layers import LoRALayer
+from keras_lora.io.formats import check_path, find_reader, read_records
+from keras_lora.io.install import check_layer
+from keras_lora.io.names import check_name_map
+from keras_lora.layers.checks import caller_stacklevel
 from keras_lora.layers.variants import scale_for
-from keras_lora.model.walk import check_is_model, iter_layers
+from keras_lora.model.walk import check_is_model, iter_layers, require_lora_layers
 
 
 def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
@@ -62,19 +61,14 @@ def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
             set of layers, layer type, factoring, variant or shape); nothing
             was changed.
     """
-    _check_path(path)
+    check_path(path)
     check_is_model(model, "hotswap_adapter")
     adapter_name = validate_adapter_name(adapter_name)
     check_name_map(name_map)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No adapter file or PEFT directory at '{path}'.")
+    reader = find_reader(path)
     layers = list(iter_layers(model))
     targets = _prepared_adapters(model, layers, adapter_name)
-    reader = next(fmt for fmt in READERS if fmt.claims(path))
-    records = reader.read(path, name_map, model, layers, strict=True)
-    if name_map is None:
-        records = follow_renamed_root(records, layers)
-    source = f"{reader.DESCRIPTION} '{path}'"
+    records, source = read_records(reader, path, name_map, model, layers, True)
     plan, scales = _plan(model, dict(layers), targets, records, source, adapter_name)
     assign_all(plan)
     for adapter, scale, use_rslora in scales:
@@ -103,12 +97,12 @@ def assign_all(plan):
 
 def _prepared_adapters(model, layers, name):
     """`{path: Adapter}` of adapter `name`; raises unless all are prepared."""
-    lora = [(p, layer) for p, layer in layers if isinstance(layer, LoRALayer)]
-    if not lora:
-        raise ValueError(
-            f"hotswap_adapter: model '{model.name}' has no LoRA layers. Apply "
-            "LoRA, then call `kl.prepare_hotswap(model, max_rank)`."
-        )
+    lora = require_lora_layers(
+        model,
+        "hotswap_adapter",
+        ". Apply LoRA, then call `kl.prepare_hotswap(model, max_rank)`.",
+        layers=layers,
+    )
     targets = {
         p: layer.get_adapter(name) for p, layer in lora if name in layer.adapter_names
     }
@@ -152,7 +146,7 @@ def _plan(model, by_path, targets, records, source, name):
     problems, plan, scales, dropouts = [], [], [], []
     for record in records:
         adapter = targets[record.path]
-        _check_layer(by_path[record.path], record, model, source)
+        check_layer(by_path[record.path], record, model, source)
         where = f"layer '{record.path}'"
         if record.init in ("pissa", "olora") or adapter.changes_base:
             init = record.init if record.init in ("pissa", "olora") else adapter.init
@@ -198,7 +192,7 @@ def _plan(model, by_path, targets, records, source, name):
         warnings.warn(
             "hotswap_adapter keeps the model's dropout (fixed when the train "
             "step was traced); the file records another:\n  " + "\n  ".join(dropouts),
-            stacklevel=user_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
     return plan, scales
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from keras_lora.io.records import make_record
 from keras_lora.io.report import report
+from keras_lora.layers.variants import scale_for
 
 
 @dataclasses.dataclass
@@ -43,11 +44,6 @@ class PeftModule:
     @property
     def rank(self):
         return int(self.a.shape[0])
-
-
-def scale(alpha, rank, use_rslora):
-    """LoRA's scale: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA)."""
-    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 def to_peft(correspondence, records, function="save_adapter(format='peft')"):
@@ -139,7 +135,7 @@ def _module(name, group):
     start = 0
     for (record, kernel_map), rank in zip(group, ranks, strict=True):
         block = slice(start, start + rank)
-        factor = scale(record.alpha, rank, record.use_rslora) if fold else 1.0
+        factor = scale_for(rank, record.alpha, record.use_rslora) if fold else 1.0
         a[block][:, kernel_map.in_index] = record.a.reshape(-1, rank).T
         b[kernel_map.out_index, block] = record.b.reshape(rank, -1).T * factor
         start += rank

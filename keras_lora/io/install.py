@@ -14,10 +14,16 @@ import numpy as np
 
 from keras_lora.config import LEGACY_FACTORING
 from keras_lora.io.records import kernel_digest, layer_factoring
-from keras_lora.io.report import report, user_stacklevel
+from keras_lora.io.report import report
 from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.layers.checks import caller_stacklevel
 from keras_lora.model.surgery import apply_lora
-from keras_lora.model.walk import iter_layers
+from keras_lora.model.tracking import (
+    functional_subclass,
+    restore_trainable_state,
+    trainable_state,
+)
+from keras_lora.model.walk import iter_layers, lora_layers
 
 
 def install(model, records, layers, strict=True, source="adapter", adapter_name=None):
@@ -46,7 +52,7 @@ def install(model, records, layers, strict=True, source="adapter", adapter_name=
         ValueError: on anything that does not fit; nothing was changed.
     """
     by_path = dict(layers)
-    lora = [p for p, layer in layers if isinstance(layer, LoRALayer)]
+    lora = [p for p, _ in lora_layers(model, layers)]
     paths = [r.path for r in records]
     twice = sorted({p for p in paths if paths.count(p) > 1})
     if twice:
@@ -75,7 +81,7 @@ def install(model, records, layers, strict=True, source="adapter", adapter_name=
             "nothing was loaded."
         )
     for record in known:
-        _check_layer(by_path[record.path], record, model, source)
+        check_layer(by_path[record.path], record, model, source)
     if not lora:
         for record in known:
             _check_base_kernel(by_path[record.path], record, source)
@@ -97,7 +103,7 @@ def install(model, records, layers, strict=True, source="adapter", adapter_name=
     return model
 
 
-def _check_layer(layer, record, model, source):
+def check_layer(layer, record, model, source):
     """Raises unless `record` can go into `layer` (a LoRA layer or its base)."""
     base = layer.layer if isinstance(layer, LoRALayer) else layer
     if lora_class_for(base) is None:
@@ -234,7 +240,7 @@ def _assign(plan, by_path, records, source, warn_scale=True):
         warnings.warn(
             f"{source} records another scale than these LoRA layers had; "
             "they now use the recorded one:\n  " + "\n  ".join(changed),
-            stacklevel=user_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
     for variable, array in plan:
         variable.assign(array)
@@ -277,7 +283,7 @@ def _into_named_adapter(model, by_path, records, source, name):
 
 def _apply_then_assign(model, by_path, records, source, adapter_name):
     kwargs = _common_options(by_path, records, source)
-    if _functional_subclass(model):
+    if functional_subclass(model):
         options = "".join(
             f", {k}={v!r}"
             for k, v in kwargs.items()
@@ -293,7 +299,7 @@ def _apply_then_assign(model, by_path, records, source, adapter_name):
             "in_place=True)`."
         )
     ids = {id(by_path[r.path]) for r in records}
-    flags = _trainable_state(model, by_path.values())
+    flags = trainable_state(model)
     try:
         lora_model = apply_lora(
             model,
@@ -304,18 +310,10 @@ def _apply_then_assign(model, by_path, records, source, adapter_name):
         lora_layers = dict(iter_layers(lora_model))
         plan = _plan(lora_model, lora_layers, records, source)
     except Exception:
-        _restore_trainable_state(flags)
+        restore_trainable_state(flags)
         raise
     _assign(plan, lora_layers, records, source, warn_scale=False)
     return lora_model
-
-
-def _functional_subclass(model):
-    functional = keras.src.models.Functional
-    return isinstance(model, functional) and type(model) not in (
-        functional,
-        keras.Sequential,
-    )
 
 
 def _common_options(by_path, records, source):
@@ -352,22 +350,3 @@ def _common_options(by_path, records, source):
         # Every LoRA layer type takes `factoring`; only EinsumDense has two.
         (kwargs["factoring"],) = factorings
     return kwargs
-
-
-def _trainable_state(model, layers):
-    """The `trainable` flags of `model`, its `layers` and its variables."""
-    layers = [model, *layers]
-    return [(lay, lay.trainable) for lay in layers], [
-        (v, v.trainable) for v in model.weights
-    ]
-
-
-def _restore_trainable_state(state):
-    # Parents come before their sublayers, and variables last, so that a
-    # layer's setter, which sets its sublayers too, is overridden by theirs.
-    layer_flags, variable_flags = state
-    for layer, flag in layer_flags:
-        if layer.trainable != flag:
-            layer.trainable = flag
-    for variable, flag in variable_flags:
-        variable.trainable = flag

@@ -47,6 +47,7 @@ from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.records import make_record
 from keras_lora.io.report import report
 from keras_lora.io.safetensors_io import read_safetensors
+from keras_lora.version import __version__
 
 NAME = "keras_lora"
 DESCRIPTION = "adapter file"
@@ -71,8 +72,6 @@ def check(model, records, path, name_map):
 
 def save(model, records, path, name_map=None):
     """Writes `records` to the `.safetensors` file `path`, atomically."""
-    from keras_lora import __version__
-
     tensors, layers = {}, {}
     for record in records:
         tensors[f"{record.path}/lora_a"] = record.a

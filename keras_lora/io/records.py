@@ -23,10 +23,9 @@ from keras_lora.config import (
     validate_init,
     validate_rank,
 )
-from keras_lora.io.report import user_stacklevel
 from keras_lora.layers import LoRALayer, lora_class_for
-from keras_lora.model.surgery import require_built
-from keras_lora.model.walk import iter_layers
+from keras_lora.layers.checks import caller_stacklevel
+from keras_lora.model.walk import require_lora_layers
 
 
 @dataclasses.dataclass
@@ -195,12 +194,11 @@ def collect(model, function, adapter=None):
         ValueError: no LoRA layers (with `adapter`: none that has it),
             unbuilt ones, or several active adapters on one layer.
     """
-    layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
-    require_built(
-        layers,
+    layers = require_lora_layers(
         model,
         function,
         ", so there is no adapter to save. Use `apply_lora` first.",
+        built=True,
     )
     _warn_unsaved_trainables(model, layers)
     if adapter is not None:
@@ -230,7 +228,7 @@ def collect(model, function, adapter=None):
         warnings.warn(
             f"{function} saves each layer's active adapter only; left out:\n  "
             + "\n  ".join(skipped),
-            stacklevel=user_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
     return records
 
@@ -269,5 +267,5 @@ def _warn_unsaved_trainables(model, layers):
             "save_adapter saves LoRA weights only; these trainable weights "
             f"are not in the adapter: {extra}. Save them separately (or the "
             "whole model with `model.save`).",
-            stacklevel=user_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )

@@ -304,7 +304,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         return x
 
     @staticmethod
-    def _scaled(x, adapter, dtype=None):
+    def _scaled(x, adapter):
         """`scale·x` on a rank-sized tensor; nothing when the scale is 1. A
         Python float keeps `x`'s dtype and makes no tensor per call."""
         scale = adapter.scale

@@ -85,7 +85,7 @@ class LoRAConv(LoRALayer):
 
     def _update(self, inputs, adapter, dtype, training=None):
         update = self._conv(inputs, self._adapter(adapter.a, dtype), self._padding())
-        update = self._scaled(update, adapter, dtype)
+        update = self._scaled(update, adapter)
         b = self._adapter(adapter.b, dtype)
         if self.layer.data_format == "channels_last":
             return ops.matmul(update, b)

@@ -246,7 +246,7 @@ class LoRAEinsumDense(LoRALayer):
         (first, second), (first_matmul, second_matmul) = self._equations, self._matmuls
         a = self._adapter(adapter.a, dtype)
         update = matmul(inputs, a) if first_matmul else ops.einsum(first, inputs, a)
-        update = self._scaled(update, adapter, dtype)
+        update = self._scaled(update, adapter)
         b = self._adapter(adapter.b, dtype)
         if second_matmul:
             return matmul(update, b)

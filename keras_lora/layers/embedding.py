@@ -81,7 +81,7 @@ class LoRAEmbedding(LoRALayer):
     def _update(self, inputs, adapter, dtype, training=None):
         rows = ops.take(self._adapter(adapter.a, dtype), inputs, axis=0)
         rows = self._dropout(rows, adapter, training)
-        rows = self._scaled(rows, adapter, dtype)
+        rows = self._scaled(rows, adapter)
         return ops.matmul(rows, self._adapter(adapter.b, dtype))
 
     # ----- mixed batches (`layers.mixed`): A's rows, h·B, both per row -----

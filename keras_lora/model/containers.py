@@ -20,34 +20,17 @@ weights are read back: the `.keras` round trip keeps the adapters.
 import keras
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.model.tracking import (
+    attributes,
+    forget_torch_params,
+    own_variables,
+    set_attribute,
+    sublayer_attributes,
+)
 from keras_lora.model.walk import graph_model
 
 Layer = keras.layers.Layer
 Variable = keras.Variable
-
-
-def _attributes(owner):
-    """`owner`'s attributes. On the torch backend a layer is a
-    `torch.nn.Module`, which keeps its sublayers in `_modules`."""
-    attrs = dict(vars(owner))
-    attrs.update(attrs.get("_modules") or {})
-    return attrs
-
-
-def _set(owner, attr, value):
-    # Built layers lock their tracker; sublayer lists are fixed separately.
-    modules = vars(owner).get("_modules")
-    if modules is not None and attr in modules:
-        modules[attr] = value
-    else:
-        object.__setattr__(owner, attr, value)
-
-
-def _forget_torch_params(layer):
-    # torch: a built layer caches its parameters; let it recollect them.
-    modules = vars(layer).get("_modules")
-    if modules is not None:
-        modules.pop("_torch_params", None)
 
 
 def _replace_in_sublayers(owner, old, new):
@@ -83,7 +66,9 @@ def rebuild_container(old, child_fn, share_variables):
             # Every sublayer attribute already exists (made in __init__) and
             # there are no own weights: building would only make weights to
             # throw away. Its sublayers are swapped in below.
-            _set(new, "_build_shapes_dict", getattr(old, "_build_shapes_dict", None))
+            set_attribute(
+                new, "_build_shapes_dict", getattr(old, "_build_shapes_dict", None)
+            )
             new.built = True
         elif build_config:
             new.build_from_config(build_config)
@@ -111,12 +96,12 @@ def rebuild_container(old, child_fn, share_variables):
             return {k: swap(v)[0] for k, v in value.items()}, True
         return value, False
 
-    for attr, value in _attributes(old).items():
+    for attr, value in attributes(old).items():
         if attr.startswith("_tracker") or attr in ("_layers", "_modules"):
             continue
         replacement, changed = swap(value)
         if changed:
-            _set(new, attr, replacement)
+            set_attribute(new, attr, replacement)
     missing = [c.name for c in old._layers if id(c) not in placed]
     if missing:
         raise ValueError(
@@ -126,7 +111,7 @@ def rebuild_container(old, child_fn, share_variables):
         )
     new._layers[:] = [mapping[id(c)] for c in old._layers]
     _share_own_variables(old, new, share_variables)
-    _forget_torch_params(new)
+    forget_torch_params([new])
     return new
 
 
@@ -144,25 +129,21 @@ def _needs_build(old, new):
     """Whether `new` (fresh from config) must be built to match `old`."""
     if keras.src.utils.python_utils.is_default(new.build):
         return False  # nothing to build: Keras would only warn
-    if _own_variables(old):
+    if own_variables(old):
         return True
     ids = {id(child) for child in old._layers}
-    new_attrs = _attributes(new)
+    new_attrs = attributes(new)
     return any(
         attr not in new_attrs
-        for attr, value in _attributes(old).items()
+        for attr, value in attributes(old).items()
         if not attr.startswith(("_tracker", "_self_"))
         and attr not in ("_layers", "_modules")
         and _holds_sublayer(value, ids)
     )
 
 
-def _own_variables(layer):
-    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
-
-
 def _share_own_variables(old, new, share):
-    old_vars, new_vars = _own_variables(old), _own_variables(new)
+    old_vars, new_vars = own_variables(old), own_variables(new)
     if len(old_vars) != len(new_vars) or any(
         tuple(o.shape) != tuple(n.shape)
         for o, n in zip(old_vars, new_vars, strict=True)
@@ -176,9 +157,9 @@ def _share_own_variables(old, new, share):
             n.assign(o)
         return
     by_id = {id(n): o for o, n in zip(old_vars, new_vars, strict=True)}
-    for attr, value in _attributes(new).items():
+    for attr, value in attributes(new).items():
         if isinstance(value, Variable) and id(value) in by_id:
-            _set(new, attr, by_id[id(value)])
+            set_attribute(new, attr, by_id[id(value)])
     new._trainable_variables[:] = list(old._trainable_variables)
     new._non_trainable_variables[:] = list(old._non_trainable_variables)
     for variable in old_vars:
@@ -204,13 +185,7 @@ def adapter_specs(container):
         if id(owner) in seen:
             return
         seen.add(id(owner))
-        for attr, value in sorted(_attributes(owner).items()):
-            # `_self_*`: TensorFlow's own tracking of the same attributes.
-            if attr.startswith(("_tracker", "_self_")) or attr in (
-                "_layers",
-                "_modules",
-            ):
-                continue
+        for attr, value in sorted(sublayer_attributes(owner).items()):
             entries = [((attr,), value)]
             if isinstance(value, (list, tuple)):
                 entries = [((attr, i), v) for i, v in enumerate(value)]
@@ -291,19 +266,19 @@ def attach_adapters(container, specs):
         # EinsumDense adapter without `factoring` is Keras core's factoring).
         wrapper = cls.from_layer_config(base, spec["config"])
         if isinstance(parent, Layer):
-            _set(parent, last, wrapper)
+            set_attribute(parent, last, wrapper)
         elif isinstance(parent, tuple):
             # Rebuild the tuple on its holder: find the attribute holding it.
-            attr = next(a for a, v in _attributes(holder).items() if v is parent)
+            attr = next(a for a, v in attributes(holder).items() if v is parent)
             items = list(parent)
             items[last] = wrapper
-            _set(holder, attr, tuple(items))
+            set_attribute(holder, attr, tuple(items))
         elif isinstance(parent, list):
             list.__setitem__(parent, last, wrapper)  # past a locked tracker
         else:
             dict.__setitem__(parent, last, wrapper)
         _replace_in_sublayers(holder, base, wrapper)
-        _forget_torch_params(holder)
+        forget_torch_params([holder])
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -332,7 +307,7 @@ class LoRAContainer(keras.layers.Wrapper):
         super().__init__(layer, **kwargs)
         # Given adapters (from a config) are attached at the first call, once
         # the held layer has built its sublayers.
-        _set(self, "_pending", [] if adapters is None else list(adapters))
+        set_attribute(self, "_pending", [] if adapters is None else list(adapters))
         self.adapters = adapter_specs(layer) if adapters is None else adapters
         self.supports_masking = layer.supports_masking
         if layer.built:
@@ -348,7 +323,7 @@ class LoRAContainer(keras.layers.Wrapper):
                 return parent(name)
             except AttributeError:
                 pass
-        layer = _attributes(self).get("layer")
+        layer = attributes(self).get("layer")
         if name.startswith("_") or layer is None:
             raise AttributeError(
                 f"'{type(self).__name__}' object has no attribute '{name}'"
@@ -368,7 +343,7 @@ class LoRAContainer(keras.layers.Wrapper):
             except (AttributeError, KeyError, IndexError):
                 self.layer(*args, **kwargs)  # builds the sublayers
             attach_adapters(self.layer, self._pending)
-            _set(self, "_pending", [])
+            set_attribute(self, "_pending", [])
         return self.layer(*args, **kwargs)
 
     def compute_mask(self, *args, **kwargs):

@@ -14,7 +14,8 @@ from keras_lora.config import validate_flag
 from keras_lora.layers import LoRAEinsumDense, lora_class_for
 from keras_lora.model import same_class
 from keras_lora.model.in_place import apply_in_place
-from keras_lora.model.walk import check_is_model, graph_model, iter_layers
+from keras_lora.model.tracking import PLAIN_GRAPHS
+from keras_lora.model.walk import check_is_model, iter_layers
 
 
 def from_core_lora(model, in_place=False):
@@ -63,10 +64,7 @@ def from_core_lora(model, in_place=False):
             "keras_lora layer type (Dense, EinsumDense, Embedding)."
         )
     if not in_place:
-        if not graph_model(model) or type(model) not in (
-            keras.src.models.Functional,
-            keras.Sequential,
-        ):
+        if type(model) not in PLAIN_GRAPHS:
             raise ValueError(
                 f"from_core_lora: a copy of '{model.name}' "
                 f"({type(model).__name__}) would not keep its class. Pass "

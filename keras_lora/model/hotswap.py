@@ -10,9 +10,8 @@ zeros to one rank (its capacity) and its scale becomes a variable, so that
 """
 
 from keras_lora.config import validate_rank
-from keras_lora.model.named_adapters import _reset_compiled
-from keras_lora.model.surgery import lora_layers, require_built
-from keras_lora.model.walk import check_is_model
+from keras_lora.model.tracking import drop_compiled
+from keras_lora.model.walk import check_is_model, require_lora_layers
 
 
 def prepare_hotswap(model, max_rank):
@@ -59,11 +58,11 @@ def prepare_hotswap(model, max_rank):
     """
     check_is_model(model, "prepare_hotswap")
     max_rank = validate_rank(max_rank, "max_rank")
-    layers = require_built(
-        lora_layers(model),
+    layers = require_lora_layers(
         model,
         "prepare_hotswap",
         ". Use `apply_lora` (or `load_adapter`) first.",
+        built=True,
     )
     above = [
         f"'{path}' adapter {adapter.name!r} rank {adapter.rank}"
@@ -79,5 +78,5 @@ def prepare_hotswap(model, max_rank):
         )
     for _, layer in layers:
         layer.prepare_hotswap(max_rank)
-    _reset_compiled(model)
+    drop_compiled(model)
     return model

@@ -14,23 +14,21 @@ import keras
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.model.containers import LoRAContainer
-from keras_lora.model.walk import children, graph_model, iter_layers
+from keras_lora.model.tracking import (
+    PLAIN_GRAPHS,
+    forget_torch_params,
+    owners,
+    refresh_compiled,
+    restore_trainable_state,
+    sublayer_attributes,
+    trainable_state,
+)
+from keras_lora.model.walk import children, graph_model, lora_layers
 
 KerasHistory = keras.src.ops.node.KerasHistory
 _KERAS_TRACKED = (
     keras.src.utils.tracking.TrackedList,
     keras.src.utils.tracking.TrackedDict,
-)
-_PLAIN_GRAPHS = (keras.src.models.Functional, keras.Sequential)
-# Held by every layer or graph, and swapped by `swap` itself.
-_SKIPPED = (
-    "_layers",
-    "_modules",
-    "_inbound_nodes",
-    "_outbound_nodes",
-    "_operations",
-    "_operations_by_depth",
-    "nnx_operations",
 )
 
 
@@ -98,43 +96,11 @@ def _tf_track(owner, attr, value):
         owner._track_trackable(value, name=attr, overwrite=True)
 
 
-def owners(model):
-    """`model` and every layer in it that can hold a sublayer: the walked
-    layers, the layer a transparent container holds, and the graph a
-    `Sequential` keeps for its calls."""
-    found = [model] + [layer for _, layer in iter_layers(model)]
-    out, seen = [], set()
-    for owner in found:
-        for item in (
-            owner,
-            getattr(owner, "layer", None)
-            if getattr(type(owner), "holds_layer_transparently", False)
-            else None,
-            _attributes(owner).get("_functional")
-            if isinstance(owner, keras.Sequential)
-            else None,
-        ):
-            if isinstance(item, keras.layers.Layer) and id(item) not in seen:
-                seen.add(id(item))
-                out.append(item)
-    return out
-
-
-def _attributes(owner):
-    attrs = dict(vars(owner))
-    attrs.update(attrs.get("_modules") or {})
-    return {
-        attr: value
-        for attr, value in attrs.items()
-        if not attr.startswith(("_tracker", "_self_")) and attr not in _SKIPPED
-    }
-
-
 def references(owner, base):
     """Where `owner` holds `base`: `("attr", name)`, `("item", name, key)`
     (in a list, tuple or dict attribute), `("layers",)` and `("graph",)`."""
     refs = []
-    for attr, value in _attributes(owner).items():
+    for attr, value in sublayer_attributes(owner).items():
         if value is base:
             refs.append(("attr", attr))
         elif isinstance(value, (list, tuple)):
@@ -187,7 +153,7 @@ def swap(holders, base, wrapper, undo):
 
 
 def _set_item(owner, attr, key, value, undo):
-    container = _attributes(owner)[attr]
+    container = sublayer_attributes(owner)[attr]
     if isinstance(container, tuple):
         items = list(container)
         items[key] = value
@@ -268,24 +234,15 @@ def hold_in_containers(model, undo):
     layers), a layer with LoRA layers inside (a `MultiHeadAttention`, a
     custom block) is held by a `LoRAContainer`, which records where the
     adapters are so that a `.keras` file brings them back."""
-    graphs = [o for o in owners(model) if type(o) in _PLAIN_GRAPHS]
+    graphs = [o for o in owners(model) if type(o) in PLAIN_GRAPHS]
     for graph in graphs:
         for op in list(graph.layers):
             if graph_model(op) or isinstance(op, (LoRALayer, LoRAContainer)):
                 continue
-            if not any(isinstance(layer, LoRALayer) for _, layer in iter_layers(op)):
+            if not lora_layers(op):
                 continue
             holders = [(g, refs) for g in graphs if (refs := references(g, op))]
             swap(holders, op, LoRAContainer(op), undo)
-
-
-def forget_torch_params(layers):
-    """torch: a built layer caches its parameters (all of them, nested ones
-    included); let each recollect them on next use."""
-    for layer in layers:
-        modules = vars(layer).get("_modules")
-        if modules is not None:
-            modules.pop("_torch_params", None)
 
 
 def freeze_except(model, keep):
@@ -321,45 +278,6 @@ def freeze_except(model, keep):
             layer.trainable = False
 
     visit(model, True)
-
-
-def trainable_state(model):
-    """Every layer's `trainable` flag and every weight's, to restore."""
-    layers = owners(model)
-    layers += [layer.layer for layer in layers if isinstance(layer, LoRALayer)]
-    flags = [(layer, layer._trainable) for layer in layers]
-    return flags, [(v, v.trainable) for v in model.weights]
-
-
-def restore_trainable_state(saved):
-    layer_flags, variable_flags = saved
-    for layer, flag in layer_flags:
-        object.__setattr__(layer, "_trainable", flag)
-    for variable, flag in variable_flags:
-        variable.trainable = flag
-
-
-def refresh_compiled(model):
-    """Makes a compiled model train its new trainable weights: its compiled
-    functions are dropped, and an optimizer already built for the old
-    trainable weights is replaced by a fresh one of the same config."""
-    for attr in ("train_function", "test_function", "predict_function"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
-    if getattr(model, "generate_function", None) is not None:
-        model.generate_function = None  # KerasHub CausalLM / Seq2SeqLM
-    if not getattr(model, "compiled", False):
-        return
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and optimizer.built:
-        fresh = type(optimizer).from_config(optimizer.get_config())
-        model.optimizer = fresh
-        config = getattr(model, "_compile_config", None)
-        if config is not None and "optimizer" in config.config:
-            config.config["optimizer"] = fresh
-    model._compiled_trainable_state = {
-        layer: layer.trainable for layer in model._flatten_layers()
-    }
 
 
 def apply_in_place(model, targets, keep, make_wrapper):

@@ -12,9 +12,8 @@ import numpy as np
 from keras import ops
 from keras.src.models.functional import Functional
 
-from keras_lora.layers import LoRALayer
 from keras_lora.layers import mixed as routing_lib
-from keras_lora.model.walk import check_is_model, iter_layers
+from keras_lora.model.walk import check_is_model, require_lora_layers
 
 INDEX_NAME = "adapter_index"
 
@@ -182,12 +181,9 @@ def _check_names(model, names, strategy):
         )
     if len(set(names)) != len(names):
         raise ValueError(f"`names` must be unique. Received: {list(names)}")
-    layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
-    if not layers:
-        raise ValueError(
-            f"mixed_adapter_model: model '{model.name}' has no LoRA layers. "
-            "Use `apply_lora` and `add_adapter` first."
-        )
+    layers = require_lora_layers(
+        model, "mixed_adapter_model", ". Use `apply_lora` and `add_adapter` first."
+    )
     known = []
     for _, layer in layers:
         known += [n for n in layer.adapter_names if n not in known]

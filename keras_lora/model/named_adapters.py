@@ -28,32 +28,18 @@ from keras_lora.config import validate_adapter_name
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.host_merge import all_finite
 from keras_lora.model.targets import match_layers
-from keras_lora.model.walk import check_is_model, iter_layers
+from keras_lora.model.tracking import drop_compiled
+from keras_lora.model.walk import (
+    check_is_model,
+    iter_layers,
+    lora_layers,
+    require_lora_layers,
+)
 
 
 def _lora_layers(model, function):
     check_is_model(model, function)
-    layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
-    if not layers:
-        raise ValueError(
-            f"{function}: model '{model.name}' has no LoRA layers. Use "
-            "`apply_lora` first."
-        )
-    return layers
-
-
-def _reset_compiled(model):
-    """Drops the model's traced predict/test/train functions, and a
-    KerasHub task's compiled `generate` loop: they baked in the previous
-    choice of adapters."""
-    for attr in (
-        "predict_function",
-        "test_function",
-        "train_function",
-        "generate_function",
-    ):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
+    return require_lora_layers(model, function, ". Use `apply_lora` first.")
 
 
 def _refuse_if_merged(layers, function):
@@ -121,7 +107,7 @@ def add_adapter(model, name, rank=8, alpha=None, targets=None, **options):
         name,
         lambda layer: layer.add_adapter(name, rank=rank, alpha=alpha, **options),
     )
-    _reset_compiled(model)
+    drop_compiled(model)
     return model
 
 
@@ -154,7 +140,7 @@ def set_adapter(model, names):
         )
     for _, layer in layers:
         layer.set_active_adapters(names)
-    _reset_compiled(model)
+    drop_compiled(model)
     return model
 
 
@@ -184,7 +170,7 @@ def disable_adapters(model):
     previous = [(layer, layer.adapters_disabled) for _, layer in layers]
     for layer, _ in previous:
         layer.adapters_disabled = True
-    _reset_compiled(model)
+    drop_compiled(model)
     return _Disabled(model, previous)
 
 
@@ -204,7 +190,7 @@ def enable_adapters(model):
     """
     for _, layer in _lora_layers(model, "enable_adapters"):
         layer.adapters_disabled = False
-    _reset_compiled(model)
+    drop_compiled(model)
     return model
 
 
@@ -222,7 +208,7 @@ class _Disabled:
     def __exit__(self, *exc_info):
         for layer, flag in self.previous:
             layer.adapters_disabled = flag
-        _reset_compiled(self.model)
+        drop_compiled(self.model)
         return False
 
 
@@ -256,7 +242,7 @@ def delete_adapter(model, name):
             f"delete_adapter: {name!r} was active; now active: {fallback}.",
             stacklevel=2,
         )
-    _reset_compiled(model)
+    drop_compiled(model)
     return model
 
 
@@ -344,7 +330,7 @@ def combine_adapters(model, weights, name="mix"):
         adapter.b.assign(b.astype(keras.backend.standardize_dtype(adapter.b.dtype)))
 
     _add_to_all([layer for layer, _, _ in plan], name, add_combined)
-    _reset_compiled(model)
+    drop_compiled(model)
     return model
 
 
@@ -370,7 +356,7 @@ def only_adapter(model, name):
     if name is None:
         yield model
         return
-    layers = [(p, lay) for p, lay in iter_layers(model) if isinstance(lay, LoRALayer)]
+    layers = lora_layers(model)
     if not any(name in layer.adapter_names for _, layer in layers):
         raise ValueError(
             f"No LoRA layer of model '{model.name}' has an adapter named {name!r}."
@@ -403,7 +389,7 @@ def merge_in_place(model, check_finite=True, adapter=None):
             merged.append((layer, kernel))
     for layer, kernel in merged:
         layer.merge(kernel)
-    _reset_compiled(model)
+    drop_compiled(model)
     return model
 
 
@@ -428,7 +414,7 @@ def unmerge_lora(model):
         )
     for layer in merged:
         layer.unmerge()
-    _reset_compiled(model)
+    drop_compiled(model)
     return model
 
 

@@ -28,7 +28,8 @@ import keras
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.model.in_place import apply_in_place
-from keras_lora.model.walk import children, iter_layers
+from keras_lora.model.tracking import functional_subclass, own_variables
+from keras_lora.model.walk import children, iter_layers, lora_layers
 
 _NAME = "keras_lora>InPlaceLoRA"
 
@@ -123,20 +124,13 @@ def mark_converted(model):
     describe it as plain (any other Functional subclass)."""
     if is_task(model):
         _set_get_config(model, _task_get_config)
-        if _class_loses_adapters(model.backbone):
+        if functional_subclass(model.backbone):
             _set_get_config(model.backbone, _refusing_get_config)
-    elif _class_loses_adapters(model):
+    elif functional_subclass(model):
         _set_get_config(model, _refusing_get_config)
         # `model.save` refuses before Keras opens the file (which would
         # leave an empty file behind).
         object.__setattr__(model, "save", types.MethodType(_refusing_get_config, model))
-
-
-def _class_loses_adapters(model):
-    return isinstance(model, keras.src.models.Functional) and type(model) not in (
-        keras.src.models.Functional,
-        keras.Sequential,
-    )
 
 
 def _set_get_config(model, function):
@@ -147,9 +141,8 @@ def _task_get_config(self):
     cls = type(self)
     outside = [
         path
-        for path, layer in iter_layers(self)
-        if isinstance(layer, LoRALayer)
-        and not any(layer is inner for _, inner in iter_layers(self.backbone))
+        for path, layer in lora_layers(self)
+        if not any(layer is inner for _, inner in iter_layers(self.backbone))
     ]
     if outside:
         raise ValueError(
@@ -264,7 +257,7 @@ def merge_same_class(model, merged_layer):
             new.set_weights(merged.get_weights())
             new.trainable = old.layer.trainable
             continue
-        own_old, own_new = _own(old), _own(new)
+        own_old, own_new = own_variables(old), own_variables(new)
         if [tuple(v.shape) for v in own_old] != [tuple(v.shape) for v in own_new]:
             raise ValueError(
                 f"merge_lora: layer '{path}' of '{model.name}' has different "
@@ -279,7 +272,3 @@ def merge_same_class(model, merged_layer):
 
 def _plain_type(layer):
     return type(layer.layer) if isinstance(layer, LoRALayer) else type(layer)
-
-
-def _own(layer):
-    return list(layer._trainable_variables) + list(layer._non_trainable_variables)

@@ -25,16 +25,24 @@ is rebuilt the same way, but its own config cannot carry adapters (see
 import keras
 
 from keras_lora.config import validate_alpha, validate_flag, validate_rank
-from keras_lora.layers import LoRALayer, lora_class_for
+from keras_lora.layers import lora_class_for
 from keras_lora.model import same_class
 from keras_lora.model.containers import LoRAContainer, rebuild_container
-from keras_lora.model.in_place import (
-    apply_in_place,
+from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.targets import match_layers
+from keras_lora.model.tracking import (
+    copy_loses_class,
     restore_trainable_state,
     trainable_state,
 )
-from keras_lora.model.targets import match_layers
-from keras_lora.model.walk import check_is_model, children, graph_model, iter_layers
+from keras_lora.model.walk import (
+    check_is_model,
+    children,
+    graph_model,
+    iter_layers,
+    lora_layers,
+    require_lora_layers,
+)
 
 
 def apply_lora(
@@ -92,7 +100,7 @@ def apply_lora(
     rank = validate_rank(rank)
     alpha = validate_alpha(alpha)
     in_place = validate_flag(in_place, "in_place")
-    if not in_place and _copy_loses_class(model):
+    if not in_place and copy_loses_class(model):
         raise ValueError(
             f"apply_lora: '{model.name}' is a {type(model).__name__}, a "
             "Functional subclass; a copy of it would be a plain Functional "
@@ -101,7 +109,7 @@ def apply_lora(
             "itself, keeping its class."
         )
     layers = list(iter_layers(model))
-    existing = [path for path, layer in layers if isinstance(layer, LoRALayer)]
+    existing = [path for path, _ in lora_layers(model, layers)]
     if existing:
         raise ValueError(
             f"Model '{model.name}' already has LoRA layers: {existing}. "
@@ -226,21 +234,19 @@ def merge_lora(
             return adapter_management.merge_in_place(model, check_finite, adapter)
         with adapter_management.only_adapter(model, adapter):
             return merge_lora(model, check_finite, requantize)
-    lora_layers = [
-        layer for _, layer in iter_layers(model) if isinstance(layer, LoRALayer)
-    ]
-    if not lora_layers:
-        raise ValueError(
-            f"merge_lora: model '{model.name}' has no LoRA layers, so there is "
-            "nothing to merge. Use `keras.models.clone_model` to copy a plain model."
-        )
-    if _copy_loses_class(model):
+    found = require_lora_layers(
+        model,
+        "merge_lora",
+        ", so there is nothing to merge. Use `keras.models.clone_model` to "
+        "copy a plain model.",
+    )
+    if copy_loses_class(model):
         return same_class.merge_same_class(
             model, lambda layer: layer.merged_layer(check_finite, requantize=requantize)
         )
     merged = {
         id(layer): layer.merged_layer(check_finite, requantize=requantize)
-        for layer in lora_layers
+        for _, layer in found
     }
     reaches = _Reaches(set(merged))
     copies = []
@@ -268,37 +274,6 @@ def merge_lora(
     for old, new in copies:
         copy_weights(old, new)
     return plain
-
-
-def lora_layers(model):
-    """Returns `(path, layer)` for every LoRA layer in `model`."""
-    return [
-        (p, layer) for p, layer in iter_layers(model) if isinstance(layer, LoRALayer)
-    ]
-
-
-def require_built(layers, model, function, hint):
-    """Returns `layers` (`model`'s `(path, LoRA layer)` pairs), refusing
-    (`ValueError`, messages prefixed with `function`) none, `hint` ending
-    that message, or unbuilt ones."""
-    if not layers:
-        raise ValueError(f"{function}: model '{model.name}' has no LoRA layers{hint}")
-    unbuilt = [path for path, layer in layers if not layer.built]
-    if unbuilt:
-        raise ValueError(
-            f"{function}: LoRA layers {unbuilt} of model '{model.name}' are "
-            "not built, so they have no adapter weights yet. Build the model "
-            "(call it on data or a `keras.Input`) first."
-        )
-    return layers
-
-
-def _copy_loses_class(model):
-    """Whether copying `model` (with `clone_model`) would lose its class."""
-    return graph_model(model) and type(model) not in (
-        keras.Sequential,
-        keras.src.models.Functional,
-    )
 
 
 def _check_model(model, function):

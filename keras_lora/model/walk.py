@@ -4,6 +4,8 @@
 `children` says what a layer's direct sublayers are; `graph_model` says
 whether a layer is a model whose config lists its layers (Functional or
 Sequential). Everything that visits layers goes through these three.
+`lora_layers` finds a model's LoRA layers and `require_lora_layers` refuses
+a model without (built) ones.
 
 A LoRA layer is a leaf: the layer it wraps is not walked into. A
 `LoRAContainer` (see `keras_lora.model.containers`) is transparent: it has
@@ -72,3 +74,44 @@ def _walk(layer, prefix, seen):
         path = f"{prefix}{child.name}"
         yield path, child
         yield from _walk(child, f"{path}/", seen)
+
+
+def lora_layers(model, layers=None):
+    """Returns `(path, layer)` for every LoRA layer in `model`.
+
+    Args:
+        model: a Keras model or layer.
+        layers: `model`'s `(path, layer)` pairs from `iter_layers`, when the
+            caller has walked it already.
+    """
+    if layers is None:
+        layers = iter_layers(model)
+    return [(p, layer) for p, layer in layers if isinstance(layer, LoRALayer)]
+
+
+def require_lora_layers(model, function, hint, built=False, layers=None):
+    """Returns `model`'s LoRA layers (`lora_layers`), refusing none.
+
+    Args:
+        model: a Keras model.
+        function: the caller, prefixing messages.
+        hint: ends the message for a model without LoRA layers
+            (`". Use `apply_lora` first."`).
+        built: also refuse LoRA layers that are not built (they have no
+            adapter weights yet).
+        layers: as `lora_layers`.
+
+    Raises:
+        ValueError: no LoRA layers, or (`built`) unbuilt ones.
+    """
+    found = lora_layers(model, layers)
+    if not found:
+        raise ValueError(f"{function}: model '{model.name}' has no LoRA layers{hint}")
+    unbuilt = [path for path, layer in found if not layer.built] if built else []
+    if unbuilt:
+        raise ValueError(
+            f"{function}: LoRA layers {unbuilt} of model '{model.name}' are "
+            "not built, so they have no adapter weights yet. Build the model "
+            "(call it on data or a `keras.Input`) first."
+        )
+    return found
