@@ -9,6 +9,7 @@ the standard library is imported until a command actually runs: `--help`,
 
 ```
 keras-lora inspect MODEL.keras [--targets PATTERN ...] [--rank R]
+keras-lora inspect ADAPTER
 keras-lora merge LORA_MODEL.keras OUT.keras
 keras-lora apply BASE.keras ADAPTER OUT.keras [--merge] [--name-map PEFT=KERAS ...]
 keras-lora export MODEL.keras OUT_DIR [--format tf_saved_model]
@@ -53,15 +54,23 @@ def build_parser():
 
     p = sub.add_parser(
         "inspect",
-        help="list the layers LoRA can adapt and the trainable share",
+        help="list the layers LoRA can adapt, or what an adapter holds",
         description=(
             "Print a table of the layers LoRA can adapt (path, type, kernel "
             "shape, LoRA parameters at rank R, whether targeted) and the "
             "trainable percentage LoRA at rank R on the targets gives. On a "
-            "model that already has LoRA layers, list those with their ranks."
+            "model that already has LoRA layers, list those with their ranks. "
+            "A path that does not end in .keras is read as an adapter (a "
+            "keras_lora .safetensors file, a PEFT adapter directory, a "
+            "KerasHub .lora.h5 file): print each layer's type, rank, alpha, "
+            "scale, variant, factoring and A/B shapes."
         ),
     )
-    p.add_argument("model", metavar="MODEL.keras", help="a .keras model file")
+    p.add_argument(
+        "model",
+        metavar="MODEL.keras|ADAPTER",
+        help="a .keras model file, or an adapter file or PEFT directory",
+    )
     p.add_argument(
         "--targets",
         nargs="+",
@@ -73,7 +82,7 @@ def build_parser():
         ),
     )
     p.add_argument(
-        "--rank", type=_positive_int, default=8, help="LoRA rank (default 8)"
+        "--rank", type=_positive_int, default=None, help="LoRA rank (default 8)"
     )
 
     p = sub.add_parser(

@@ -4,9 +4,12 @@ The console script's launcher, the top-level module `keras_lora_cli`, parses
 the arguments and imports this module only to run a command, so that
 `--help`, `--version` and argument errors never import Keras.
 
-A missing or unreadable input is a one-line error and exit status 2; any
-other failure is a one-line error and exit status 1. Outputs are written
-beside their destination and renamed into place when complete.
+Exit statuses (docs/cli.md has the table): 0 success; 2 a usage error (bad
+arguments, a missing or unreadable input); 3 inputs that were read but are
+not what the command needs (a model without LoRA layers to merge, an
+adapter that does not fit the model); 1 any other failure; 130 interrupted.
+Every error is one line. Outputs are written beside their destination and
+renamed into place when complete.
 """
 
 import os
@@ -18,7 +21,14 @@ PROG = "keras-lora"
 
 
 class InputError(Exception):
-    """A missing or unreadable input: exit status 2."""
+    """A usage error: bad arguments, or a missing or unreadable input: exit
+    status 2."""
+
+
+class UnfitInputError(Exception):
+    """Inputs that were read but are not what the command needs (a model
+    without LoRA layers to merge, an adapter that does not fit the model):
+    exit status 3."""
 
 
 def run(args):
@@ -37,6 +47,8 @@ def run(args):
         return commands[args.command](args) or 0
     except InputError as e:
         return _fail(e, 2)
+    except UnfitInputError as e:
+        return _fail(e, 3)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as e:  # one line, never a traceback
@@ -75,9 +87,22 @@ def _load_model(path):
 def _check_keras_output(path):
     if Path(path).suffix != ".keras":
         raise InputError(f"the output must end in '.keras'. Received: '{path}'")
+    _check_output_folder(path)
+
+
+def _check_output_folder(path):
+    from keras_lora.atomic import check_parent
+
+    try:
+        check_parent(path)
+    except OSError as e:
+        raise InputError(str(e)) from None
 
 
 def _inspect(args):
+    if Path(args.model).suffix != ".keras":
+        return _inspect_adapter(args)
+    args.rank = 8 if args.rank is None else args.rank
     import numpy as np
 
     from keras_lora.layers import lora_class_for
@@ -148,9 +173,55 @@ def _inspect(args):
         )
     _print_table(rows)
     if lora_model is None:
-        raise InputError(problem)
+        raise UnfitInputError(problem)
     print(trainable_summary(lora_model, print_fn=None))
     return 0
+
+
+def _inspect_adapter(args):
+    given = [o for o, v in (("--targets", args.targets), ("--rank", args.rank)) if v]
+    if given:
+        verb = "apply" if len(given) > 1 else "applies"
+        raise InputError(
+            f"{' and '.join(given)} {verb} to a .keras model; '{args.model}' "
+            "is read as an adapter (its name does not end in '.keras')"
+        )
+    source, layers = _read_adapter(args.model)
+    rows = [
+        ("layer", "type", "rank", "alpha", "scale", "variant", "factoring")
+        + ("A shape", "B shape", "params")
+    ]
+    for layer in layers:
+        rows.append(
+            (
+                layer.name,
+                layer.type,
+                str(layer.rank),
+                f"{layer.alpha:g}",
+                f"{layer.scale:.4g}",
+                layer.variant,
+                layer.factoring,
+                str(layer.a_shape),
+                str(layer.b_shape),
+                f"{layer.params:,}",
+            )
+        )
+    _print_table(rows)
+    total = sum(layer.params for layer in layers)
+    print(f"{source}: {len(layers)} layers, {total:,} adapter parameters")
+    return 0
+
+
+def _read_adapter(path):
+    """`describe(path)`, a missing or unreadable adapter being exit status 2."""
+    from keras_lora.io.describe import describe
+
+    if not Path(path).exists():
+        raise InputError(f"no such adapter file or directory: '{path}'")
+    try:
+        return describe(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"cannot read adapter '{path}': {e}") from None
 
 
 def _print_table(rows):
@@ -170,7 +241,7 @@ def _merge(args):
     _check_keras_output(args.output)
     model = _load_model(args.model)
     if not lora_layers(model):
-        raise InputError(
+        raise UnfitInputError(
             f"'{args.model}' has no LoRA layers, so there is nothing to merge"
         )
     export(model, args.output, format="keras")
@@ -187,12 +258,11 @@ def _apply(args):
     name_map = _parse_name_map(args.name_map)
     model = _load_model(args.model)
     adapter = Path(args.adapter)
-    if not adapter.exists():
-        raise InputError(f"no such adapter file or directory: '{adapter}'")
+    _read_adapter(adapter)  # unreadable: status 2; not fitting the model: 3
     try:
         model = load_adapter(model, adapter, name_map=name_map, strict=args.strict)
     except (OSError, ValueError, TypeError) as e:
-        raise InputError(f"cannot apply adapter '{adapter}': {e}") from None
+        raise UnfitInputError(f"cannot apply adapter '{adapter}': {e}") from None
     if args.merge:
         model = merge_lora(model)
     with atomic_output(args.output) as tmp:
@@ -219,6 +289,7 @@ def _export(args):
     import keras
 
     _check_input_file(args.model)
+    _check_output_folder(args.output)
     if keras.backend.backend() != "tensorflow":
         # A .keras file is backend-neutral: export it under TensorFlow.
         command = [

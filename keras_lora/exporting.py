@@ -14,7 +14,7 @@ from pathlib import Path
 
 import keras
 
-from keras_lora.atomic import atomic_output
+from keras_lora.atomic import atomic_output, check_parent
 from keras_lora.model.mixed import INDEX_NAME, mixed_layer
 from keras_lora.model.surgery import merge_lora
 from keras_lora.model.walk import iter_layers
@@ -49,11 +49,14 @@ def export(model, path, format="tf_saved_model", check_finite=True, verbose=Fals
     give the base output there (a graph raises nothing).
 
     The output is written beside `path` and moved into place when complete,
-    so an interrupted export leaves any earlier output intact.
+    so an interrupted export leaves any earlier output intact. The folder
+    that holds `path` must exist: keras_lora does not create it.
 
     Raises:
         ValueError: unknown `format`, `tensorflow` missing for a SavedModel,
-            or `model` has no LoRA layers (see `merge_lora`).
+            a folder at `path` for `format="keras"` (a file for a
+            SavedModel), or `model` has no LoRA layers (see `merge_lora`).
+        FileNotFoundError: the folder that is to hold `path` does not exist.
     """
     if format not in FORMATS:
         raise ValueError(
@@ -71,18 +74,21 @@ def export(model, path, format="tf_saved_model", check_finite=True, verbose=Fals
         )
     path = Path(path)
     if format == "keras":
-        if path.suffix != ".keras":
-            raise ValueError(f"`path` must end in '.keras'. Received: path='{path}'")
         if path.is_dir():
             raise ValueError(
-                f"`path` '{path}' is a directory; format='keras' writes one "
-                "'.keras' file there."
+                f"export(format='keras'): `path` '{path}' is a folder; this "
+                "format writes one file ending in '.keras'. Pass a file path "
+                f"such as '{path / 'model.keras'}', or format='tf_saved_model' "
+                "for a SavedModel folder."
             )
+        if path.suffix != ".keras":
+            raise ValueError(f"`path` must end in '.keras'. Received: path='{path}'")
     elif path.exists() and not path.is_dir():
         raise ValueError(
             f"`path` '{path}' is a file; format='tf_saved_model' writes a "
             "SavedModel directory there."
         )
+    check_parent(path)
     if mixed_layer(model) is not None:
         merged = model  # a mixed-batch model is served unmerged
     else:

@@ -93,9 +93,36 @@ def test_merge(files, capsys):
     merged = keras.saving.load_model(tmp / "merged.keras")
     assert not lora_layers(merged)
     np.testing.assert_allclose(_np(merged(X)), want, atol=1e-5)
+    # A readable model that is not what `merge` needs: status 3, not 2.
     status, _, err = run(capsys, "merge", tmp / "base.keras", tmp / "m2.keras")
-    assert status == 2 and "no LoRA layers" in err
+    assert status == 3 and "no LoRA layers" in err
+    assert_one_line_error(err)
     assert not (tmp / "m2.keras").exists()
+
+
+def test_inspect_of_a_model_the_default_targets_miss_exits_3(tmp_path, capsys):
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(inputs))
+    model.save(tmp_path / "head_only.keras")
+    status, out, err = run(capsys, "inspect", tmp_path / "head_only.keras")
+    assert status == 3 and "selects nothing" in err
+    assert_one_line_error(err)
+    assert out.splitlines()[1].split()[0] == "head"  # the table still prints
+
+
+@pytest.mark.parametrize("command", ["merge", "apply", "export"])
+def test_an_output_in_a_missing_folder_exits_2(files, capsys, command):
+    tmp, _ = files
+    output = tmp / "no" / "such" / ("o.keras" if command != "export" else "out")
+    argv = {
+        "merge": ["merge", tmp / "lora.keras", output],
+        "apply": ["apply", tmp / "base.keras", tmp / "task.safetensors", output],
+        "export": ["export", tmp / "lora.keras", output],
+    }[command]
+    status, _, err = run(capsys, *argv)
+    assert status == 2 and "does not exist" in err and "no/such" in err
+    assert_one_line_error(err)
+    assert not (tmp / "no").exists()
 
 
 def test_apply_adapter_file_and_merge(files, capsys):
@@ -128,9 +155,11 @@ def test_apply_peft_directory_with_name_map(files, capsys):
         lora, tmp / "peft", format="peft", name_map={"fc1": "0", "fc2": "2"}
     )
     argv = ["apply", tmp / "base.keras", tmp / "peft", tmp / "out.keras"]
+    # A readable adapter that does not fit the model: status 3.
     status, _, err = run(capsys, *argv)
-    assert status == 2 and "map to no Keras layer" in err
+    assert status == 3 and "map to no Keras layer" in err
     assert_one_line_error(err)
+    assert not (tmp / "out.keras").exists()
     status, _, _ = run(capsys, *argv, "--name-map", "0=fc1", "2=fc2")
     assert status == 0
     out_model = keras.saving.load_model(tmp / "out.keras")
@@ -226,3 +255,128 @@ def test_reloaded_lora_model_keeps_layer_paths(files):
     tmp, _ = files
     model = keras.saving.load_model(tmp / "lora.keras")
     assert [p for p, _ in iter_layers(model)] == ["fc1", "fc2", "head"]
+
+
+def _table(out):
+    """The rows of an `inspect` table, split on runs of two spaces."""
+    import re
+
+    lines = out.strip().splitlines()
+    return [re.split(r"\s{2,}", line.strip()) for line in lines[1:-1]], lines[-1]
+
+
+def test_inspect_reads_a_keras_lora_adapter_file(tmp_path, capsys):
+    inputs = keras.Input((4, 8))
+    x = keras.layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
+    x = keras.layers.Dense(6, name="fc")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    lora = kl.apply_lora(model, targets=["query", "fc"], rank=2, alpha=8)
+    kl.add_adapter(lora, "legal", rank=4, targets=["fc"], use_dora=True)
+    kl.add_adapter(lora, "fast", rank=4, use_rslora=True, dropout=0.1)
+    kl.save_adapter(lora, tmp_path / "task.safetensors")
+    kl.save_adapter(lora, tmp_path / "legal.safetensors", adapter="legal")
+    kl.save_adapter(lora, tmp_path / "fast.safetensors", adapter="fast")
+    status, out, err = run(capsys, "inspect", tmp_path / "task.safetensors")
+    assert status == 0, err
+    rows, last = _table(out)
+    assert out.split()[:10] == [
+        "layer", "type", "rank", "alpha", "scale", "variant", "factoring",
+        "A", "shape", "B",
+    ]  # fmt: skip
+    assert rows == [  # in the file's order (its header sorts the paths)
+        ["fc", "Dense", "2", "8", "4", "lora", "-", "(8, 2)", "(2, 6)", "28"],
+        ["mha/query", "EinsumDense", "2", "8", "4", "lora", "standard",
+         "(8, 2)", "(2, 2, 4)", "32"],
+    ]  # fmt: skip
+    assert last == (
+        f"adapter file '{tmp_path / 'task.safetensors'}': 2 layers, "
+        "60 adapter parameters"
+    )
+    status, out, _ = run(capsys, "inspect", tmp_path / "legal.safetensors")
+    rows, _ = _table(out)
+    assert status == 0
+    # DoRA adds the magnitude vector (6) to A (8 x 4) and B (4 x 6).
+    assert rows == [
+        ["fc", "Dense", "4", "4", "1", "dora", "-", "(8, 4)", "(4, 6)", "62"]
+    ]
+    status, out, _ = run(capsys, "inspect", tmp_path / "fast.safetensors")
+    rows, _ = _table(out)
+    assert status == 0
+    assert [row[2:6] for row in rows] == [["4", "4", "2", "rslora,dropout=0.1"]] * 2
+
+
+def test_inspect_reads_a_peft_directory(files, capsys):
+    tmp, _ = files
+    lora = keras.saving.load_model(tmp / "lora.keras")
+    kl.save_adapter(lora, tmp / "peft", format="peft", name_map={"fc1": "0", "fc2": "2"})
+    status, out, err = run(capsys, "inspect", tmp / "peft")
+    assert status == 0, err
+    rows, last = _table(out)
+    # PEFT's layout: lora_A (rank, in), lora_B (out, rank); alpha 4, rank 2.
+    assert rows == [
+        ["0", "Linear", "2", "4", "2", "lora", "-", "(2, 6)", "(16, 2)", "44"],
+        ["2", "Linear", "2", "4", "2", "lora", "-", "(2, 16)", "(16, 2)", "64"],
+    ]
+    assert last == f"PEFT adapter '{tmp / 'peft'}': 2 layers, 108 adapter parameters"
+
+
+def test_inspect_reads_a_kerashub_lora_file(tmp_path, capsys):
+    from tiny_kerashub import backbone
+
+    model = backbone("gpt2")
+    model.enable_lora(rank=2)
+    model.save_lora_weights(str(tmp_path / "task.lora.h5"))
+    status, out, err = run(capsys, "inspect", tmp_path / "task.lora.h5")
+    assert status == 0, err
+    rows, last = _table(out)
+    # KerasHub adapts query and value of the one block (its layers with
+    # weights number 9 and 11): EinsumDense kernels (16, 2, 8), factored as
+    # Keras core does (A (16, 2, 2), B (2, 8)); no alpha, so scale 1.
+    assert rows == [
+        [f"lora/{i}", "-", "2", "2", "1", "lora", "keras", "(16, 2, 2)", "(2, 8)",
+         "80"]
+        for i in (9, 11)
+    ]  # fmt: skip
+    assert last.endswith("2 layers, 160 adapter parameters")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "{tmp}/missing.safetensors"], "no such adapter file"),
+        (["inspect", "{tmp}/garbage.safetensors"], "cannot read adapter"),
+        (["inspect", "{tmp}/base_dir"], "is a directory"),
+        (["inspect", "{tmp}/task.safetensors", "--rank", "4"], "--rank applies"),
+        (["inspect", "{tmp}/task.safetensors", "--targets", "fc1"], "--targets"),
+        (
+            ["apply", "{tmp}/base.keras", "{tmp}/garbage.safetensors", "{tmp}/o.keras"],
+            "cannot read adapter",
+        ),
+    ],
+    ids=["missing", "garbage", "folder", "rank", "targets", "apply-garbage"],
+)
+def test_an_unreadable_adapter_exits_2(files, capsys, argv, message):
+    tmp, _ = files
+    (tmp / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    (tmp / "base_dir").mkdir()
+    status, _, err = run(capsys, *(a.format(tmp=tmp) for a in argv))
+    assert status == 2 and message in err, err
+    assert_one_line_error(err)
+    assert not (tmp / "o.keras").exists()
+
+
+def test_an_adapter_that_does_not_fit_the_model_exits_3(files, capsys):
+    tmp, _ = files
+    inputs = keras.Input((6,))
+    other = keras.Model(inputs, keras.layers.Dense(3, name="fc1")(inputs))
+    other.save(tmp / "other.keras")  # fc1 is (6, 3) here, (6, 16) in the file
+    status, _, err = run(
+        capsys,
+        "apply",
+        tmp / "other.keras",
+        tmp / "task.safetensors",
+        tmp / "o.keras",
+    )
+    assert status == 3 and "cannot apply adapter" in err, err
+    assert_one_line_error(err)
+    assert not (tmp / "o.keras").exists()

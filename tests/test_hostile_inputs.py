@@ -674,7 +674,23 @@ CASES = [
         "directory for .keras",
         lambda e: kl.export(e.lora, e.folder("dir.keras"), format="keras"),
         ValueError,
-        r"`path`.*is a directory",
+        r"`path`.*is a folder; this format writes one file",
+        "lora",
+    ),
+    C(
+        "export",
+        "existing folder for .keras",
+        lambda e: kl.export(e.lora, e.folder("served"), format="keras"),
+        ValueError,
+        r"`path` '.*served' is a folder; this format writes one file",
+        "lora",
+    ),
+    C(
+        "export",
+        "missing folder",
+        lambda e: kl.export(e.lora, e.tmp / "no" / "saved"),
+        FileNotFoundError,
+        r"the folder '.*no' does not exist\. keras_lora does not create folders",
         "lora",
     ),
     C(
@@ -686,6 +702,14 @@ CASES = [
         "lora",
     ),
     # --- save_adapter ------------------------------------------------------
+    C(
+        "save_adapter",
+        "missing folder",
+        lambda e: kl.save_adapter(e.lora, e.tmp / "no" / "a.safetensors"),
+        FileNotFoundError,
+        r"the folder '.*no' does not exist\. keras_lora does not create folders",
+        "lora",
+    ),
     C(
         "save_adapter",
         "model=str",
