@@ -308,7 +308,9 @@ def test_inspect_reads_a_keras_lora_adapter_file(tmp_path, capsys):
 def test_inspect_reads_a_peft_directory(files, capsys):
     tmp, _ = files
     lora = keras.saving.load_model(tmp / "lora.keras")
-    kl.save_adapter(lora, tmp / "peft", format="peft", name_map={"fc1": "0", "fc2": "2"})
+    kl.save_adapter(
+        lora, tmp / "peft", format="peft", name_map={"fc1": "0", "fc2": "2"}
+    )
     status, out, err = run(capsys, "inspect", tmp / "peft")
     assert status == 0, err
     rows, last = _table(out)

@@ -229,7 +229,9 @@ def test_disable_adapters_called_alone_disables_until_enable_adapters():
     returned = kl.disable_adapters(lora)  # no `with`: disabled at once
     assert all(layer.adapters_disabled for _, layer in lora_layers(lora))
     np.testing.assert_array_equal(to_numpy(lora(X)), want_base)
-    np.testing.assert_array_equal(lora.predict(X, verbose=0), base.predict(X, verbose=0))
+    np.testing.assert_array_equal(
+        lora.predict(X, verbose=0), base.predict(X, verbose=0)
+    )
     assert returned is not None
     assert kl.enable_adapters(lora) is lora
     assert not any(layer.adapters_disabled for _, layer in lora_layers(lora))
