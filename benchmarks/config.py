@@ -17,11 +17,10 @@ SECTIONS = (
     "merge",
     "hotswap",
     "serving",
-    "qlora",
 )
 
 # The transformer row: a GPT2-style KerasHub causal LM (models.causal_lm),
-# used by the transformer, serving and qlora sections.
+# used by the transformer and serving sections.
 CAUSAL_LM = {
     "num_layers": 4,
     "hidden_dim": 256,
@@ -40,6 +39,42 @@ CAUSAL_LM_QUICK = dict(
     vocabulary_size=256,
     sequence_length=16,
     batch=2,
+)
+
+# Issue 19's model (models.llama_causal_lm): a KerasHub Llama3CausalLM,
+# 0.70B parameters, 2,660 MiB of float32 kernels; batch 1, sequence 128.
+LLAMA_0_7B = {
+    "num_layers": 12,
+    "hidden_dim": 2048,
+    "intermediate_dim": 5632,
+    "vocabulary_size": 32000,
+    "num_query_heads": 16,
+    "num_key_value_heads": 8,
+    "sequence_length": 128,
+    "batch": 1,
+}
+# Rematerialization's row: a smaller Llama at sequence 2,048, where
+# activations dominate (the vocabulary is kept small so that the logits,
+# which no transformer block holds, do not).
+LLAMA_LONG = {
+    "num_layers": 4,
+    "hidden_dim": 512,
+    "intermediate_dim": 1408,
+    "vocabulary_size": 4096,
+    "num_query_heads": 8,
+    "num_key_value_heads": 4,
+    "sequence_length": 2048,
+    "batch": 1,
+}
+LLAMA_QUICK = dict(
+    LLAMA_0_7B,
+    num_layers=1,
+    hidden_dim=64,
+    intermediate_dim=128,
+    vocabulary_size=256,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    sequence_length=16,
 )
 
 FULL = {
@@ -88,6 +123,20 @@ FULL = {
         },
         # 16 x Dense(4096): 268M parameters, 1.07 GB of float32 weights.
         "apply_lora": {"width": 4096, "depth": 16, "classes": 10, "rank": 8},
+        # Quantized bases (benchmarks/qlora.py): 1 step that compiles, then
+        # 3 timed (a median on a shared 2-core machine).
+        "qlora": {
+            "model": dict(LLAMA_0_7B),
+            "targets": ["query", "value"],
+            "rank": 8,
+            "steps": 4,
+        },
+        "remat": {
+            "model": dict(LLAMA_LONG),
+            "targets": ["query", "value"],
+            "rank": 8,
+            "steps": 3,
+        },
     },
     "merge": {
         "width": 2048,
@@ -127,16 +176,6 @@ FULL = {
         "repeats": 10,
         "steps": 3,
     },
-    # The transformer row (models.CAUSAL_LM) over float32, int8, int4 bases.
-    "qlora": {
-        "model": dict(CAUSAL_LM),
-        "targets": ["query", "value"],
-        "rank": 8,
-        "memory_steps": 3,
-        "warmup": 2,
-        "repeats": 6,
-        "steps": 5,
-    },
     # The transformer row: models.CAUSAL_LM, adapters on query and value.
     "transformer": {
         "model": dict(CAUSAL_LM),
@@ -173,6 +212,12 @@ QUICK = {
     "memory": {
         "train": dict(FULL["memory"]["train"], width=512, depth=2, batch=16, steps=2),
         "apply_lora": dict(FULL["memory"]["apply_lora"], width=512, depth=4),
+        "qlora": dict(FULL["memory"]["qlora"], model=dict(LLAMA_QUICK), steps=2),
+        "remat": dict(
+            FULL["memory"]["remat"],
+            model=dict(LLAMA_QUICK, sequence_length=64),
+            steps=2,
+        ),
     },
     "merge": dict(
         FULL["merge"],
@@ -189,14 +234,6 @@ QUICK = {
         adapters=[2, 4],
         mlp=dict(FULL["serving"]["mlp"], input_dim=64, width=64, batch=16),
         transformer=dict(CAUSAL_LM_QUICK, batch=4),
-        warmup=1,
-        repeats=2,
-        steps=2,
-    ),
-    "qlora": dict(
-        FULL["qlora"],
-        model=dict(CAUSAL_LM_QUICK),
-        memory_steps=2,
         warmup=1,
         repeats=2,
         steps=2,

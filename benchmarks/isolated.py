@@ -18,7 +18,9 @@ TASKS = {
     "train_memory": "benchmarks.memory:train_memory_worker",
     "apply_lora_memory": "benchmarks.memory:apply_lora_memory_worker",
     "merge_scaling": "benchmarks.merging:merge_scaling_worker",
-    "qlora_memory": "benchmarks.qlora:qlora_memory_worker",
+    "qlora_train": "benchmarks.qlora:qlora_train_worker",
+    "remat_memory": "benchmarks.qlora:remat_memory_worker",
+    "qlora_rows": "benchmarks.qlora:rows_worker",
 }
 
 
@@ -72,12 +74,16 @@ def _project_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def task_function(task):
+    """The function registered for `task` in `TASKS`."""
+    module_name, function_name = TASKS[task].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
 def main(argv):
     backend, task, args = argv
     os.environ["KERAS_BACKEND"] = backend
-    module_name, function_name = TASKS[task].split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
-    result = function(json.loads(args))
+    result = task_function(task)(json.loads(args))
     print(PREFIX + json.dumps(result), flush=True)
 
 

@@ -8,6 +8,9 @@
   The one-time cost of a process's first `apply_lora` (on a tiny model) is
   reported apart.
 - Bytes of the adapters versus the base model.
+- Quantized bases (QLoRA) at issue 19's size, KerasHub's own
+  `enable_lora` as the anchor, and rematerialization at sequence 2,048:
+  `benchmarks/qlora.py`.
 """
 
 import gc
@@ -17,7 +20,9 @@ from benchmarks.isolated import run_isolated_together
 MB = 2**20
 
 
-def run(config, backend):
+def run(config, backend, quick=False):
+    from benchmarks import qlora
+
     c = config["memory"]
     # Peak RSS is per process and times nothing: the three run at once.
     full, lora, apply = run_isolated_together(
@@ -37,6 +42,7 @@ def run(config, backend):
         "apply_lora": apply,
         "apply_lora_added/model_bytes": apply["added_bytes"] / apply["model_bytes"],
         "adapter/base_bytes": apply["adapter_bytes"] / apply["model_bytes"],
+        "quantized": qlora.run(c, backend, quick),
     }
 
 
@@ -106,3 +112,44 @@ def apply_lora_memory_worker(args):
         "method": peak.method,
         "first_use_added_bytes": first_use.added,
     }
+
+
+def report_lines(m):
+    """The section's tables: LoRA vs full training, apply_lora, and the
+    quantized rows (`qlora.report_lines`)."""
+    from benchmarks import qlora
+    from benchmarks.tables import fmt, table
+
+    tc, ac = m["config"]["train"], m["config"]["apply_lora"]
+    rows = [
+        [
+            kind,
+            f"{t['params']:,}",
+            f"{t['trainable_params']:,}",
+            f"{t['rss_before_bytes'] / MB:,.0f}",
+            f"{t['peak_bytes'] / MB:,.0f}",
+            f"{t['added_bytes'] / MB:,.0f}",
+        ]
+        for kind, t in m["train"].items()
+    ]
+    a = m["apply_lora"]
+    lines = [
+        f"3. Memory: training {tc['steps']} steps of {tc['depth']} x "
+        f"Dense({tc['width']}), batch {tc['batch']}, Adam, each in its own "
+        "process (RSS, MB)",
+        *table(["run", "params", "trainable", "before", "peak", "added"], rows),
+        f"peak LoRA / full: {fmt(m['train_peak_lora/full'])}; memory added "
+        f"by training LoRA / full: {fmt(m['train_added_lora/full'])}",
+        f"apply_lora on {ac['depth']} x Dense({ac['width']}) "
+        f"({a['params']:,} params, {a['model_bytes'] / MB:,.0f} MB float32): "
+        f"peak RSS added {a['added_bytes'] / MB:,.1f} MB = "
+        f"{100 * m['apply_lora_added/model_bytes']:.2f}% of the model "
+        f"({a['method']}); one-time cost of the process's first apply_lora "
+        f"(tiny model): {a['first_use_added_bytes'] / MB:,.1f} MB",
+        f"adapter bytes {a['adapter_bytes'] / MB:,.2f} MB vs base "
+        f"{a['model_bytes'] / MB:,.0f} MB = {100 * m['adapter/base_bytes']:.3f}%",
+        "",
+    ]
+    if "quantized" in m:
+        lines += qlora.report_lines(m["quantized"], m["config"])
+    return lines

@@ -4,6 +4,8 @@ import json
 import os
 
 from benchmarks import machine, targets
+from benchmarks.tables import fmt as _fmt
+from benchmarks.tables import table as _table
 
 MB = 2**20
 ROW_LABELS = {
@@ -14,24 +16,6 @@ ROW_LABELS = {
     "peft": "PEFT LoRA, plain PyTorch",
     "dora": "keras_lora DoRA",
 }
-
-
-def _fmt(value, digits=2):
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _table(header, rows):
-    widths = [
-        max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)
-    ]
-
-    def line(cells):
-        return "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
 def _training_lines(title, data):
@@ -139,37 +123,9 @@ def backend_text(results):
             "",
         ]
     if "memory" in s:
-        m = s["memory"]
-        tc, ac = m["config"]["train"], m["config"]["apply_lora"]
-        rows = [
-            [
-                kind,
-                f"{t['params']:,}",
-                f"{t['trainable_params']:,}",
-                f"{t['rss_before_bytes'] / MB:,.0f}",
-                f"{t['peak_bytes'] / MB:,.0f}",
-                f"{t['added_bytes'] / MB:,.0f}",
-            ]
-            for kind, t in m["train"].items()
-        ]
-        a = m["apply_lora"]
-        lines += [
-            f"3. Memory: training {tc['steps']} steps of {tc['depth']} x "
-            f"Dense({tc['width']}), batch {tc['batch']}, Adam, each in its own "
-            "process (RSS, MB)",
-            *_table(["run", "params", "trainable", "before", "peak", "added"], rows),
-            f"peak LoRA / full: {_fmt(m['train_peak_lora/full'])}; memory added "
-            f"by training LoRA / full: {_fmt(m['train_added_lora/full'])}",
-            f"apply_lora on {ac['depth']} x Dense({ac['width']}) "
-            f"({a['params']:,} params, {a['model_bytes'] / MB:,.0f} MB float32): "
-            f"peak RSS added {a['added_bytes'] / MB:,.1f} MB = "
-            f"{100 * m['apply_lora_added/model_bytes']:.2f}% of the model "
-            f"({a['method']}); one-time cost of the process's first apply_lora "
-            f"(tiny model): {a['first_use_added_bytes'] / MB:,.1f} MB",
-            f"adapter bytes {a['adapter_bytes'] / MB:,.2f} MB vs base "
-            f"{a['model_bytes'] / MB:,.0f} MB = {100 * m['adapter/base_bytes']:.3f}%",
-            "",
-        ]
+        from benchmarks import memory
+
+        lines += memory.report_lines(s["memory"])
     if "merge" in s:
         m = s["merge"]
         rows = [
@@ -211,10 +167,6 @@ def backend_text(results):
         from benchmarks import serving
 
         lines += serving.report_lines(s["serving"])
-    if "qlora" in s:
-        from benchmarks import qlora
-
-        lines += qlora.report_lines(s["qlora"])
     lines += ["Targets (ratios from this run; reported, never asserted)"]
     rows = [
         [

@@ -17,7 +17,6 @@ def run(quick, sections=SECTIONS, log=print):
         inference,
         memory,
         merging,
-        qlora,
         serving,
         training,
         transformer,
@@ -31,11 +30,10 @@ def run(quick, sections=SECTIONS, log=print):
         "block": lambda: training.run_block(config),
         "inference": lambda: inference.run(config),
         "eager": lambda: eager_forward.run(**eager_forward.sizes(quick)),
-        "memory": lambda: memory.run(config, backend),
+        "memory": lambda: memory.run(config, backend, quick),
         "merge": lambda: merging.run(config, backend),
         "hotswap": lambda: hotswap.run(config),
         "serving": lambda: serving.run(config),
-        "qlora": lambda: qlora.run(config, backend),
     }
     results = {
         "backend": backend,

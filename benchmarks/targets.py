@@ -23,6 +23,20 @@ TARGETS = (
     ("hotswap/raw_assign", 2.0, "one hotswap_adapter / raw assign of the same bytes"),
     ("serving/8", 1.30, "serving: 8 adapters mixed in a batch / single adapter"),
     ("serving/64", 2.0, "serving: 64 adapters mixed in a batch / single adapter"),
+    ("int4_peak/float32_peak", 0.45, "QLoRA train peak RSS: int4 / float32 base"),
+    ("int8_peak/float32_peak", 0.60, "QLoRA train peak RSS: int8 / float32 base"),
+    (
+        "int4_added/float_kernels",
+        0.15,
+        "QLoRA int4: peak added by the steps / float32 kernel bytes",
+    ),
+    ("int4_step/float32_step", 1.5, "QLoRA step time (median): int4 / float32 base"),
+    (
+        "keras_lora/enable_lora_int4_peak",
+        0.6,
+        "QLoRA int4 train peak: keras_lora / KerasHub enable_lora",
+    ),
+    ("remat/no_remat", 0.35, "activation memory at sequence 2,048: remat / none"),
 )
 
 
@@ -91,6 +105,18 @@ def _figures(sections):
             f"{mb:,.0f} MB model",
             memory["apply_lora_added/model_bytes"],
         )
+        quantized = memory.get("quantized")
+        if quantized is not None:
+            size = _llama_label(memory["config"]["qlora"]["model"])
+            for key, value in quantized["ratios"].items():
+                add(key, size, value)
+            remat = quantized["remat"]["ratio"]
+            add(
+                "remat/no_remat",
+                f"{_llama_label(memory['config']['remat']['model'])}, "
+                f"{remat['figure']}",
+                remat["value"],
+            )
     if "merge" in sections:
         merge = sections["merge"]
         add("merge/numpy", "all sizes", merge["max_merge/numpy"])
@@ -106,3 +132,10 @@ def _figures(sections):
         for key, where, value in serving.figures(sections["serving"]):
             add(key, where, value)
     return figures
+
+
+def _llama_label(model):
+    return (
+        f"Llama {model['num_layers']} x {model['hidden_dim']}, "
+        f"seq {model['sequence_length']}"
+    )

@@ -3,16 +3,17 @@
 from keras_lora.distribution import lora_layout_map
 from keras_lora.exporting import export
 from keras_lora.io import load_adapter, save_adapter
-from keras_lora.io.hotswap import hotswap_adapter
+from keras_lora.io.hotswap import hotswap_adapter, prepare_hotswap
 from keras_lora.layers import (
     LoRAConv,
     LoRADense,
+    LoRADepthwiseConv,
     LoRAEinsumDense,
     LoRAEmbedding,
     LoRALayer,
 )
 from keras_lora.model.core_lora import from_core_lora
-from keras_lora.model.hotswap import prepare_hotswap
+from keras_lora.model.merge import merge_lora, unmerge_lora
 from keras_lora.model.mixed import mixed_adapter_model
 from keras_lora.model.named_adapters import (
     active_adapters,
@@ -23,9 +24,9 @@ from keras_lora.model.named_adapters import (
     enable_adapters,
     list_adapters,
     set_adapter,
-    unmerge_lora,
 )
-from keras_lora.model.surgery import apply_lora, merge_lora
+from keras_lora.model.quantized_bases import lean_quantized
+from keras_lora.model.surgery import apply_lora
 from keras_lora.summary import TrainableSummary, trainable_summary
 from keras_lora.version import __version__ as __version__
 
@@ -41,6 +42,7 @@ __all__ = [
     "unmerge_lora",
     "LoRAConv",
     "LoRADense",
+    "LoRADepthwiseConv",
     "LoRAEinsumDense",
     "LoRAEmbedding",
     "LoRALayer",
@@ -49,6 +51,7 @@ __all__ = [
     "export",
     "from_core_lora",
     "hotswap_adapter",
+    "lean_quantized",
     "load_adapter",
     "lora_layout_map",
     "merge_lora",

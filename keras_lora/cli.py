@@ -252,7 +252,7 @@ def _merge(args):
 def _apply(args):
     from keras_lora.atomic import atomic_output
     from keras_lora.io import load_adapter
-    from keras_lora.model.surgery import merge_lora
+    from keras_lora.model.merge import merge_lora
 
     _check_keras_output(args.output)
     name_map = _parse_name_map(args.name_map)

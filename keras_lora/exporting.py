@@ -15,8 +15,8 @@ from pathlib import Path
 import keras
 
 from keras_lora.atomic import atomic_output, check_parent
+from keras_lora.model.merge import merge_lora
 from keras_lora.model.mixed import INDEX_NAME, mixed_layer
-from keras_lora.model.surgery import merge_lora
 from keras_lora.model.walk import iter_layers
 
 FORMATS = ("tf_saved_model", "keras")

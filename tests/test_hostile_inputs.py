@@ -416,10 +416,33 @@ CASES = [
     ),
     C(
         "LoRAConv",
-        "grouped conv",
-        lambda e: kl.LoRAConv(keras.layers.Conv2D(4, 3, groups=2, name="g")),
+        "DepthwiseConv2D",
+        lambda e: kl.LoRAConv(keras.layers.DepthwiseConv2D(3)),
+        TypeError,
+        r"LoRAConv wraps.*DepthwiseConv2D",
+    ),
+    C(
+        "LoRADepthwiseConv",
+        "layer=Dense",
+        lambda e: kl.LoRADepthwiseConv(e.dense),
+        TypeError,
+        r"LoRADepthwiseConv wraps.*Dense",
+        "dense",
+    ),
+    C(
+        "LoRADepthwiseConv",
+        "rank=0",
+        lambda e: kl.LoRADepthwiseConv(keras.layers.DepthwiseConv2D(3), rank=0),
         ValueError,
-        r"'g'.*grouped.*groups=2",
+        r"`rank`",
+    ),
+    C(
+        "lean_quantized",
+        "model=layer",
+        lambda e: kl.lean_quantized(e.dense),
+        TypeError,
+        r"lean_quantized: `model` must be a keras.Model",
+        "dense",
     ),
     C(
         "LoRAConv",
@@ -627,6 +650,14 @@ CASES = [
         ValueError,
         r"'d1'.*NaN or Inf",
         "inf_lora",
+    ),
+    C(
+        "merge_lora",
+        "reversible=str",
+        lambda e: kl.merge_lora(e.lora, reversible="yes"),
+        TypeError,
+        r"`reversible` must be True or False",
+        "lora",
     ),
     # --- export ------------------------------------------------------------
     C(

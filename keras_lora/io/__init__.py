@@ -31,7 +31,9 @@ from keras_lora.io.records import collect
 from keras_lora.model.walk import check_is_model, iter_layers
 
 
-def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
+def save_adapter(
+    model, path, format="keras_lora", name_map=None, adapter=None, hf_class=None
+):
     """Saves the LoRA weights of `model`, and nothing else, to `path`.
 
     Only `lora_a` and `lora_b` of every LoRA layer are written, with what is
@@ -53,6 +55,11 @@ def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
         adapter: the name of the adapter to save (see `add_adapter`), active
             or not; only the layers that have it are written. `None` saves
             each layer's active adapter.
+        hf_class: `"peft"` only, for a KerasHub model without `name_map`:
+            the name of the `transformers` class the adapter is for, e.g.
+            `"LlamaForCausalLM"` or `"LlamaModel"`. `None`: the task's
+            counterpart, or for a bare backbone the causal LM class where
+            KerasHub has a causal LM for it, else the base model class.
 
     Returns:
         `path` as a `pathlib.Path`.
@@ -78,8 +85,8 @@ def save_adapter(model, path, format="keras_lora", name_map=None, adapter=None):
     check_is_model(model, "save_adapter")
     check_name_map(name_map)
     records = collect(model, f"save_adapter(format={format!r})", adapter)
-    writer.check(model, records, path, name_map)
-    return writer.save(model, records, path, name_map)
+    writer.check(model, records, path, name_map, hf_class)
+    return writer.save(model, records, path, name_map, hf_class)
 
 
 def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):

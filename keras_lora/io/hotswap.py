@@ -1,14 +1,22 @@
-"""`hotswap_adapter`: write an adapter file into a prepared model's variables.
+"""Hot-swapping adapters into a compiled model without a retrace.
 
-The file is read by the same reader as `load_adapter`
-(`keras_lora.io.formats.read_records`: keras_lora files, PEFT directories,
-KerasHub-mapped PEFT directories) into validated `LayerRecord`s.
-Everything is checked against the prepared adapters (the target set,
-layer types and factoring, variant, rank against capacity, shapes) before
-anything is assigned. Then the factors, zero-padded to the capacity, DoRA's
-magnitude and the scale are assigned to the existing variables: no variable
-is created, no shape or Python value in a compiled function changes, so
-nothing is traced again.
+A compiled function (`jax.jit`, `tf.function`, `torch.compile`) is traced
+for fixed variable shapes and fixed Python values. Swapping in an adapter of
+another rank changes the shapes of `A` and `B`; another alpha changes the
+scale, which an unprepared layer multiplies by as a Python float baked into
+the trace. `prepare_hotswap` removes both: every adapter is padded with
+zeros to one rank (its capacity, `LoRALayer.prepare_hotswap`) and its scale
+becomes a variable.
+
+`hotswap_adapter` then only assigns variables. The file is read by the same
+reader as `load_adapter` (`keras_lora.io.formats.read_records`: keras_lora
+files, PEFT directories, KerasHub-mapped PEFT directories) into validated
+`LayerRecord`s. Everything is checked against the prepared adapters (the
+target set, layer types and factoring, variant, rank against capacity,
+shapes) before anything is assigned. Then the factors, zero-padded to the
+capacity, DoRA's magnitude and the scale are assigned to the existing
+variables: no variable is created, no shape or Python value in a compiled
+function changes, so nothing is traced again.
 """
 
 import warnings
@@ -16,13 +24,81 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora.config import DEFAULT_NAME, validate_adapter_name
+from keras_lora.config import DEFAULT_NAME, validate_adapter_name, validate_rank
 from keras_lora.io.formats import check_path, find_reader, read_records
 from keras_lora.io.install import check_layer
 from keras_lora.io.names import check_name_map
 from keras_lora.layers.checks import caller_stacklevel
 from keras_lora.layers.variants import scale_for
+from keras_lora.model.tracking import drop_compiled
 from keras_lora.model.walk import check_is_model, iter_layers, require_lora_layers
+
+
+def prepare_hotswap(model, max_rank):
+    """Pads every adapter of `model` to rank `max_rank` and makes scales variables.
+
+    `A` gets zero columns and `B` zero rows up to `max_rank`, so each adapter
+    computes what it did (to float rounding) and is, from then on, a rank-
+    `max_rank` adapter whose extra components are zero: `layer.rank` is
+    `max_rank` and `alpha` becomes `scale·max_rank` (`scale·sqrt(max_rank)`
+    with rsLoRA), which keeps the scale. Each scale becomes a non-trainable
+    float32 variable that the layer reads on every call. After this,
+    `hotswap_adapter` writes any adapter of rank `<= max_rank` and any alpha
+    into the same variables, and compiled functions keep running without a
+    retrace.
+
+    The padded factors are new variables, so call this before `compile`
+    (the model's compiled functions are dropped; compile again to train).
+    Everything else works on a prepared model: `merge_lora`, `save_adapter`
+    (which writes the padded adapter at rank `max_rank`, loadable by any
+    model), `.keras` files (which record each adapter's `hotswap` option),
+    named adapters, DoRA. Calling it again with a larger `max_rank` pads
+    further.
+
+    Args:
+        model: a `keras.Model` with built LoRA layers.
+        max_rank: positive integer, the capacity: the largest rank a swapped
+            adapter may have, and at least every current adapter's rank.
+
+    Returns:
+        `model`, prepared in place.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`, or `max_rank` is not an
+            integer.
+        ValueError: `max_rank` is below an adapter's rank, `model` has no
+            LoRA layers, or they are not built; nothing was changed.
+
+    Example:
+
+    >>> lora_model = kl.apply_lora(model, rank=4)
+    >>> kl.prepare_hotswap(lora_model, max_rank=16)
+    >>> lora_model.compile(...)
+    >>> kl.hotswap_adapter(lora_model, "tenant_a.safetensors")
+    """
+    check_is_model(model, "prepare_hotswap")
+    max_rank = validate_rank(max_rank, "max_rank")
+    layers = require_lora_layers(
+        model,
+        "prepare_hotswap",
+        ". Use `apply_lora` (or `load_adapter`) first.",
+        built=True,
+    )
+    above = [
+        f"'{path}' adapter {name!r} rank {rank}"
+        for path, layer in layers
+        for name, rank in layer.ranks_above(max_rank).items()
+    ]
+    if above:
+        raise ValueError(
+            f"prepare_hotswap: `max_rank` must be at least the rank of every "
+            f"adapter. Received: max_rank={max_rank}, but model "
+            f"'{model.name}' has:\n  " + "\n  ".join(above) + "\nNothing was changed."
+        )
+    for _, layer in layers:
+        layer.prepare_hotswap(max_rank)
+    drop_compiled(model)
+    return model
 
 
 def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
@@ -79,18 +155,25 @@ def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
 def assign_all(plan):
     """Assigns each `(variable, NumPy value)` of `plan`.
 
-    On JAX the values go to their devices in one `jax.device_put` (placed
-    as each variable's current value is, shardings included): one transfer
-    instead of one per variable, about half the time for a dozen small
-    arrays. Elsewhere each is assigned as it is.
+    On JAX each value is placed as the variable's current value is:
+    committed to its sharding if that one is, else uncommitted. jit keys its
+    cache on the arguments' placements, so a value that turned committed
+    would recompile every compiled step that reads it (without retracing
+    it). The values go in two `jax.device_put` calls, not one per variable.
+    Elsewhere each is assigned as it is.
     """
     if keras.backend.backend() == "jax":
         import jax
 
-        variables = [variable for variable, _ in plan]
-        places = [variable.value.sharding for variable in variables]
-        values = jax.device_put([value for _, value in plan], places)
-        plan = zip(variables, values, strict=True)
+        committed = [getattr(v.value, "_committed", True) for v, _ in plan]
+        pinned = [(v, a) for (v, a), c in zip(plan, committed, strict=True) if c]
+        free = [(v, a) for (v, a), c in zip(plan, committed, strict=True) if not c]
+        values = jax.device_put(
+            [a for _, a in pinned], [v.value.sharding for v, _ in pinned]
+        )
+        plan = list(zip([v for v, _ in pinned], values, strict=True))
+        values = jax.device_put([a for _, a in free])
+        plan += list(zip([v for v, _ in free], values, strict=True))
     for variable, value in plan:
         variable.assign(value)
 

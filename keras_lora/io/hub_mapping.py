@@ -23,28 +23,31 @@ embeddings). Then `K[i, o] = W[out_index[o], in_index[i]]`, and a LoRA
 update of `W` carries over with `in_index` and `out_index` alone (see
 `keras_lora.io.hub_peft`). A slice (GPT2's fused `c_attn` feeding
 `query`, `key` and `value`) gives each Keras kernel part of `out_index`.
+
+The converter reads checkpoint keys, which are not always the module names
+of the installed `transformers` (version 5 loads ViT's
+`vit.encoder.layer.0.attention.attention.query` into
+`vit.layers.0.attention.q_proj`). A key becomes a module name the way
+`transformers` renames it when it loads a checkpoint into the class
+(`_hf_module_names`); which class is `hf_class` (`default_hf_class`). The
+`transformers` model type of a converter is read from KerasHub's own choice
+of converter (`_model_types`). Which kernels a layer has, and how they
+factor, the layer's LoRA type says (`LoRALayer.kernel_variable`,
+`kernel_axes`, `peft_kind`).
 """
 
+import ast
 import dataclasses
+import functools
+import inspect
 import math
 import sys
+import textwrap
 
-import keras
 import numpy as np
 
+from keras_lora.layers import lora_class_for
 from keras_lora.model.walk import iter_layers
-
-# Hugging Face's `base_model_prefix`: the attribute of a `...ForCausalLM`
-# (or other head model) that holds the base model. Checked against
-# `transformers` in the tests; "model" for every other architecture.
-BASE_MODEL_PREFIX = {
-    "gpt2": "transformer",
-    "bert": "bert",
-    "distilbert": "distilbert",
-    "roberta": "roberta",
-    "xlm_roberta": "roberta",
-    "albert": "albert",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,19 +91,21 @@ class HubCorrespondence:
 
     Attributes:
         model_type: the converter's architecture name (`"llama3"`, `"gpt2"`).
-        base_prefix: Hugging Face's `base_model_prefix` for it.
-        for_task: whether module names are those of the head model
-            (`LlamaForCausalLM`: `"model.layers.0..."`) rather than of the
-            base model (`LlamaModel`: `"layers.0..."`). True for a KerasHub
-            `Task`, false for a `Backbone`.
+        hf_model_type: the `transformers` model type (`"llama"`).
+        hf_class: the `transformers` class whose module names `save_adapter`
+            writes (`"LlamaForCausalLM"`).
+        base_prefix: that class's `base_model_prefix` (`"model"`).
     """
 
-    def __init__(self, model_type, base_prefix, for_task, kernels, full_keys):
+    def __init__(
+        self, model_type, hf_model_type, hf_class, base_prefix, kernels, names
+    ):
         self.model_type = model_type
+        self.hf_model_type = hf_model_type
+        self.hf_class = hf_class
         self.base_prefix = base_prefix
-        self.for_task = for_task
         self._kernels = kernels  # id(variable) -> (variable, KernelMap)
-        self._full_keys = full_keys
+        self._names = names  # weight key -> {class name: module name or None}
 
     def kernel_map(self, layer):
         """The `KernelMap` of a LoRA layer's (or a plain layer's) kernel, or `None`."""
@@ -109,31 +114,39 @@ class HubCorrespondence:
         return None if entry is None or entry[0] is not variable else entry[1]
 
     def module_names(self, kernel_map):
-        """`(head model name, base model name)` of a map's module; the base
-        model name is `None` for a weight outside the base model (`lm_head`)."""
-        name = kernel_map.key.removesuffix(".weight")
-        prefix = self.base_prefix + "."
-        if not self._full_keys:
-            return prefix + name, name
-        return name, name[len(prefix) :] if name.startswith(prefix) else None
+        """The names of a map's module in each `transformers` class this
+        correspondence knows (`hf_class` first), without repeats or `None`."""
+        names = self._names.get(kernel_map.key, {}).values()
+        return tuple(dict.fromkeys(n for n in names if n is not None))
 
     def module(self, kernel_map):
-        """The PEFT module path that `save_adapter` writes for a map."""
-        head, base = self.module_names(kernel_map)
-        return head if self.for_task else base
+        """The PEFT module path that `save_adapter` writes for a map: its
+        name in `hf_class`, or `None` where that class has no such module."""
+        return self._names.get(kernel_map.key, {}).get(self.hf_class)
 
     def maps(self):
         """All `KernelMap`s, in the converter's order."""
         return [entry[1] for entry in self._kernels.values()]
 
 
-def hub_correspondence(model):
+def hub_correspondence(model, hf_class=None, also=()):
     """KerasHub's layer correspondence for `model`, or `None`.
+
+    The module names are those of the installed `transformers`: each weight
+    key KerasHub's converter reads is renamed as `transformers` renames a
+    checkpoint's keys when it loads them into the class (its weight
+    conversion mapping and `base_model_prefix`, on the model built on the
+    meta device, so that no weights are made), and kept where that class
+    has the module.
 
     Args:
         model: a KerasHub `Backbone`, a `Task` (`model.backbone`), or a model
             holding exactly one KerasHub backbone; its layers may be LoRA
             layers already (`apply_lora(..., in_place=True)`).
+        hf_class: the name of the `transformers` class to name modules for,
+            or `None` for the default (`default_hf_class`).
+        also: names of further `transformers` classes whose module names
+            `module_names` gives too (reading a file saved from another).
 
     Returns:
         A `HubCorrespondence`, or `None` when `model` holds no KerasHub
@@ -141,21 +154,24 @@ def hub_correspondence(model):
 
     Raises:
         ValueError: KerasHub has a converter for the backbone, but running
-            it to record the correspondence failed.
+            it to record the correspondence failed; `transformers` (or
+            `torch`) is not installed; or `hf_class` is not a class of the
+            architecture.
     """
     if "keras_hub" not in sys.modules:
         return None  # a KerasHub model has imported keras_hub already
     from keras_hub.src.models.backbone import Backbone
 
-    backbone, for_task = _find_backbone(model, Backbone)
+    backbone, task = _find_backbone(model, Backbone)
     if backbone is None:
         return None
     name, converter = _converter_for(backbone)
     if converter is None:
         return None
     loader = _RecordingLoader()
+    hf_config = _transformers_config(backbone)
     try:
-        converter.convert_weights(backbone, loader, _transformers_config(backbone))
+        converter.convert_weights(backbone, loader, hf_config)
     except Exception as e:
         raise ValueError(
             f"KerasHub's converter `{converter.__name__}` failed on "
@@ -163,20 +179,207 @@ def hub_correspondence(model):
             f"recorded its layer correspondence: {type(e).__name__}: {e}. "
             "Pass `name_map` to name the modules yourself."
         ) from e
-    base_prefix = BASE_MODEL_PREFIX.get(name, "model")
-    full_keys = any(k.startswith(base_prefix + ".") for _, k, _ in loader.calls)
-    kernels = _kernel_maps(backbone, loader.calls)
-    return HubCorrespondence(name, base_prefix, for_task, kernels, full_keys)
+    if task is not None and hasattr(converter, "convert_head"):
+        _record_head(converter, task, loader, hf_config)
+    hf_model_type = hf_config.get("model_type") or _model_types().get(name, [None])[0]
+    classes = hf_classes(hf_model_type, name)
+    default = default_hf_class(hf_model_type, backbone, task)
+    if hf_class is None:
+        hf_class = default
+    elif hf_class not in classes:
+        raise ValueError(
+            f"`hf_class` must be a `transformers` class of the "
+            f"'{hf_model_type}' architecture, one of {classes}. "
+            f"Received: hf_class={hf_class!r}"
+        )
+    wanted = [hf_class, default, classes[0], *(c for c in also if c in classes)]
+    kernels = _kernel_maps(backbone if task is None else task, loader.calls)
+    keys = [m.key for m in (entry[1] for entry in kernels.values())]
+    num_layers = getattr(backbone, "num_layers", None)
+    names = {key: {} for key in keys}
+    for cls_name in dict.fromkeys(wanted):
+        renamed = _hf_module_names(hf_model_type, cls_name, num_layers)
+        for key in keys:
+            names[key][cls_name] = renamed(key)
+    base_prefix = _hf_class(cls_name=hf_class).base_model_prefix
+    return HubCorrespondence(name, hf_model_type, hf_class, base_prefix, kernels, names)
+
+
+def _record_head(converter, task, loader, hf_config):
+    """Records the converter's task head (a classifier's) where it fits
+    `task`; a head it cannot port is left without a counterpart."""
+    recorded = len(loader.calls)
+    try:
+        converter.convert_head(task, loader, hf_config)
+    except Exception:
+        del loader.calls[recorded:]
+
+
+def hf_classes(hf_model_type, name="this"):
+    """The `transformers` classes of `hf_model_type`, base model first."""
+    transformers = _transformers(name)
+    from transformers.models.auto import modeling_auto
+
+    found = []
+    mappings = [modeling_auto.MODEL_MAPPING_NAMES] + [
+        mapping
+        for attr, mapping in sorted(vars(modeling_auto).items())
+        if attr.startswith("MODEL_FOR_") and attr.endswith("_MAPPING_NAMES")
+    ]
+    for mapping in mappings:
+        value = mapping.get(hf_model_type) if isinstance(mapping, dict) else None
+        for cls_name in value if isinstance(value, (list, tuple)) else [value]:
+            if cls_name and hasattr(transformers, cls_name):
+                found.append(cls_name)
+    if not found:
+        raise ValueError(
+            f"The installed `transformers` has no model class for KerasHub's "
+            f"'{name}' converter (model type {hf_model_type!r}). Pass "
+            "`name_map` to name the PEFT modules yourself."
+        )
+    return list(dict.fromkeys(found))
+
+
+# KerasHub task kind -> the `transformers` auto mapping of its counterpart.
+_TASK_MAPPINGS = (
+    ("CausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("ImageClassifier", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    ("TextClassifier", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("MaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+)
+
+
+def default_hf_class(hf_model_type, backbone, task=None):
+    """The `transformers` class a KerasHub model's adapter is saved for.
+
+    A task's counterpart (`LlamaForCausalLM` for a `Llama3CausalLM`,
+    `ViTForImageClassification` for a `ViTImageClassifier`); for a bare
+    backbone, the causal LM class when KerasHub has a causal LM for it (the
+    model one generates with), else the base model class (`ViTModel`).
+    """
+    import keras_hub
+    from transformers.models.auto import modeling_auto
+
+    if task is not None:
+        kinds = [k for k, _ in _TASK_MAPPINGS if _is_task(type(task), k)]
+    else:
+        kinds = [
+            "CausalLM"
+            for cls in vars(keras_hub.models).values()
+            if _is_task(cls, "CausalLM")
+            and issubclass(type(backbone), getattr(cls, "backbone_cls", None) or ())
+        ][:1]
+    for kind, mapping in _TASK_MAPPINGS:
+        if kind in kinds:
+            cls_name = getattr(modeling_auto, mapping).get(hf_model_type)
+            if cls_name:
+                return cls_name
+    return modeling_auto.MODEL_MAPPING_NAMES[hf_model_type]
+
+
+def _is_task(cls, kind):
+    return isinstance(cls, type) and any(c.__name__ == kind for c in cls.__mro__)
+
+
+def _transformers(name):
+    try:
+        import torch  # noqa: F401
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "Saving or loading a PEFT adapter of a KerasHub model without "
+            "`name_map` names the modules as the installed `transformers` "
+            f"does for KerasHub's '{name}' converter; install `transformers` "
+            "and `torch`, or pass `name_map`."
+        ) from None
+    return transformers
+
+
+def _hf_class(cls_name):
+    import transformers
+
+    return getattr(transformers, cls_name)
+
+
+def hf_class_module(cls_name):
+    """The module of `transformers` class `cls_name` (PEFT's
+    `auto_mapping.parent_library`)."""
+    return _hf_class(cls_name).__module__
+
+
+@functools.lru_cache(maxsize=16)
+def _hf_module_names(hf_model_type, cls_name, num_layers):
+    """`rename(key) -> module name or None`: how `transformers` renames a
+    checkpoint weight key for `cls_name` (built on the meta device, at the
+    default config but for its number of layers)."""
+    import torch
+    import transformers
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        rename_source_key,
+    )
+
+    config = transformers.AutoConfig.for_model(hf_model_type)
+    if num_layers:
+        config.num_hidden_layers = int(num_layers)
+    with torch.device("meta"):
+        model = _hf_class(cls_name)._from_config(config)
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    state = dict.fromkeys(model.state_dict(), True)
+    modules = {name for name, _ in model.named_modules()}
+
+    def rename(key):
+        name, converted = rename_source_key(
+            key, renamings, converters, model.base_model_prefix, state
+        )
+        module = name.removesuffix(".weight")
+        if converted is not None or name not in state or module not in modules:
+            return None  # split or fused by `transformers`, or not in this class
+        return module
+
+    return rename
+
+
+@functools.cache
+def _model_types():
+    """`{converter name: [transformers model types]}`, read from KerasHub's
+    own choice of converter (`TransformersPresetLoader.__init__`)."""
+    from keras_hub.src.utils.transformers import preset_loader
+
+    source = inspect.getsource(preset_loader.TransformersPresetLoader.__init__)
+    found = {}
+    for node in ast.walk(ast.parse(textwrap.dedent(source))):
+        if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+            continue
+        (op,), (operand,) = node.test.ops, node.test.comparators
+        if isinstance(op, ast.Eq):
+            operands = [operand]
+        elif isinstance(op, ast.In) and isinstance(operand, (ast.Tuple, ast.List)):
+            operands = operand.elts
+        else:
+            continue
+        types = [o.value for o in operands if isinstance(o, ast.Constant)]
+        for stmt in node.body:
+            value = getattr(stmt, "value", None)
+            if isinstance(value, ast.Name) and value.id.startswith("convert_"):
+                found.setdefault(value.id.removeprefix("convert_"), []).extend(types)
+    return found
 
 
 def _find_backbone(model, backbone_class):
+    """`(backbone, task)`: the KerasHub backbone, and the task holding it
+    (`None` for a bare backbone or another model holding one)."""
     if isinstance(model, backbone_class):
-        return model, False
+        return model, None
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, backbone_class):
-        return backbone, True
+        return backbone, model
     found = [lay for _, lay in iter_layers(model) if isinstance(lay, backbone_class)]
-    return (found[0], False) if len(found) == 1 else (None, False)
+    return (found[0], None) if len(found) == 1 else (None, None)
 
 
 def _converter_for(backbone):
@@ -233,28 +436,20 @@ class _RecordingLoader:
 
 
 def _kernel_variable(layer):
-    if isinstance(layer, keras.layers.Embedding):
-        return getattr(layer, "_embeddings", None)
-    if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
-        return getattr(layer, "_kernel", None)
-    return None
+    """A base layer's kernel variable, as its LoRA layer type says, or `None`."""
+    cls = lora_class_for(layer)
+    return None if cls is None else cls.kernel_variable(layer)
 
 
 def _kernel_axes(layer):
-    """`(in_axes, out_axes, kind)` of a base layer's kernel, or `None`."""
-    if isinstance(layer, keras.layers.Embedding):
-        return (0,), (1,), "Embedding"
-    if isinstance(layer, keras.layers.Dense):
-        return (0,), (1,), "Linear"
-    if isinstance(layer, keras.layers.EinsumDense):
-        lhs, output = layer.equation.replace(" ", "").split("->")
-        x_spec, k_spec = lhs.split(",")
-        if any(c in x_spec and c in output for c in k_spec):
-            return None  # a batch-like axis: not one matrix
-        in_axes = tuple(i for i, c in enumerate(k_spec) if c not in output)
-        out_axes = tuple(i for i, c in enumerate(k_spec) if c in output)
-        return in_axes, out_axes, "Linear"
-    return None
+    """`(in_axes, out_axes, kind)` of a base layer's kernel, as its LoRA
+    layer type says, or `None` (no PEFT Linear/Embedding, or no matrix)."""
+    cls = lora_class_for(layer)
+    kind = None if cls is None else cls.peft_kind(layer)
+    if kind not in ("Linear", "Embedding"):
+        return None  # the converters port Linear and Embedding weights
+    axes = cls.kernel_axes(layer)
+    return None if axes is None else (*axes, kind)
 
 
 def _kernel_maps(backbone, calls):

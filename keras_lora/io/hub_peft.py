@@ -23,11 +23,11 @@ import dataclasses
 import math
 import re
 
-import keras
 import numpy as np
 
 from keras_lora.io.records import make_record
 from keras_lora.io.report import report
+from keras_lora.layers import lora_class_for
 from keras_lora.layers.variants import scale_for
 
 
@@ -223,7 +223,6 @@ def records_from_peft(correspondence, modules, layers, source, options, strict):
     records = []
     for module, path, a, b, alpha in adapters:
         base = getattr(by_path[path], "layer", by_path[path])
-        einsum = isinstance(base, keras.layers.EinsumDense)
         records.append(
             make_record(
                 source,
@@ -231,7 +230,7 @@ def records_from_peft(correspondence, modules, layers, source, options, strict):
                 path,
                 a,
                 b,
-                factoring="standard" if einsum else None,
+                factoring=lora_class_for(base).file_factoring("standard"),
                 **{**options, "alpha": alpha},
             )
         )

@@ -12,7 +12,6 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora.config import LEGACY_FACTORING
 from keras_lora.io.records import kernel_digest, layer_factoring
 from keras_lora.io.report import report
 from keras_lora.layers import LoRALayer, lora_class_for
@@ -119,12 +118,12 @@ def check_layer(layer, record, model, source):
             f"'{record.path}', but that layer of model '{model.name}' is "
             f"a {type(base).__name__}; nothing was loaded."
         )
-    if isinstance(layer, LoRALayer) and isinstance(base, keras.layers.EinsumDense):
-        wanted = record.factoring or LEGACY_FACTORING
+    if isinstance(layer, LoRALayer):
+        wanted = type(layer).file_factoring(record.factoring)
         own = layer_factoring(layer)
         if wanted != own:
             raise ValueError(
-                f"{source} holds an EinsumDense adapter for '{record.path}' "
+                f"{source} holds a {type(base).__name__} adapter for '{record.path}' "
                 f"factored {wanted!r}, but that LoRA layer of model "
                 f"'{model.name}' is factored {own!r}; the two factorings give "
                 "different A and B, so nothing was loaded. Load into the base "
@@ -336,17 +335,16 @@ def _common_options(by_path, records, source):
         "use_rslora": first.use_rslora,
         **first.options,
     }
-    einsum = [
-        r for r in records if isinstance(by_path[r.path], keras.layers.EinsumDense)
-    ]
-    factorings = {r.factoring or LEGACY_FACTORING for r in einsum}
+    factorings = {
+        lora_class_for(by_path[r.path]).file_factoring(r.factoring) for r in records
+    } - {None}
     if len(factorings) > 1:
         raise ValueError(
-            f"{source} mixes EinsumDense factorings {sorted(factorings)}; "
+            f"{source} mixes factorings {sorted(factorings)}; "
             "load_adapter applies one to a plain model. Apply LoRA yourself "
             "and load into that model."
         )
     if factorings:
-        # Every LoRA layer type takes `factoring`; only EinsumDense has two.
+        # Every LoRA layer type takes `factoring`; `None`: the type has one.
         (kwargs["factoring"],) = factorings
     return kwargs

@@ -47,6 +47,7 @@ from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.records import make_record
 from keras_lora.io.report import report
 from keras_lora.io.safetensors_io import read_safetensors
+from keras_lora.layers import LORA_LAYER_TYPES
 from keras_lora.version import __version__
 
 NAME = "keras_lora"
@@ -54,10 +55,17 @@ DESCRIPTION = "adapter file"
 METADATA_KEY = "keras_lora"
 FORMAT_VERSION = 3
 SUFFIXES = ("/lora_a", "/lora_b", "/lora_magnitude")
+LORA_TYPES_BY_NAME = {t.__name__: t for t in LORA_LAYER_TYPES.values()}
 
 
-def check(model, records, path, name_map):
+def check(model, records, path, name_map, hf_class=None):
     """Raises if the records cannot be written to `path` in this format."""
+    if hf_class is not None:
+        raise ValueError(
+            "`hf_class` applies to format='peft' only: it names the "
+            "`transformers` class whose module names a PEFT adapter uses. "
+            f"Received: hf_class={hf_class!r}"
+        )
     if name_map is not None:
         raise ValueError(
             "`name_map` applies to format='peft' only; the keras_lora format "
@@ -70,7 +78,7 @@ def check(model, records, path, name_map):
         )
 
 
-def save(model, records, path, name_map=None):
+def save(model, records, path, name_map=None, hf_class=None):
     """Writes `records` to the `.safetensors` file `path`, atomically."""
     tensors, layers = {}, {}
     for record in records:
@@ -154,8 +162,11 @@ def read(path, name_map, model, layers, strict):
         if not isinstance(entry, dict) or "alpha" not in entry:
             raise ValueError(f"'{path}': corrupt metadata for layer '{stored}'.")
         factoring = entry.get("factoring")
-        if factoring is None and entry.get("base_type") == "EinsumDense":
-            factoring = LEGACY_FACTORING
+        lora_type = LORA_TYPES_BY_NAME.get(entry.get("type"))
+        if factoring is None and lora_type is not None:
+            # A missing entry means what older files meant; a present one
+            # is validated with the rest of the record (`make_record`).
+            factoring = lora_type.file_factoring(None)
         target = lookup(name_map, stored) or stored
         use_dora = entry.get("use_dora", False)
         records.append(

@@ -31,13 +31,12 @@ import sys
 from pathlib import Path
 
 import h5py
-import keras
 
-from keras_lora.config import LEGACY_FACTORING, validate_rank
+from keras_lora.config import validate_rank
 from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.records import make_record
 from keras_lora.io.report import report
-from keras_lora.layers import LoRALayer
+from keras_lora.layers import LoRALayer, lora_class_for
 
 NAME = "kerashub"
 DESCRIPTION = "KerasHub LoRA file"
@@ -78,7 +77,7 @@ def read(path, name_map, model, layers, strict):
             continue
         layer = dict(layers)[layer_path]
         base = layer.layer if isinstance(layer, LoRALayer) else layer
-        einsum = isinstance(base, keras.layers.EinsumDense)
+        cls = lora_class_for(base)
         records.append(
             make_record(
                 source,
@@ -88,7 +87,7 @@ def read(path, name_map, model, layers, strict):
                 b,
                 rank=rank,
                 alpha=rank,
-                factoring=LEGACY_FACTORING if einsum else None,
+                factoring=None if cls is None else cls.file_factoring("keras"),
             )
         )
     report(

@@ -78,7 +78,9 @@ def read_config(directory):
     Returns:
         A dict with `rank`, `alpha`, `use_rslora`, `dropout`, `init`,
         `use_dora`, `rank_pattern` and `alpha_pattern` (per-module ranks and
-        alphas, `{regex: value}`), each checked by `keras_lora.config`.
+        alphas, `{regex: value}`), each checked by `keras_lora.config`, and
+        `base_model_class`, the `transformers` class the adapter was saved
+        from (`auto_mapping`), or `None`.
 
     Raises:
         TypeError, ValueError: an option of the wrong type or value, a PEFT
@@ -121,6 +123,9 @@ def read_config(directory):
     _refuse_what_cannot_load(config, path)
     init = config.get("init_lora_weights", True)
     options["init"] = "gaussian" if init == "gaussian" else "default"
+    mapping = config.get("auto_mapping")
+    saved_for = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    options["base_model_class"] = saved_for if isinstance(saved_for, str) else None
     return options
 
 

@@ -31,17 +31,17 @@ import json
 import re
 from pathlib import Path
 
-import keras
 import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
-from keras_lora.io import hub_peft, peft_layout
+from keras_lora.io import hub_mapping, hub_peft, peft_layout
 from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.peft_config import CONFIG_NAME, make_config, read_config
 from keras_lora.io.records import make_record
 from keras_lora.io.report import report
 from keras_lora.io.safetensors_io import read_safetensors
+from keras_lora.layers import lora_class_for
 
 NAME = "peft"
 DESCRIPTION = "PEFT adapter"
@@ -58,8 +58,13 @@ MAGNITUDE = re.compile(
 FUNCTION = "save_adapter(format='peft')"
 
 
-def check(model, records, directory, name_map):
+def check(model, records, directory, name_map, hf_class=None):
     """Raises if the records cannot be written as one PEFT adapter."""
+    if hf_class is not None and not isinstance(hf_class, str):
+        raise TypeError(
+            "`hf_class` must be the name of a `transformers` class, such as "
+            f"'LlamaForCausalLM'. Received: hf_class={hf_class!r}"
+        )
     if Path(directory).exists() and not Path(directory).is_dir():
         raise ValueError(f"{FUNCTION} writes a directory, but '{directory}' is a file.")
     for record in records:
@@ -85,11 +90,19 @@ def _check_by_name(records, name_map):
     rule (a KerasHub model without `name_map` is mapped by `hub_mapping`)."""
     for record in records:
         peft_layout.check_keras_layer(record.layer.layer, record.path, FUNCTION)
-        if record.use_dora and not isinstance(record.layer.layer, keras.layers.Dense):
+        if record.layer.factoring != "standard":
+            raise ValueError(
+                f"{FUNCTION}: layer '{record.path}' is factored "
+                f"{record.layer.factoring!r}; PEFT's LoRA of a Linear is the "
+                "standard factoring of the flattened kernel. Apply LoRA with "
+                "factoring='standard'."
+            )
+        linear = peft_layout.keras_kind(record.layer.layer) == "Linear"
+        if record.use_dora and not (linear and record.a.ndim == record.b.ndim == 2):
             raise ValueError(
                 f"{FUNCTION}: layer '{record.path}' is a DoRA "
                 f"{type(record.layer.layer).__name__}; the PEFT format is "
-                "written for DoRA on Dense (PEFT Linear) layers only. Use the "
+                "written for DoRA on Dense (2-D Linear kernels) only. Use the "
                 "'keras_lora' format."
             )
     settings = {(r.rank, r.alpha, r.use_rslora) for r in records}
@@ -105,15 +118,29 @@ def _check_by_name(records, name_map):
         raise ValueError(f"`name_map` maps two Keras layers to PEFT modules {twice}.")
 
 
-def save(model, records, directory, name_map=None):
+def save(model, records, directory, name_map=None, hf_class=None):
     """Writes `records` as a PEFT adapter directory, atomically.
 
     Without `name_map`, a KerasHub model's modules are named, and its
-    factors laid out, as in its `transformers` twin (`hub_mapping`).
+    factors laid out, as in its `transformers` twin of class `hf_class`
+    (default: `hub_mapping.default_hf_class`), which `adapter_config.json`
+    records as PEFT does (`auto_mapping.base_model_class`).
     """
-    hub = hub_correspondence(model) if name_map is None else None
+    hub = hub_correspondence(model, hf_class) if name_map is None else None
     if hub is not None:
         return _save_by_hub(hub, records, directory)
+    if hf_class is not None:
+        raise ValueError(
+            f"{FUNCTION}: `hf_class` names the `transformers` class of a "
+            "KerasHub model's twin; "
+            + (
+                "with `name_map` the module names are yours. Drop one of them."
+                if name_map is not None
+                else f"model '{model.name}' holds no KerasHub backbone with a "
+                "`transformers` converter."
+            )
+            + f" Received: hf_class={hf_class!r}"
+        )
     _check_by_name(records, name_map)
     tensors, modules = {}, []
     for record in records:
@@ -157,6 +184,10 @@ def _save_by_hub(hub, records, directory):
         [m.name for m in modules],
     )
     config.update(hub_peft.config_fields(modules), fan_in_fan_out=fan_in_fan_out)
+    config["auto_mapping"] = {
+        "base_model_class": hub.hf_class,
+        "parent_library": hub_mapping.hf_class_module(hub.hf_class),
+    }
     return _write(directory, tensors, config)
 
 
@@ -184,7 +215,10 @@ def read(directory, name_map, model, layers, strict):
     rank = options.pop("rank")
     patterns = options.pop("rank_pattern"), options.pop("alpha_pattern")
     pairs, magnitudes = _group_tensors(directory, options["use_dora"], strict)
-    hub = hub_correspondence(model) if name_map is None else None
+    saved_for = options.pop("base_model_class")
+    hub = None
+    if name_map is None:
+        hub = hub_correspondence(model, also=(saved_for,) if saved_for else ())
     if hub is not None:
         return _read_by_hub(
             hub, directory, pairs, rank, patterns, options, layers, strict
@@ -199,22 +233,27 @@ def read(directory, name_map, model, layers, strict):
             continue
         layer = by_path[path]
         base = getattr(layer, "layer", layer)
-        if peft_layout.keras_kind(base) != kind:
+        own = peft_layout.keras_kind(base)
+        if own != kind:
+            what = "no PEFT counterpart" if own is None else f"PEFT kind {own}"
             raise ValueError(
                 f"PEFT module {module!r} is a {kind} adapter, but it maps to "
-                f"layer '{path}' of type {type(layer).__name__}; a {kind} "
-                f"adapter loads into a {peft_layout.keras_type_name(kind)} layer."
+                f"layer '{path}' of type {type(layer).__name__}, which has "
+                f"{what}; a {kind} adapter loads into a layer of that kind "
+                f"(e.g. a {peft_layout.keras_type_name(kind)})."
             )
         peft_layout.check_keras_layer(base, path, "load_adapter")
         magnitude = magnitudes.get(module)
-        if options["use_dora"] and (kind != "Linear" or magnitude is None):
+        shapes = peft_layout.keras_shapes(base, a.shape[0])
+        flat = len(shapes[0]) == len(shapes[1]) == 2
+        if options["use_dora"] and (kind != "Linear" or not flat or magnitude is None):
             raise ValueError(
                 f"PEFT module {module!r}: keras_lora reads DoRA adapters of "
                 "Linear modules, with their lora_magnitude_vector; this one is "
                 f"a {kind} adapter"
                 + ("." if magnitude is not None else " without a magnitude.")
             )
-        a, b = peft_layout.to_keras_layout(kind, a, b)
+        a, b = peft_layout.to_keras_layout(kind, a, b, shapes)
         records.append(
             make_record(
                 source,
@@ -222,6 +261,7 @@ def read(directory, name_map, model, layers, strict):
                 path,
                 a,
                 b,
+                factoring=lora_class_for(base).file_factoring("standard"),
                 magnitude=None if magnitude is None else magnitude.reshape(-1),
                 **_module_options(options, patterns, module),
             )

@@ -1,8 +1,13 @@
 """PEFT's tensor layouts against Keras's, per kind of module.
 
-- a Linear (our `Dense`): `lora_A.weight` `[r, in]` and `lora_B.weight`
-  `[out, r]`, the transposes of our `lora_a` `(in, r)` and `lora_b`
-  `(r, out)`;
+Which PEFT module kind a Keras layer corresponds to is the LoRA layer
+type's to say (`LoRALayer.peft_kind`, `peft_refusal`, `kernel_axes`); this
+module only moves tensors between the two layouts:
+
+- a Linear: `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]`, the
+  transposes of our `lora_a` and `lora_b` flattened to `(in, r)` and
+  `(r, out)` (a `Dense` is flat already; an `EinsumDense` kernel's input
+  and output axes flatten in kernel order);
 - an Embedding: `lora_embedding_A` `[r, vocab]` and `lora_embedding_B`
   `[dim, r]`, again the transposes of ours;
 - a Conv1d/2d/3d: `lora_A.weight` `[r, in, *kernel_size]` (our
@@ -10,10 +15,9 @@
   `(r, out)`), torch's conv layout against Keras's.
 """
 
-import keras
 import numpy as np
 
-CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+from keras_lora.layers import lora_class_for
 
 
 def keras_type_name(kind):
@@ -24,13 +28,20 @@ def keras_type_name(kind):
 
 def keras_kind(layer):
     """The PEFT module kind matching a Keras base layer, or `None`."""
-    if isinstance(layer, keras.layers.Dense):
-        return "Linear"
-    if isinstance(layer, keras.layers.Embedding):
-        return "Embedding"
-    if isinstance(layer, CONV_TYPES):
-        return f"Conv{len(layer.kernel_size)}d"
-    return None
+    cls = lora_class_for(layer)
+    return None if cls is None else cls.peft_kind(layer)
+
+
+def keras_shapes(layer, rank):
+    """`(lora_a, lora_b)` shapes of base `layer` under the standard
+    factoring, at `rank`."""
+    cls = lora_class_for(layer)
+    shape = tuple(cls.kernel_variable(layer).shape)
+    in_axes, out_axes = cls.kernel_axes(layer)
+    return (
+        tuple(shape[i] for i in in_axes) + (rank,),
+        (rank,) + tuple(shape[i] for i in out_axes),
+    )
 
 
 def peft_kind(a):
@@ -42,19 +53,17 @@ def peft_kind(a):
 
 
 def check_keras_layer(layer, path, function):
+    """Raises unless PEFT's LoRA of base `layer` is keras_lora's."""
     kind = keras_kind(layer)
     if kind is None:
         raise ValueError(
-            f"{function}: PEFT interop covers Dense, Embedding and "
-            f"Conv1D/2D/3D layers; layer '{path}' is a {type(layer).__name__}."
+            f"{function}: layer '{path}' is a {type(layer).__name__}, whose "
+            "LoRA has no PEFT counterpart. Save it in the 'keras_lora' "
+            "format."
         )
-    if kind.startswith("Conv") and any(d != 1 for d in layer.dilation_rate):
-        raise ValueError(
-            f"{function}: layer '{path}' is a dilated convolution "
-            f"(dilation_rate={layer.dilation_rate}). PEFT applies lora_A "
-            "without dilation and keras_lora with it, so the outputs would "
-            "differ; PEFT interop supports dilation 1 only."
-        )
+    reason = lora_class_for(layer).peft_refusal(layer)
+    if reason is not None:
+        raise ValueError(f"{function}: layer '{path}' is {reason}.")
 
 
 def tensor_names(kind):
@@ -63,13 +72,17 @@ def tensor_names(kind):
     return ("lora_A.weight", "lora_B.weight")
 
 
-def to_keras_layout(kind, a, b):
-    """PEFT's A, B -> our `lora_a`, `lora_b`."""
+def to_keras_layout(kind, a, b, shapes=None):
+    """PEFT's A, B -> our `lora_a`, `lora_b` (of `shapes`, where given)."""
     if kind.startswith("Conv"):
         a = np.transpose(a, (*range(2, a.ndim), 1, 0))  # [r, in, *k] -> (*k, in, r)
         b = b.reshape(b.shape[:2]).T  # [out, r, 1, ...] -> (r, out)
     else:
         a, b = a.T, b.T
+        if shapes is not None and a.size == np.prod(shapes[0]):
+            a = a.reshape(shapes[0])
+        if shapes is not None and b.size == np.prod(shapes[1]):
+            b = b.reshape(shapes[1])
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
@@ -80,5 +93,6 @@ def to_peft_layout(kind, a, b):
         a = np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(spatial)))
         b = b.T.reshape(b.shape[1], b.shape[0], *(1,) * spatial)
     else:
-        a, b = a.T, b.T
+        rank = a.shape[-1]
+        a, b = a.reshape(-1, rank).T, b.reshape(rank, -1).T
     return np.ascontiguousarray(a), np.ascontiguousarray(b)

@@ -15,7 +15,6 @@ import keras
 import numpy as np
 
 from keras_lora.config import (
-    LEGACY_FACTORING,
     validate_alpha,
     validate_dropout,
     validate_factoring,
@@ -168,10 +167,9 @@ def kernel_digest(layer):
 
 
 def layer_factoring(layer):
-    """How a LoRA layer splits its kernel: `None` but for an EinsumDense."""
-    if not isinstance(layer.layer, keras.layers.EinsumDense):
-        return None
-    return getattr(layer, "factoring", LEGACY_FACTORING)
+    """What a file records of a LoRA layer's factoring: `None` for a type
+    with one factoring (`LoRALayer.file_factoring`)."""
+    return type(layer).file_factoring(layer.factoring)
 
 
 def collect(model, function, adapter=None):

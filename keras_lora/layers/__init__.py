@@ -3,6 +3,7 @@
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.conv import LoRAConv
 from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.depthwise_conv import LoRADepthwiseConv
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
 
@@ -12,6 +13,7 @@ LORA_LAYER_TYPES = {
     LoRAEinsumDense.base_class: LoRAEinsumDense,
     LoRAEmbedding.base_class: LoRAEmbedding,
     LoRAConv.base_class: LoRAConv,
+    LoRADepthwiseConv.base_class: LoRADepthwiseConv,
 }
 
 
@@ -27,6 +29,7 @@ __all__ = [
     "LoRALayer",
     "LoRAConv",
     "LoRADense",
+    "LoRADepthwiseConv",
     "LoRAEinsumDense",
     "LoRAEmbedding",
     "LORA_LAYER_TYPES",

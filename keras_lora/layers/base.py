@@ -185,6 +185,52 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         """The factoring's `(permutation, n_in)`; see `layers.factoring`."""
         return None, None
 
+    # ----- interop facts: what `io` asks a layer type ------------------------
+    # Each takes a base layer (plain, or the one a LoRA layer wraps), so that
+    # a file can be checked against a model before any layer is wrapped.
+
+    @classmethod
+    def kernel_variable(cls, layer):
+        """The variable holding base `layer`'s kernel (not a property that
+        Keras core's LoRA changes)."""
+        variable = getattr(layer, f"_{cls.kernel_attr}", None)
+        return getattr(layer, cls.kernel_attr) if variable is None else variable
+
+    @classmethod
+    def kernel_axes(cls, layer):
+        """`(in_axes, out_axes)` of base `layer`'s kernel under the standard
+        factoring (`A` over `in_axes` plus `(rank,)`, `B` over `(rank,)`
+        plus `out_axes`), or `None` where the kernel is no matrix."""
+        ndim = len(cls.kernel_variable(layer).shape)
+        return tuple(range(ndim - 1)), (ndim - 1,)
+
+    @classmethod
+    def peft_kind(cls, layer):
+        """The PEFT module kind (`"Linear"`, `"Embedding"`, `"Conv2d"`) whose
+        LoRA is this type's LoRA of base `layer`, or `None`."""
+        return None
+
+    @classmethod
+    def peft_refusal(cls, layer):
+        """Why PEFT's LoRA of base `layer` would compute something else than
+        this type's, or `None`."""
+        return None
+
+    @classmethod
+    def file_factoring(cls, factoring):
+        """What a file records for an adapter factored `factoring`: `None`
+        for a type with one factoring; a type with several also maps a
+        file's missing entry (`None`) to what older files meant."""
+        return None
+
+    @classmethod
+    def core_factors(cls, layer):
+        """`(A, B)` of Keras core's LoRA (`enable_lora`) on `layer`."""
+        return layer.lora_kernel_a, layer.lora_kernel_b
+
+    # The factoring of Keras core's LoRA for this type (`None`: the only one).
+    core_factoring = None
+
     def adapter_initializers(self):
         """The initializers of `(lora_a, lora_b)`. One must be zeros, so that
         a fresh LoRA layer computes exactly what its base does."""

@@ -13,10 +13,12 @@ def check_base_layer(cls, layer):
     """Raises if `cls` (a LoRA layer type) cannot wrap `layer` (which is
     no LoRA layer: the caller checks that)."""
     if cls.base_class is None:
+        from keras_lora.layers import LORA_LAYER_TYPES
+
+        names = ", ".join(t.__name__ for t in LORA_LAYER_TYPES.values())
         raise TypeError(
             f"{cls.__name__} is the abstract base class of the LoRA layers; "
-            "use the one for your layer type (LoRADense, LoRAEinsumDense, "
-            "LoRAEmbedding, LoRAConv)."
+            f"use the one for your layer type ({names})."
         )
     if not isinstance(layer, cls.base_class):
         raise TypeError(

@@ -49,6 +49,10 @@ class LoRADense(LoRALayer):
         super().__init__(layer, rank=rank, alpha=alpha, **kwargs)
         self.supports_masking = True
 
+    @classmethod
+    def peft_kind(cls, layer):
+        return "Linear"
+
     def adapter_shapes(self):
         input_dim, units = self.layer.kernel.shape
         return (input_dim, self.rank), (self.rank, units)

@@ -184,6 +184,23 @@ class LoRAEinsumDense(LoRALayer):
         self.supports_masking = True
 
     @classmethod
+    def kernel_axes(cls, layer):
+        inputs, outputs, shared = kernel_axes(layer.equation)
+        return None if shared else (tuple(inputs), tuple(outputs))
+
+    @classmethod
+    def peft_kind(cls, layer):
+        # PEFT's LoRA on the kernel flattened to `(inputs, outputs)`, axes in
+        # kernel order: exists where the kernel is a matrix.
+        return None if cls.kernel_axes(layer) is None else "Linear"
+
+    @classmethod
+    def file_factoring(cls, factoring):
+        return LEGACY_FACTORING if factoring is None else factoring
+
+    core_factoring = "keras"
+
+    @classmethod
     def _resolve_factoring(cls, layer, factoring):
         factoring = validate_factoring(factoring)
         _, _, shared = kernel_axes(layer.equation)

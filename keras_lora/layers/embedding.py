@@ -43,6 +43,14 @@ class LoRAEmbedding(LoRALayer):
     quantization_modes = ("int8", "int4")
 
     @classmethod
+    def peft_kind(cls, layer):
+        return "Embedding"
+
+    @classmethod
+    def core_factors(cls, layer):
+        return layer.lora_embeddings_a, layer.lora_embeddings_b
+
+    @classmethod
     def _check_base_layer(cls, layer):
         super()._check_base_layer(layer)
         quantized.check_embedding(layer)

@@ -77,17 +77,28 @@ def without_epilogue(layer):
 
 
 def quantized_product(view, inputs, training=None):
-    """`x·W` by the quantized base's own op, before bias and activation."""
+    """`x·W` of the quantized base, before bias and activation: for int8
+    and int4 the lean product (`layers.quantized_product`: Keras's math,
+    no kernel kept for the backward pass), else the base's own op."""
+    from keras_lora.layers import quantized_product as lean
+
     layer = view._layer
+    if lean.applies(layer):
+        return lean.product(layer, inputs)
     return type(layer).quantized_call(view, inputs, training=training)
 
 
 def quantized_lookup(view, inputs, reverse=False):
-    """An embedding's quantized lookup (or, with `reverse`, its logits
-    before any soft cap) by the base's own op."""
+    """An embedding's quantized lookup by the base's own op or, with
+    `reverse`, its logits before any soft cap (int8/int4: the lean
+    product)."""
+    from keras_lora.layers import quantized_product as lean
+
     layer = view._layer
     if not reverse:  # a lookup has no epilogue: the layer's own call
-        return layer.quantized_call(inputs)
+        return type(layer).quantized_call(layer, inputs)
+    if lean.applies(layer, reverse=True):
+        return lean.product(layer, inputs, reverse=True)
     return type(layer).quantized_call(view, inputs, reverse=True)
 
 
@@ -123,67 +134,193 @@ def block_size(layer):
     return -1 if size is None else int(size)
 
 
-def dequantized_kernel(layer):
-    """The float32 kernel a quantized `layer` stands for, computed as the
-    layer's own quantized op dequantizes it."""
+def kernel_params(layer, reverse=False):
+    """The backend tensors `layer`'s quantized kernel is stored as.
+
+    Returns `(codes, scale)`, or `(codes, scale, zero, g_idx)` for
+    sub-channel int4: the int8 codes (int4: two per byte), the scales and,
+    for sub-channel int4, the zero points and each row's group. With
+    `reverse`, those of an untied `ReversibleEmbedding`'s reverse table
+    (a tied one's reverse table is its embeddings).
+    """
+    if isinstance(layer, keras.layers.Embedding):
+        untied = reverse and not getattr(layer, "tie_weights", True)
+        names = (
+            ("reverse_embeddings", "reverse_embeddings_scale")
+            if untied
+            else ("_embeddings", "embeddings_scale")
+        )
+        zero = "reverse_embeddings_zero" if untied else "embeddings_zero"
+    else:
+        names, zero = ("_kernel", "kernel_scale"), "kernel_zero"
+    if layer.quantization_mode == "int4" and block_size(layer) != -1:
+        names = names + (zero, "g_idx")
+    return tuple(ops.convert_to_tensor(getattr(layer, name)) for name in names)
+
+
+def dequantized_kernel(layer, params=None, dtype="float32", reverse=False):
+    """The float kernel a quantized `layer` stands for, computed as the
+    layer's own quantized op dequantizes it.
+
+    The one dequantization of the package: merging uses it, and so does
+    the backward pass of the quantized product (`layers.quantized_product`).
+
+    Args:
+        layer: a layer quantized to `"int8"`, `"int4"` or `"float8"`.
+        params: its `kernel_params(layer, reverse)`; by default read from
+            the layer. The quantized product passes the values it tied to
+            its input with a barrier, so that the dequantization happens
+            there and nowhere else.
+        dtype: the float dtype of the result.
+        reverse: for an untied `ReversibleEmbedding`, its reverse table
+            (`(output_dim, input_dim)`); otherwise the kernel (an
+            embedding's table, `(input_dim, output_dim)`).
+    """
     mode = layer.quantization_mode
-    if isinstance(layer, keras.layers.Embedding) and mode in ("int8", "int4"):
-        return _dequantized_embeddings(layer)
+    if mode == "float8":
+        return ops.cast(layer.kernel, dtype)
+    if mode not in ("int8", "int4"):
+        raise NotImplementedError(f"Dequantizing mode {mode!r}")
+    if params is None:
+        params = kernel_params(layer, reverse)
+    if isinstance(layer, keras.layers.Embedding):
+        if reverse and not getattr(layer, "tie_weights", True):
+            return _dequantized_reverse(layer, params, dtype)
+        return _dequantized_embeddings(layer, params, dtype)
     if mode == "int8":
-        scale = ops.convert_to_tensor(layer.kernel_scale)
+        codes, scale = params
         adjust = getattr(layer, "_adjust_scale_for_dequant", None)
         if adjust is not None:
             scale = adjust(scale)
-        kernel = ops.cast(layer._kernel, "float32")
-        return ops.divide(kernel, ops.cast(scale, "float32"))
-    if mode == "int4":
-        return _dequantized_int4(layer)
-    if mode == "float8":
-        return ops.cast(layer.kernel, "float32")
-    raise NotImplementedError(f"Dequantizing mode {mode!r}")
+        return ops.divide(ops.cast(codes, dtype), ops.cast(scale, dtype))
+    return _dequantized_int4(layer, params, dtype)
 
 
-def _dequantized_embeddings(layer):
+def _dequantized_embeddings(layer, params, dtype):
     # One scale per row (token), or per row and group of columns.
-    table = ops.convert_to_tensor(layer._embeddings)
+    table, scale = params[:2]
     if layer.quantization_mode == "int4":
-        table = keras.quantizers.unpack_int4(
-            table, layer._orig_output_dim, axis=-1, dtype="int8"
-        )
-    table = ops.cast(table, "float32")
-    scale = ops.cast(ops.convert_to_tensor(layer.embeddings_scale), "float32")
+        table = unpack_int4(table, layer._orig_output_dim, axis=-1)
     if layer.quantization_mode == "int8" or block_size(layer) == -1:
-        return ops.divide(table, ops.expand_dims(scale, -1))
-    groups = ops.cast(ops.convert_to_tensor(layer.g_idx), "int32")
-    zero = ops.cast(ops.convert_to_tensor(layer.embeddings_zero), "float32")
-    return ops.multiply(
-        ops.subtract(table, ops.take(zero, groups, axis=1)),
-        ops.take(scale, groups, axis=1),
-    )
+        return _per_channel(table, scale, dtype, axis=0)
+    return ops.cast(dequantize_groups(table, *params[1:], axis=1), dtype)
 
 
-def _dequantized_int4(layer):
+def _dequantized_reverse(layer, params, dtype):
+    # An untied reverse table `(output_dim, input_dim)`: one scale per
+    # column (token), or per group of rows and column.
+    table, scale = params[:2]
+    if layer.quantization_mode == "int4":
+        table = unpack_int4(table, layer.output_dim, axis=0)
+    if layer.quantization_mode == "int8" or block_size(layer) == -1:
+        return _per_channel(table, scale, dtype, axis=1)
+    return ops.cast(dequantize_groups(table, *params[1:], axis=0), dtype)
+
+
+def _dequantized_int4(layer, params, dtype):
     # Keras keeps a 2-D `[rows, columns]` kernel, two int4 per byte along
     # the columns; an EinsumDense reshapes it to its kernel shape.
     columns = getattr(layer, "_int4_unpacked_column_size", None)
     if columns is None:
         columns = layer._orig_output_dim
-    unpacked = keras.quantizers.unpack_int4(
-        ops.convert_to_tensor(layer._kernel), columns, axis=-1, dtype="int8"
-    )
-    unpacked = ops.cast(unpacked, "float32")
-    scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
-    if block_size(layer) == -1:
-        kernel = ops.divide(unpacked, scale)
+    unpacked = unpack_int4(params[0], columns, axis=-1)
+    if len(params) == 2:  # one scale per output unit
+        kernel = _per_channel(unpacked, params[1], dtype, axis=1)
     else:  # asymmetric groups of rows: (q - zero)·scale of the row's group
-        groups = ops.cast(ops.convert_to_tensor(layer.g_idx), "int32")
-        zero = ops.cast(ops.convert_to_tensor(layer.kernel_zero), "float32")
-        kernel = ops.multiply(
-            ops.subtract(unpacked, ops.take(zero, groups, axis=0)),
-            ops.take(scale, groups, axis=0),
-        )
+        kernel = ops.cast(dequantize_groups(unpacked, *params[1:], axis=0), dtype)
     shape = getattr(layer, "original_kernel_shape", None)
     return kernel if shape is None else ops.reshape(kernel, shape)
+
+
+def _per_channel(codes, scale, dtype, axis):
+    """`codes / scale`, one scale per index of `axis` of the 2-D `codes`."""
+    if _TORCH:
+        kernel = codes.to(_torch_dtype(dtype))
+        scale = scale.to(kernel.dtype)
+        return kernel.div_(scale if axis == 1 else scale[:, None])
+    scale = ops.cast(scale, dtype)
+    if axis == 0:
+        scale = ops.expand_dims(scale, -1)
+    return ops.divide(ops.cast(codes, dtype), scale)
+
+
+def unpack_int4(packed, length, axis):
+    """Keras's `keras.quantizers.unpack_int4(packed, length, axis)`: int8
+    codes in `[-8, 7]`, the same values in the same memory layout; on
+    torch by bit operations on the packed bytes (`(p << 4) >> 4`
+    sign-extends the low nibble, `p >> 4` the high one), a few passes
+    instead of Keras's dozen."""
+    if not _TORCH:
+        return keras.quantizers.unpack_int4(packed, length, axis=axis, dtype="int8")
+    import torch
+
+    axis = axis % packed.ndim
+    if axis != 0:  # as Keras: unpack the axis moved first, then move it back
+        perm = [axis] + [i for i in range(packed.ndim) if i != axis]
+        inverse = [perm.index(i) for i in range(packed.ndim)]
+        return unpack_int4(packed.permute(perm), length, 0).permute(inverse)
+    low = torch.bitwise_right_shift(torch.bitwise_left_shift(packed, 4), 4)
+    high = torch.bitwise_right_shift(packed, 4)
+    unpacked = torch.stack((low, high), dim=1)
+    unpacked = unpacked.reshape((2 * packed.shape[0],) + tuple(packed.shape[1:]))
+    return unpacked[:length]
+
+
+def dequantize_groups(codes, scale, zero, g_idx, axis):
+    """Keras's `dequantize_with_sz_map(codes, scale, zero, g_idx, axis)`:
+    `(codes - zero)·scale` of each index's group along `axis` of the 2-D
+    `codes`, in float32, the same values.
+
+    On torch, when the groups are consecutive blocks of one size (Keras's
+    quantizer makes `g_idx = arange // block_size`), the scales and zero
+    points broadcast over a `(groups, block)` view instead of being
+    gathered into two kernel-sized tensors, in place.
+    """
+    if _TORCH:
+        fast = _torch_dequantize_blocks(codes, scale, zero, g_idx, axis)
+        if fast is not None:
+            return fast
+    groups = ops.cast(g_idx, "int32")  # Keras's `dequantize_with_sz_map`
+    scale = ops.take(scale, groups, axis=axis)
+    zero = ops.cast(ops.take(zero, groups, axis=axis), scale.dtype)
+    return ops.multiply(ops.subtract(codes, zero), scale)
+
+
+def _torch_dequantize_blocks(codes, scale, zero, g_idx, axis):
+    import torch
+
+    length = codes.shape[axis]
+    groups = scale.shape[axis]
+    block = -(-length // groups)
+    if groups * block != length or not torch.equal(
+        g_idx, torch.arange(length, device=g_idx.device, dtype=g_idx.dtype) // block
+    ):
+        return None
+    # In place, in the layout of `codes` (Keras's unpacked kernel is
+    # column-major): on `kernel` itself or on its contiguous transpose.
+    kernel = codes.to(scale.dtype)
+    zero = zero.to(scale.dtype)
+    target = kernel
+    if not target.is_contiguous():
+        target, scale, zero, axis = kernel.T, scale.T, zero.T, 1 - axis
+        if not target.is_contiguous():
+            return None
+    if axis == 0:  # target (rows, cols), scale (groups, cols)
+        view = target.view(groups, block, -1)
+        view.sub_(zero[:, None, :]).mul_(scale[:, None, :])
+    else:  # target (rows, cols), scale (rows, groups)
+        view = target.view(target.shape[0], groups, block)
+        view.sub_(zero[:, :, None]).mul_(scale[:, :, None])
+    return kernel
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    return getattr(torch, keras.backend.standardize_dtype(dtype))
+
+
+_TORCH = keras.backend.backend() == "torch"
 
 
 def requantize(layer, mode, base):

@@ -211,7 +211,7 @@ class AdapterRegistry:
         Raises `ValueError` if a rank is above `capacity` (nothing changed).
         """
         capacity = validate_rank(capacity, "max_rank")
-        above = {n: a.rank for n, a in self._adapters.items() if a.rank > capacity}
+        above = self.ranks_above(capacity)
         if above:
             raise ValueError(
                 f"LoRA layer '{self.name}' has adapters of rank above "
@@ -238,6 +238,11 @@ class AdapterRegistry:
         store = self._non_trainable_variables
         store[:] = [v for v in store if id(v) not in ids] + ordered
         self._changed()
+
+    def ranks_above(self, capacity):
+        """`{name: rank}` of the adapters whose rank is above `capacity`:
+        those a hot-swap capacity of `capacity` cannot hold."""
+        return {n: a.rank for n, a in self._adapters.items() if a.rank > capacity}
 
     def _pad(self, adapter, capacity):
         if adapter.rank < capacity:

@@ -11,7 +11,7 @@ computes what it did. `EinsumDense` keeps core's factoring (`"keras"`).
 import keras
 
 from keras_lora.config import validate_flag
-from keras_lora.layers import LoRAEinsumDense, lora_class_for
+from keras_lora.layers import lora_class_for
 from keras_lora.model import same_class
 from keras_lora.model.in_place import apply_in_place
 from keras_lora.model.tracking import PLAIN_GRAPHS
@@ -71,13 +71,19 @@ def from_core_lora(model, in_place=False):
                 "`in_place=True` to convert the model itself."
             )
         copy = keras.models.clone_model(model)
-        copy.set_weights(model.get_weights())
-        # Keras bug: a layer built from a config with `lora_rank` calls
+        # A config records `lora_rank` for a top-level layer only: a
+        # projection inside `MultiHeadAttention` comes back without LoRA, so
+        # enable it on the copy first, for the weight lists to match. Keras
+        # bug: a layer built from a config with `lora_rank` calls
         # `enable_lora(rank)` without `lora_alpha`, which resets the alpha.
         pairs = zip(iter_layers(model), iter_layers(copy), strict=True)
         for (_, old), (_, new) in pairs:
-            if getattr(old, "lora_enabled", False):
-                new.lora_alpha = old.lora_alpha
+            if not getattr(old, "lora_enabled", False):
+                continue
+            if not getattr(new, "lora_enabled", False):
+                new.enable_lora(int(old.lora_rank), lora_alpha=old.lora_alpha)
+            new.lora_alpha = old.lora_alpha
+        copy.set_weights(model.get_weights())
         return from_core_lora(copy, in_place=True)
     apply_in_place(model, targets, set(), _keras_lora_layer)
     same_class.mark_converted(model)
@@ -86,7 +92,7 @@ def from_core_lora(model, in_place=False):
 
 def _keras_lora_layer(layer):
     """The keras_lora layer computing what core-LoRA `layer` computes."""
-    lora_a, lora_b = _core_factors(layer)
+    lora_a, lora_b = lora_class_for(layer).core_factors(layer)
     config = layer.get_config()
     for key in ("lora_rank", "lora_alpha"):
         config.pop(key, None)
@@ -104,15 +110,9 @@ def _keras_lora_layer(layer):
         new.assign(old)
     cls = lora_class_for(base)
     kwargs = {"rank": int(layer.lora_rank), "alpha": float(layer.lora_alpha)}
-    if cls is LoRAEinsumDense:
-        kwargs["factoring"] = "keras"
+    if cls.core_factoring is not None:
+        kwargs["factoring"] = cls.core_factoring
     wrapper = cls(base, **kwargs)
     wrapper.lora_a.assign(keras.ops.cast(lora_a, wrapper.lora_a.dtype))
     wrapper.lora_b.assign(keras.ops.cast(lora_b, wrapper.lora_b.dtype))
     return wrapper
-
-
-def _core_factors(layer):
-    if isinstance(layer, keras.layers.Embedding):
-        return layer.lora_embeddings_a, layer.lora_embeddings_b
-    return layer.lora_kernel_a, layer.lora_kernel_b

@@ -1,5 +1,5 @@
-"""Several named adapters on one model, switching, combining, and merging
-in place with an exact unmerge.
+"""Several named adapters on one model: adding, switching, combining and
+deleting them (merging them is `keras_lora.model.merge`).
 
 Every LoRA layer holds one or more named adapters on its frozen base (see
 `LoRALayer`). `apply_lora(model, ..., adapter_name="default")` creates the
@@ -15,7 +15,6 @@ trainable variables changed, and Keras builds its optimizer (and JAX/TF its
 compiled train step) for one fixed set.
 """
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -26,35 +25,19 @@ from keras import ops
 
 from keras_lora.config import validate_adapter_name
 from keras_lora.layers import LoRALayer
-from keras_lora.layers.host_merge import all_finite
+from keras_lora.model.merge import refuse_if_merged
 from keras_lora.model.targets import match_layers
 from keras_lora.model.tracking import drop_compiled
 from keras_lora.model.walk import (
-    check_is_model,
     iter_layers,
-    lora_layers,
     require_lora_layers,
 )
-
-
-def _lora_layers(model, function):
-    check_is_model(model, function)
-    return require_lora_layers(model, function, ". Use `apply_lora` first.")
-
-
-def _refuse_if_merged(layers, function):
-    merged = [p for p, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(
-            f"{function}: layers {merged} are merged in place; call "
-            "`unmerge_lora(model)` first."
-        )
 
 
 def list_adapters(model):
     """Returns `{adapter name: [layer paths]}`, in creation order."""
     names = {}
-    for path, layer in _lora_layers(model, "list_adapters"):
+    for path, layer in require_lora_layers(model, "list_adapters"):
         for name in layer.adapter_names:
             names.setdefault(name, []).append(path)
     return names
@@ -63,7 +46,7 @@ def list_adapters(model):
 def active_adapters(model):
     """The names of the adapters active in at least one layer."""
     names = []
-    for _, layer in _lora_layers(model, "active_adapters"):
+    for _, layer in require_lora_layers(model, "active_adapters"):
         names += [n for n in layer.active_adapters if n not in names]
     return names
 
@@ -92,8 +75,8 @@ def add_adapter(model, name, rank=8, alpha=None, targets=None, **options):
             already has `name`, or bad options; nothing is added then.
     """
     validate_adapter_name(name)
-    layers = _lora_layers(model, "add_adapter")
-    _refuse_if_merged(layers, "add_adapter")
+    layers = require_lora_layers(model, "add_adapter")
+    refuse_if_merged(layers, "add_adapter")
     if targets is not None:
         all_layers = list(iter_layers(model))
         layers = match_layers(
@@ -129,8 +112,8 @@ def set_adapter(model, names):
             f"Received: {names!r} of type {type(names).__name__}"
         )
     names = [names] if isinstance(names, str) else list(names)
-    layers = _lora_layers(model, "set_adapter")
-    _refuse_if_merged(layers, "set_adapter")
+    layers = require_lora_layers(model, "set_adapter")
+    refuse_if_merged(layers, "set_adapter")
     known = {n for _, layer in layers for n in layer.adapter_names}
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -166,7 +149,7 @@ def disable_adapters(model):
         TypeError: `model` is not a `keras.Model`.
         ValueError: `model` has no LoRA layers.
     """
-    layers = _lora_layers(model, "disable_adapters")
+    layers = require_lora_layers(model, "disable_adapters")
     previous = [(layer, layer.adapters_disabled) for _, layer in layers]
     for layer, _ in previous:
         layer.adapters_disabled = True
@@ -188,7 +171,7 @@ def enable_adapters(model):
         TypeError: `model` is not a `keras.Model`.
         ValueError: `model` has no LoRA layers.
     """
-    for _, layer in _lora_layers(model, "enable_adapters"):
+    for _, layer in require_lora_layers(model, "enable_adapters"):
         layer.adapters_disabled = False
     drop_compiled(model)
     return model
@@ -220,8 +203,8 @@ def delete_adapter(model, name):
     (a warning says so). A layer whose only adapter is `name` cannot lose
     it: that raises `ValueError` and nothing is deleted.
     """
-    layers = _lora_layers(model, "delete_adapter")
-    _refuse_if_merged(layers, "delete_adapter")
+    layers = require_lora_layers(model, "delete_adapter")
+    refuse_if_merged(layers, "delete_adapter")
     having = [(p, layer) for p, layer in layers if name in layer.adapter_names]
     if not having:
         raise ValueError(f"delete_adapter: no LoRA layer has adapter {name!r}.")
@@ -266,8 +249,8 @@ def combine_adapters(model, weights, name="mix"):
         `model`.
     """
     validate_adapter_name(name)
-    layers = _lora_layers(model, "combine_adapters")
-    _refuse_if_merged(layers, "combine_adapters")
+    layers = require_lora_layers(model, "combine_adapters")
+    refuse_if_merged(layers, "combine_adapters")
     if not isinstance(weights, dict) or not weights:
         raise ValueError(
             "combine_adapters: `weights` must be a non-empty dict "
@@ -347,77 +330,3 @@ def _add_to_all(layers, name, add):
             if name in layer.adapter_names:
                 layer.delete_adapter(name)
         raise
-
-
-@contextlib.contextmanager
-def only_adapter(model, name):
-    """Context manager: adapter `name` alone is active in the layers that
-    have it, and no adapter in the others. `None` changes nothing."""
-    if name is None:
-        yield model
-        return
-    layers = lora_layers(model)
-    if not any(name in layer.adapter_names for _, layer in layers):
-        raise ValueError(
-            f"No LoRA layer of model '{model.name}' has an adapter named {name!r}."
-        )
-    previous = [(layer, layer.active_adapters) for _, layer in layers]
-    try:
-        for _, layer in layers:
-            layer.set_active_adapters([name] if name in layer.adapter_names else [])
-        yield model
-    finally:
-        for layer, active in previous:
-            layer.set_active_adapters(active)
-
-
-def merge_in_place(model, check_finite=True, adapter=None):
-    """`merge_lora(model, in_place=True)`: see there."""
-    layers = _lora_layers(model, "merge_lora")
-    _refuse_if_merged(layers, "merge_lora(in_place=True)")
-    merged = []
-    with only_adapter(model, adapter):
-        for path, layer in layers:
-            kernel = ops.convert_to_numpy(layer.merged_kernel())
-            if check_finite and not all_finite(kernel):
-                raise ValueError(
-                    f"Merging LoRA layer '{path}' (adapters "
-                    f"{layer.active_adapters}) gives NaN or Inf in its kernel; "
-                    "nothing was merged. Check the adapters, or pass "
-                    "check_finite=False to merge anyway."
-                )
-            merged.append((layer, kernel))
-    for layer, kernel in merged:
-        layer.merge(kernel)
-    drop_compiled(model)
-    return model
-
-
-def unmerge_lora(model):
-    """Undoes `merge_lora(model, in_place=True)`, exactly.
-
-    An in-place merge never writes the base kernel (which `apply_lora`
-    shares with the original model): each LoRA layer holds the merged
-    kernel beside it and calls with it alone. Unmerging drops the merged
-    kernel, so every weight is bitwise what it was, with no subtraction
-    (PEFT's subtracting unmerge drifts in low precision, peft#1388).
-
-    Raises:
-        ValueError: nothing in `model` is merged in place.
-    """
-    layers = _lora_layers(model, "unmerge_lora")
-    merged = [layer for _, layer in layers if layer.merged]
-    if not merged:
-        raise ValueError(
-            f"unmerge_lora: model '{model.name}' is not merged in place "
-            "(`merge_lora(model, in_place=True)`)."
-        )
-    for layer in merged:
-        layer.unmerge()
-    drop_compiled(model)
-    return model
-
-
-def is_merged(model):
-    """Whether `model`'s LoRA layers are merged in place."""
-    return any(layer.merged for _, layer in _lora_layers(model, "is_merged"))

@@ -1,4 +1,4 @@
-"""Model surgery: select layers, wrap them, clone the model; and merge back.
+"""Model surgery: select layers, wrap them, clone the model.
 
 With `in_place=True`, `apply_lora` swaps the selected layers for their LoRA
 types inside the model itself (`keras_lora.model.in_place`): nothing is
@@ -29,6 +29,7 @@ from keras_lora.layers import lora_class_for
 from keras_lora.model import same_class
 from keras_lora.model.containers import LoRAContainer, rebuild_container
 from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.quantized_bases import lean_quantized
 from keras_lora.model.targets import match_layers
 from keras_lora.model.tracking import (
     copy_loses_class,
@@ -41,7 +42,6 @@ from keras_lora.model.walk import (
     graph_model,
     iter_layers,
     lora_layers,
-    require_lora_layers,
 )
 
 
@@ -96,7 +96,7 @@ def apply_lora(
     Raises:
         TypeError, ValueError: on bad arguments, with `model` unchanged.
     """
-    _check_model(model, "apply_lora")
+    check_built(model, "apply_lora")
     rank = validate_rank(rank)
     alpha = validate_alpha(alpha)
     in_place = validate_flag(in_place, "in_place")
@@ -140,8 +140,10 @@ def apply_lora(
         if not graph_model(model):
             for _, layer in lora_layers(model):
                 layer.save_as_base_in(model.name)
-        return model
-    reaches = _Reaches(to_wrap | to_copy)
+        # Every int8/int4 layer (not only the adapted ones) on the lean
+        # quantized product: no float kernel kept for the backward pass.
+        return lean_quantized(model)
+    reaches = Reaches(to_wrap | to_copy)
 
     saved_flags = trainable_state(model)
     copies = []
@@ -150,7 +152,7 @@ def apply_lora(
         if id(layer) in to_wrap:
             return lora_class_for(layer)(layer, rank=rank, alpha=alpha, **layer_kwargs)
         if id(layer) in to_copy:
-            return _copy(layer, copies if in_graph else None, trainable=True)
+            return copy_layer(layer, copies if in_graph else None, trainable=True)
         if reaches(layer):
             if graph_model(layer):
                 return keras.models.clone_model(
@@ -179,104 +181,12 @@ def apply_lora(
     except Exception:
         restore_trainable_state(saved_flags)
         raise
-    return lora_model
+    return lean_quantized(lora_model)  # as above: int8/int4 layers lean
 
 
-def merge_lora(
-    model, check_finite=True, requantize=False, adapter=None, in_place=False
-):
-    """Returns a plain model with every LoRA layer merged into its base type.
-
-    Each LoRA layer becomes its base layer class (same config and name)
-    holding `W + scale·A·B`; every other layer is copied with its weights.
-    Containers holding LoRA layers (`LoRAContainer`, a rebuilt
-    `MultiHeadAttention` or custom block) become plain copies of their
-    class. A Functional subclass (a KerasHub task or backbone converted
-    with `in_place=True`) comes back as a new object of its own class, built
-    from its plain config, with every weight moved across (a task shares
-    its preprocessor, which holds no weights). The result contains no
-    keras_lora class, and `model` is not modified.
-
-    A quantized (`"int8"`) base is dequantized and merged in float, so the
-    merged layer is a float layer. With `requantize=True` every such layer
-    is quantized again in its base's mode after merging, which rounds the
-    merged kernel (see the README for the error this adds).
-
-    Args:
-        model: a `keras.Model` with LoRA layers, as `apply_lora` returns.
-        check_finite: if true (the default), a merged kernel with NaN or Inf
-            raises `ValueError` naming the layer, and nothing is built.
-        requantize: re-quantize layers whose base was quantized.
-        adapter: merge only the adapter of that name (in the layers that
-            have it; the others merge to their base). `None`: each layer's
-            active adapters.
-        in_place: instead of building a new model, make `model` itself
-            compute with merged kernels and no adapter math, and return it.
-            The base kernels (shared with the original model) are not
-            written: each LoRA layer keeps the merged kernel beside them (one
-            more kernel of memory), and `unmerge_lora(model)` restores the
-            unmerged model exactly.
-
-    Returns:
-        A new, uncompiled `keras.Model`. Layers keep their `trainable` flags,
-        so base layers stay frozen; set `merged.trainable = True` to train
-        it fully.
-
-    Raises:
-        ValueError: `model` has no LoRA layers (there is nothing to merge),
-            or a merged kernel is not finite.
-    """
-    _check_model(model, "merge_lora")
-    if in_place or adapter is not None:
-        from keras_lora.model import named_adapters as adapter_management
-
-        if in_place:
-            return adapter_management.merge_in_place(model, check_finite, adapter)
-        with adapter_management.only_adapter(model, adapter):
-            return merge_lora(model, check_finite, requantize)
-    found = require_lora_layers(
-        model,
-        "merge_lora",
-        ", so there is nothing to merge. Use `keras.models.clone_model` to "
-        "copy a plain model.",
-    )
-    if copy_loses_class(model):
-        return same_class.merge_same_class(
-            model, lambda layer: layer.merged_layer(check_finite, requantize=requantize)
-        )
-    merged = {
-        id(layer): layer.merged_layer(check_finite, requantize=requantize)
-        for _, layer in found
-    }
-    reaches = _Reaches(set(merged))
-    copies = []
-
-    def clone(layer, in_graph=True):
-        if id(layer) in merged:
-            return merged[id(layer)]
-        if isinstance(layer, LoRAContainer):
-            layer = layer.layer
-        if reaches(layer):
-            if graph_model(layer):
-                return keras.models.clone_model(
-                    layer, clone_function=clone, recursive=True
-                )
-            return rebuild_container(layer, nested_clone, share_variables=False)
-        return _copy(layer, copies if in_graph else None)
-
-    def nested_clone(layer):
-        return clone(layer, in_graph=False)
-
-    if graph_model(model):
-        plain = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    else:
-        plain = rebuild_container(model, nested_clone, share_variables=False)
-    for old, new in copies:
-        copy_weights(old, new)
-    return plain
-
-
-def _check_model(model, function):
+def check_built(model, function):
+    """Raises unless `model` is a built `keras.Model` (`function` names the
+    caller in messages)."""
     check_is_model(model, function)
     if graph_model(model):
         built = model.built and getattr(model, "inputs", None)
@@ -289,7 +199,7 @@ def _check_model(model, function):
         )
 
 
-class _Reaches:
+class Reaches:
     """`reaches(layer)`: whether `layer` holds, at any depth, one of `ids`."""
 
     def __init__(self, ids):
@@ -306,7 +216,7 @@ class _Reaches:
         return self.memo[key]
 
 
-def _copy(layer, deferred, trainable=None):
+def copy_layer(layer, deferred, trainable=None):
     """A copy of `layer` from its config. Its weights are set now, or, if
     `deferred` is a list, once the model around it is built. A bare
     operation of a graph (`ops.not_equal` from a mask, say) has no state

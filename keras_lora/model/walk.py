@@ -89,7 +89,9 @@ def lora_layers(model, layers=None):
     return [(p, layer) for p, layer in layers if isinstance(layer, LoRALayer)]
 
 
-def require_lora_layers(model, function, hint, built=False, layers=None):
+def require_lora_layers(
+    model, function, hint=". Use `apply_lora` first.", built=False, layers=None
+):
     """Returns `model`'s LoRA layers (`lora_layers`), refusing none.
 
     Args:
@@ -102,8 +104,10 @@ def require_lora_layers(model, function, hint, built=False, layers=None):
         layers: as `lora_layers`.
 
     Raises:
+        TypeError: `model` is not a `keras.Model`.
         ValueError: no LoRA layers, or (`built`) unbuilt ones.
     """
+    check_is_model(model, function)
     found = lora_layers(model, layers)
     if not found:
         raise ValueError(f"{function}: model '{model.name}' has no LoRA layers{hint}")

@@ -173,8 +173,11 @@ def peft_twin(path, rank=3, alpha=5, target_modules=None, **options):
 def test_correspondence_names_the_twins_modules(arch, twin_dir):
     path = twin_dir(arch)
     task = keras_task(path)
-    correspondence = hub_correspondence(task)
     hf = hf_model(path)
+    correspondence = hub_correspondence(task)
+    assert correspondence.hf_class == type(hf).__name__  # the task's twin
+    base_class = type(hf.base_model).__name__
+    on_base = hub_correspondence(task, hf_class=base_class)
     head_modules = dict(hf.named_modules())
     base_modules = dict(hf.base_model.named_modules())
     assert correspondence.base_prefix == type(hf).base_model_prefix
@@ -183,9 +186,8 @@ def test_correspondence_names_the_twins_modules(arch, twin_dir):
     # (three; GPT2 has two, and its q, k, v all come from c_attn).
     assert len(maps) == 1 + (6 if arch == "gpt2" else 7) * 2
     for kernel_map in maps:
-        head, base = correspondence.module_names(kernel_map)
-        module = head_modules[head]
-        assert base_modules[base] is module
+        module = head_modules[correspondence.module(kernel_map)]
+        assert base_modules[on_base.module(kernel_map)] is module
         if kernel_map.kind == "Embedding":
             assert isinstance(module, torch.nn.Embedding)
             continue
@@ -284,18 +286,136 @@ def test_gpt2_c_attn_from_peft_shares_a_and_reads_patterns(twin_dir, tmp_path):
     assert lora("transformer_layer_0/self_attention/key").alpha == 4
 
 
-def test_backbone_adapter_uses_base_model_names(twin_dir, tmp_path):
+def test_backbone_adapter_targets_the_causal_lm_or_hf_class(twin_dir, tmp_path):
     path = twin_dir("llama")
     backbone = keras_hub.models.Backbone.from_preset(str(path))
     kl.apply_lora(backbone, targets=projections, rank=4, in_place=True)
     randomize(backbone)
     inputs = {"token_ids": TOKENS, "padding_mask": np.ones_like(TOKENS)}
-    expected = keras.ops.convert_to_numpy(backbone(inputs))
-    kl.save_adapter(backbone, tmp_path / "adapter", format="peft")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert "layers.0.self_attn.q_proj" in config["target_modules"]
-    hf = peft.PeftModel.from_pretrained(hf_model(path, base=True), tmp_path / "adapter")
+    hidden = keras.ops.convert_to_numpy(backbone(inputs))
+    logits = keras_logits(keras_hub.models.Llama3CausalLM(backbone, preprocessor=None))
+
+    def config(name):
+        return json.loads((tmp_path / name / "adapter_config.json").read_text())
+
+    # A causal-LM backbone's file is for the causal LM by default, as PEFT
+    # records it: keys `base_model.model.model.layers...`.
+    kl.save_adapter(backbone, tmp_path / "lm", format="peft")
+    assert config("lm")["auto_mapping"]["base_model_class"] == "LlamaForCausalLM"
+    assert "model.layers.0.self_attn.q_proj" in config("lm")["target_modules"]
+    base = hf_logits(hf_model(path)).numpy()
+    hf = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "lm")
     got = hf_logits(hf.eval()).numpy()
+    assert np.abs(got - base).max() > MIN_CHANGE  # the adapter has its effect
+    np.testing.assert_allclose(got, logits, atol=TOLERANCE, rtol=0)
+
+    kl.save_adapter(backbone, tmp_path / "base", format="peft", hf_class="LlamaModel")
+    assert config("base")["auto_mapping"]["base_model_class"] == "LlamaModel"
+    assert "layers.0.self_attn.q_proj" in config("base")["target_modules"]
+    base = hf_logits(hf_model(path, base=True)).numpy()
+    hf = peft.PeftModel.from_pretrained(hf_model(path, base=True), tmp_path / "base")
+    got = hf_logits(hf.eval()).numpy()
+    assert np.abs(got - base).max() > MIN_CHANGE
+    np.testing.assert_allclose(got, hidden, atol=TOLERANCE, rtol=0)
+
+    # Either file loads back into the backbone, to the same outputs.
+    for name in ("lm", "base"):
+        fresh = keras_hub.models.Backbone.from_preset(str(path))
+        kl.apply_lora(fresh, targets=projections, rank=4, in_place=True)
+        kl.load_adapter(fresh, tmp_path / name)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(fresh(inputs)), hidden, atol=1e-6, rtol=0
+        )
+
+
+def test_unknown_hf_class_names_the_accepted_ones(twin_dir, tmp_path):
+    backbone = keras_hub.models.Backbone.from_preset(str(twin_dir("llama")))
+    kl.apply_lora(backbone, targets=["query"], rank=2, in_place=True)
+    pattern = r"(?s)`hf_class`.*'LlamaModel'.*'LlamaForCausalLM'.*hf_class='BertModel'"
+    with pytest.raises(ValueError, match=pattern):
+        kl.save_adapter(backbone, tmp_path / "a", format="peft", hf_class="BertModel")
+    with pytest.raises(TypeError, match="hf_class"):
+        kl.save_adapter(backbone, tmp_path / "a", format="peft", hf_class=3)
+    with pytest.raises(ValueError, match="format='peft' only"):
+        kl.save_adapter(backbone, tmp_path / "a.safetensors", hf_class="LlamaModel")
+    assert not list(tmp_path.iterdir())
+
+
+def vit_twin(tmp_path):
+    """A tiny random `ViTForImageClassification`, saved. KerasHub's ViT
+    normalizes with epsilon 1e-6, whatever the config says; so does this."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+        layer_norm_eps=1e-6,
+    )
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    return tmp_path / "vit"
+
+
+IMAGES = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
+
+
+def vit_hf_logits(model):
+    with torch.no_grad():
+        pixels = torch.from_numpy(IMAGES.transpose(0, 3, 1, 2).copy())
+        return model(pixels).logits.numpy()
+
+
+def test_vit_adapter_both_ways(tmp_path):
+    path = vit_twin(tmp_path)
+
+    def hf_vit():
+        cls = transformers.ViTForImageClassification
+        return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+    def keras_vit():
+        return keras_hub.models.ViTImageClassifier.from_preset(str(path))
+
+    base = vit_hf_logits(hf_vit())
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(keras_vit()(IMAGES)), base, atol=TOLERANCE, rtol=0
+    )
+    # Keras -> PEFT: the names of the installed transformers' ViT.
+    task = keras_vit()
+    kl.apply_lora(task, targets=projections, rank=4, alpha=8, in_place=True)
+    randomize(task)
+    expected = keras.ops.convert_to_numpy(task(IMAGES))
+    kl.save_adapter(task, tmp_path / "out", format="peft")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    hf = hf_vit()
+    modules = {name for name, _ in hf.named_modules()}
+    assert set(config["target_modules"]) <= modules
+    assert config["auto_mapping"]["base_model_class"] == "ViTForImageClassification"
+    got = vit_hf_logits(peft.PeftModel.from_pretrained(hf, tmp_path / "out").eval())
+    assert np.abs(got - base).max() > MIN_CHANGE
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+    # PEFT -> Keras: attention and MLP projections of every block, and the
+    # classifier (KerasHub's converter ports the head too).
+    twin = peft.get_peft_model(
+        hf_vit(),
+        peft.LoraConfig(
+            r=3,
+            lora_alpha=5,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+            + ["classifier"],
+            init_lora_weights=False,
+        ),
+    ).eval()
+    expected = vit_hf_logits(twin)
+    assert np.abs(expected - base).max() > MIN_CHANGE
+    twin.save_pretrained(tmp_path / "in")
+    task = keras_vit()
+    kl.apply_lora(task, targets=projections, rank=3, alpha=5, in_place=True)
+    kl.load_adapter(task, tmp_path / "in")
+    got = keras.ops.convert_to_numpy(task(IMAGES))
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
 
 

@@ -450,3 +450,70 @@ def test_interrupted_peft_save_keeps_the_previous_directory(tmp_path, monkeypatc
         kl.save_adapter(lora, tmp_path / "p", format="peft")
     assert {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()} == before
     assert [f.name for f in tmp_path.iterdir()] == ["p"]
+
+
+def einsum_models():
+    """An EinsumDense with a 3-D kernel `(6, 2, 4)` and the torch Linear
+    `6 -> 8` holding it flattened in kernel order, output viewed `(2, 4)`."""
+    inputs = keras.Input((6,))
+    proj = keras.layers.EinsumDense("ab,bcd->acd", (2, 4), bias_axes="cd", name="p")
+    model = keras.Model(inputs, proj(inputs))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Linear(6, 8)
+
+        def forward(self, x):
+            return self.p(x).view(-1, 2, 4)
+
+    net = Net()
+    kernel, bias = (_np(w) for w in model.get_layer("p").weights)
+    with torch.no_grad():
+        net.p.weight.copy_(torch.from_numpy(kernel.reshape(6, 8).T.copy()))
+        net.p.bias.copy_(torch.from_numpy(bias.reshape(8)))
+    return model, net
+
+
+def test_einsum_dense_is_a_linear_on_its_flattened_kernel(tmp_path):
+    model, net = einsum_models()
+    lora = kl.apply_lora(model, targets=["p"], rank=2, alpha=4)
+    rng = np.random.default_rng(0)
+    for w in (lora.get_layer("p").lora_a, lora.get_layer("p").lora_b):
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    expected = _np(lora(X))
+    assert np.abs(expected - _np(model(X))).max() > 0.05
+    kl.save_adapter(lora, tmp_path / "out", format="peft")
+    twin = peft.PeftModel.from_pretrained(net, tmp_path / "out")
+    np.testing.assert_allclose(torch_out(twin), expected, atol=1e-5, rtol=0)
+
+    model, net = einsum_models()
+    twin = peft.get_peft_model(
+        net,
+        peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["p"], init_lora_weights=False
+        ),
+    )
+    expected = torch_out(twin)
+    twin.save_pretrained(tmp_path / "in")
+    restored = kl.load_adapter(model, tmp_path / "in")
+    assert restored.get_layer("p").factoring == "standard"
+    np.testing.assert_allclose(_np(restored(X)), expected, atol=1e-5, rtol=0)
+    # Keras core's factoring is another A and B: refused, nothing written.
+    keras_factored = kl.apply_lora(model, targets=["p"], rank=2, factoring="keras")
+    with pytest.raises(ValueError, match="factored 'keras'.*factoring='standard'"):
+        kl.save_adapter(keras_factored, tmp_path / "k", format="peft")
+    assert not (tmp_path / "k").exists()
+
+
+def test_grouped_and_depthwise_conv_are_refused_for_peft(tmp_path):
+    inputs = keras.Input((6, 6, 4))
+    x = keras.layers.Conv2D(4, 3, groups=2, name="grouped")(inputs)
+    model = keras.Model(inputs, keras.layers.DepthwiseConv2D(3, name="dw")(x))
+    lora = kl.apply_lora(model, targets=["grouped"], rank=2)
+    with pytest.raises(ValueError, match="'grouped' is a grouped convolution"):
+        kl.save_adapter(lora, tmp_path / "p", format="peft")
+    lora = kl.apply_lora(model, targets=["dw"], rank=2)
+    with pytest.raises(ValueError, match="'dw' is a DepthwiseConv2D.*no PEFT"):
+        kl.save_adapter(lora, tmp_path / "p", format="peft")
+    assert not (tmp_path / "p").exists()

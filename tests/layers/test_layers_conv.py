@@ -26,6 +26,13 @@ CASES = [
         (7, 7, 3),
     ),
     (keras.layers.Conv3D, {"kernel_size": 2, "use_bias": False}, (4, 4, 4, 2)),
+    # Grouped: the kernel (*kernel_size, in/groups, filters), A over it.
+    (
+        keras.layers.Conv2D,
+        {"kernel_size": 3, "groups": 2, "padding": "same"},
+        (6, 5, 6),
+    ),
+    (keras.layers.Conv1D, {"kernel_size": 3, "groups": 4, "strides": 2}, (9, 8)),
 ]
 
 
@@ -59,23 +66,39 @@ def test_unmerged_path_equals_merged_kernel(cls, kwargs, input_shape):
     )
 
 
-def test_channels_first_conv2d(channels_first_conv):
-    base = keras.layers.Conv2D(4, 3, data_format="channels_first", name="conv")
-    base.build((None, 3, 6, 6))
+@pytest.mark.parametrize("groups", [1, 2])
+def test_channels_first_conv2d(channels_first_conv, groups):
+    base = keras.layers.Conv2D(
+        4, 3, data_format="channels_first", groups=groups, name="conv"
+    )
+    base.build((None, 4, 6, 6))
     lora = kl.LoRAConv(base, rank=2)
     rng = np.random.default_rng(1)
     for w in (lora.lora_a, lora.lora_b):
         w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
-    x = rng.normal(size=(2, 3, 6, 6)).astype("float32")
+    x = rng.normal(size=(2, 4, 6, 6)).astype("float32")
     np.testing.assert_allclose(
         to_numpy(lora(x)), to_numpy(lora.merged_layer()(x)), rtol=1e-5, atol=1e-5
     )
 
 
-def test_refuses_grouped_transposed_and_depthwise():
-    grouped = keras.layers.Conv2D(4, 3, groups=2)
-    with pytest.raises(ValueError, match="grouped convolution"):
-        kl.LoRAConv(grouped, rank=2)
+def test_grouped_update_stays_inside_the_groups():
+    # Output channel o reads the channels of its group only, so the update
+    # of a grouped kernel moves no output through another group's inputs.
+    base = keras.layers.Conv2D(4, 1, groups=2, use_bias=False)
+    base.build((None, 3, 3, 4))
+    lora = kl.LoRAConv(base, rank=2)
+    rng = np.random.default_rng(0)
+    for w in (lora.lora_a, lora.lora_b):
+        w.assign(rng.normal(0, 0.5, w.shape).astype("float32"))
+    x = np.zeros((1, 3, 3, 4), "float32")
+    x[..., 2:] = rng.normal(size=(1, 3, 3, 2))  # only the second group's inputs
+    out = to_numpy(lora(x))
+    np.testing.assert_array_equal(out[..., :2], 0.0)
+    assert np.abs(out[..., 2:]).max() > 0.05
+
+
+def test_refuses_transposed_and_depthwise():
     with pytest.raises(TypeError, match="LoRAConv wraps"):
         kl.LoRAConv(keras.layers.Conv2DTranspose(4, 3), rank=2)
     with pytest.raises(TypeError, match="LoRAConv wraps"):

@@ -19,7 +19,7 @@ from conftest import to_numpy
 
 import keras_lora as kl
 from keras_lora.layers import host_merge
-from keras_lora.model.named_adapters import is_merged
+from keras_lora.model.merge import is_merged
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

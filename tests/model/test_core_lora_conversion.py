@@ -94,3 +94,24 @@ def test_bad_input():
     assert backbone.get_layer(
         "transformer_layer_0"
     )._self_attention_layer._query_dense.lora_enabled
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in_place"])
+def test_projection_inside_multi_head_attention(in_place):
+    """`enable_lora` on a projection of a `MultiHeadAttention`: the MHA's
+    config does not record it, so the copy must enable it before taking the
+    weights (it used to fail in Keras's `set_weights`)."""
+    inputs = keras.Input((4, 8))
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(mha(inputs, inputs)))
+    mha.query_dense.enable_lora(2, lora_alpha=6.0)
+    randomize_core_lora(model)
+    x = np.random.default_rng(1).normal(size=(2, 4, 8)).astype("float32")
+    out = to_numpy(model(x))
+
+    converted = kl.from_core_lora(model, in_place=in_place)
+
+    layers = dict(lora_layers(converted))
+    assert list(layers) == ["mha/query"]
+    assert (layers["mha/query"].rank, layers["mha/query"].scale) == (2, 3.0)
+    np.testing.assert_allclose(to_numpy(converted(x)), out, atol=ATOL)

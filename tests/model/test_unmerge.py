@@ -6,7 +6,7 @@ import pytest
 from conftest import mlp, randomize_adapters, to_numpy
 
 import keras_lora as kl
-from keras_lora.model import named_adapters
+from keras_lora.model import merge
 from keras_lora.model.surgery import lora_layers
 
 X = np.random.default_rng(6).normal(size=(8, 16)).astype("float32")
@@ -77,12 +77,12 @@ def test_non_finite_merge_raises_names_layer_and_adapter_and_changes_nothing():
         ValueError, match=r"'d2' \(adapters \['default'\]\).*NaN or Inf"
     ):
         kl.merge_lora(lora, in_place=True)
-    assert not named_adapters.is_merged(lora)
+    assert not merge.is_merged(lora)
     np.testing.assert_array_equal(to_numpy(dict(lora_layers(lora))["d1"](X)), before)
     with pytest.raises(ValueError, match="NaN or Inf"):
         kl.merge_lora(lora)
     kl.merge_lora(lora, in_place=True, check_finite=False)
-    assert named_adapters.is_merged(lora)
+    assert merge.is_merged(lora)
 
 
 def test_int8_base_merges_in_place_like_merge_lora_and_unmerges_exactly():
@@ -95,3 +95,21 @@ def test_int8_base_merges_in_place_like_merge_lora_and_unmerges_exactly():
     np.testing.assert_allclose(to_numpy(lora(X)), copy, atol=1e-5)
     kl.unmerge_lora(lora)
     np.testing.assert_array_equal(to_numpy(lora(X)), before)
+
+
+def test_reversible_is_the_merge_that_in_place_named_and_in_place_warns():
+    lora = randomize_adapters(kl.apply_lora(mlp(), rank=2))
+    unmerged = to_numpy(lora(X))
+    copy = to_numpy(kl.merge_lora(lora)(X))
+    assert kl.merge_lora(lora, reversible=True) is lora
+    assert merge.is_merged(lora)
+    np.testing.assert_allclose(to_numpy(lora(X)), copy, atol=1e-6)
+    kl.unmerge_lora(lora)
+    np.testing.assert_array_equal(to_numpy(lora(X)), unmerged)
+    with pytest.warns(DeprecationWarning, match="`in_place` is deprecated"):
+        assert kl.merge_lora(lora, in_place=True) is lora
+    assert merge.is_merged(lora)
+    kl.unmerge_lora(lora)
+    with pytest.warns(DeprecationWarning):  # in_place=False asks for a copy
+        plain = kl.merge_lora(lora, in_place=False)
+    assert plain is not lora and not lora_layers(plain)

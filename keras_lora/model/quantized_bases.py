@@ -1,0 +1,114 @@
+"""`lean_quantized`: every int8/int4 layer of a model on the lean product.
+
+Training adapters over a quantized model runs the backward pass through
+every quantized layer, adapted or not: with `targets=["query", "value"]`
+the `key`, attention output and feed-forward projections and the LM head
+are plain Keras quantized layers, and the gradient reaching the earlier
+adapters goes through all of them. Keras's own quantized calls keep a
+kernel's worth of memory per layer for that (see
+`layers.quantized_product`), so LoRA layers alone using the lean product
+would save little. `lean_quantized` gives each plain quantized `Dense`,
+`EinsumDense` and `ReversibleEmbedding` of a model an instance-level
+`quantized_call` (Keras's `Layer.__call__` calls `self.quantized_call`)
+that computes the same outputs with the lean product. The layer's class,
+config, weights and `.keras` files are unchanged.
+"""
+
+import types
+
+import keras
+from keras import ops
+
+from keras_lora.layers import quantized_product
+from keras_lora.model.walk import check_is_model, iter_layers
+
+# The Keras classes whose quantized calls `quantized_product` reproduces.
+_FAMILIES = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.ReversibleEmbedding,
+)
+
+
+def lean_quantized(model):
+    """Makes every int8/int4 layer of `model` compute its backward pass
+    without keeping or sharing a float kernel.
+
+    Each plain Keras `Dense`, `EinsumDense` and `ReversibleEmbedding` of
+    `model` (LoRA layers' bases have it already) gets an instance-level
+    `quantized_call` that computes its int8/int4 output with
+    `layers.quantized_product`: the same outputs as Keras's quantized call,
+    bitwise, and for training `dx = dy·W_deqᵀ` dequantized from the packed
+    codes only when the backward pass reaches the layer, freed after it.
+    Float layers, float8 layers, layers with Keras's own `enable_lora` and
+    subclasses that override Keras's quantized calls keep Keras's call (the
+    override checks the layer's mode on every call, so a model quantized
+    afterwards is covered too). Nothing else changes: classes, configs,
+    weights, `.keras` files.
+
+    `apply_lora` calls it on every model it returns. A model loaded from a
+    `.keras` file, or quantized after `apply_lora`, gets Keras's calls
+    again: call `lean_quantized(model)` on it before training. Calling it
+    again is harmless.
+
+    Args:
+        model: a `keras.Model`.
+
+    Returns:
+        `model` itself.
+
+    Example:
+
+    >>> inputs = keras.Input((8,))
+    >>> model = keras.Model(inputs, keras.layers.Dense(4, name="d")(inputs))
+    >>> model.quantize("int4")
+    >>> lean_quantized(model) is model
+    True
+    """
+    check_is_model(model, "lean_quantized")
+    for _, layer in iter_layers(model):
+        if _reproducible(layer) and "quantized_call" not in layer.__dict__:
+            # Bound method: `copy.deepcopy` of the layer rebinds it to the copy.
+            call = types.MethodType(_lean_quantized_call, layer)
+            object.__setattr__(layer, "quantized_call", call)
+    return model
+
+
+def is_lean(layer):
+    """Whether `lean_quantized` gave `layer` its lean `quantized_call`."""
+    call = layer.__dict__.get("quantized_call")
+    return getattr(call, "__func__", None) is _lean_quantized_call
+
+
+def _reproducible(layer):
+    """Whether `layer`'s quantized calls are Keras's own, for its family."""
+    family = next((cls for cls in _FAMILIES if isinstance(layer, cls)), None)
+    if family is None:
+        return False
+    cls = type(layer)
+    return all(
+        getattr(cls, name) is getattr(family, name)
+        for name in ("quantized_call", "_int8_call", "_int4_call")
+    )
+
+
+def _lean_quantized_call(self, inputs, *args, **kwargs):
+    """Keras's `quantized_call` of `self`, int8/int4 products lean."""
+    keras_call = type(self).quantized_call
+    if isinstance(self, keras.layers.Embedding):
+        reverse = kwargs.get("reverse", args[0] if args else False)
+        if not quantized_product.applies(self, reverse=reverse):
+            return keras_call(self, inputs, *args, **kwargs)
+        logits = quantized_product.product(self, inputs, reverse=True)
+        cap = self.logit_soft_cap
+        if cap is not None:  # as Keras's call: after the product
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+    if not quantized_product.applies(self):
+        return keras_call(self, inputs, *args, **kwargs)
+    x = quantized_product.product(self, inputs)
+    if self.bias is not None:
+        x = ops.add(x, self.bias)
+    if self.activation is not None:
+        x = self.activation(x)
+    return x

@@ -1,0 +1,163 @@
+"""Rematerialization of a LoRA model's transformer blocks.
+
+`enable_remat(model)` gives each transformer block Keras's own full
+rematerialization mode, the one a layer made inside
+`keras.RematScope(mode="full")` records: when the block is called, Keras
+wraps its `call` in `keras.remat` (`jax.checkpoint` on JAX,
+`tf.recompute_grad` on TensorFlow, `torch.utils.checkpoint` on torch), so
+the backward pass recomputes the block's activations instead of keeping
+them. Memory for activations then grows with one block plus the block
+boundaries instead of every intermediate of every block, at the cost of a
+second forward pass through each block.
+
+One gap in Keras 3.15 is bridged: `keras.remat` passes every argument of
+the call through the backend's checkpoint, and `jax.checkpoint` traces
+them all, so a block called with `training=True` fails on JAX
+("Attempted boolean conversion of traced array") where its dropout asks
+`if training`. Each block's `rematerialized_call` therefore hands
+`keras.remat` only the call's tensors; its other arguments (flags,
+`None`, Python numbers) are bound as they are, as `jax.checkpoint`'s
+`static_argnums` would.
+"""
+
+import functools
+
+import keras
+from keras.src.backend.common.remat import get_current_remat_mode
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.model.walk import check_is_model, children, iter_layers
+
+_FUNCTION = "enable_remat"
+
+
+def enable_remat(model):
+    """Recomputes each transformer block's activations in the backward pass.
+
+    The blocks are KerasHub's: every layer of a backbone's
+    `transformer_layers` list (`GPT2Backbone`, `LlamaBackbone`, ... and the
+    task models holding them). In any other model, each direct child layer
+    that holds LoRA layers is a block. Each block gets Keras's full
+    rematerialization mode (`keras.RematScope(mode="full")`, set on the
+    existing layer): outputs and gradients are those of the model without
+    it, up to float rounding, and only the adapters train as before.
+
+    Call it on a built LoRA model (after `apply_lora`), before or after
+    `compile`; a cached training function is dropped so that the next step
+    is traced with the blocks rematerialized. The setting is not part of a
+    layer's config: a model loaded from a `.keras` file has no remat, so
+    call `enable_remat` on it again.
+
+    Args:
+        model: a built `keras.Model` with LoRA layers.
+
+    Returns:
+        `model`, changed in place.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`.
+        ValueError: `model` has no LoRA layers, is not built, or has no
+            transformer blocks (nothing is changed).
+
+    Example:
+
+    ```python
+    lora_model = kl.apply_lora(causal_lm, targets=["query", "value"], rank=8)
+    kl.enable_remat(lora_model)
+    lora_model.fit(...)  # each block's activations recomputed on backward
+    ```
+    """
+    check_is_model(model, _FUNCTION)
+    layers = list(iter_layers(model))
+    if not _lora_layers(layers):
+        raise ValueError(
+            f"{_FUNCTION}: `model` '{model.name}' has no LoRA layers. "
+            "Rematerialization is for a LoRA model: use `apply_lora` first."
+        )
+    unbuilt = [path for path, layer in _lora_layers(layers) if not layer.built]
+    if not model.built or unbuilt:
+        raise ValueError(
+            f"{_FUNCTION}: `model` '{model.name}' is not built"
+            + (f" (LoRA layers {unbuilt})" if unbuilt else "")
+            + ". Build it (call it on data or a `keras.Input`) first."
+        )
+    blocks = transformer_blocks(model, layers)
+    if not blocks:
+        raise ValueError(
+            f"{_FUNCTION}: found no transformer blocks in `model` "
+            f"'{model.name}': expected a KerasHub backbone's "
+            "`transformer_layers`, or direct child layers of the model that "
+            "hold LoRA layers. Received a model whose LoRA layers are its "
+            "own direct children, with no block around them."
+        )
+    mode = _full_remat_mode()
+    for block in blocks:
+        block._remat_mode = mode
+        # An instance attribute: Keras's own `__call__` looks it up there.
+        object.__setattr__(
+            block,
+            "rematerialized_call",
+            functools.partial(_rematerialized_call, block),
+        )
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+    return model
+
+
+def transformer_blocks(model, layers=None):
+    """The layers `enable_remat` rematerializes, in order (see there).
+
+    Args:
+        model: a Keras model.
+        layers: `model`'s `(path, layer)` pairs from `iter_layers`, when the
+            caller has walked it already.
+    """
+    if layers is None:
+        layers = list(iter_layers(model))
+    blocks, seen = [], set()
+    for layer in [model] + [layer for _, layer in layers]:
+        for block in getattr(layer, "transformer_layers", None) or ():
+            if isinstance(block, keras.layers.Layer) and id(block) not in seen:
+                seen.add(id(block))
+                blocks.append(block)
+    if blocks:
+        return blocks
+    for child in children(model):  # a LoRA layer has no LoRA layers inside
+        if _lora_layers(iter_layers(child)):
+            # A LoRAContainer calls the layer it holds: remat goes there.
+            transparent = getattr(type(child), "holds_layer_transparently", False)
+            blocks.append(child.layer if transparent else child)
+    return blocks
+
+
+def _lora_layers(layers):
+    return [(path, layer) for path, layer in layers if isinstance(layer, LoRALayer)]
+
+
+def _full_remat_mode():
+    """The mode an operation made inside `keras.RematScope("full")` records."""
+    with keras.RematScope(mode="full"):
+        return get_current_remat_mode()
+
+
+def _rematerialized_call(block, layer_call, *args, **kwargs):
+    """`block`'s `rematerialized_call` (Keras's hook, for full remat):
+    `layer_call` under `keras.remat`, given only the call's tensors."""
+    if block._remat_mode is None:  # remat turned off since
+        return layer_call
+
+    def call(*call_args, **call_kwargs):
+        flat = keras.tree.flatten((call_args, call_kwargs))
+        where = [i for i, x in enumerate(flat) if keras.ops.is_tensor(x)]
+
+        def on_tensors(*tensors):
+            values = list(flat)
+            for i, tensor in zip(where, tensors, strict=True):
+                values[i] = tensor
+            a, k = keras.tree.pack_sequence_as((call_args, call_kwargs), values)
+            return layer_call(*a, **k)
+
+        return keras.remat(on_tensors)(*[flat[i] for i in where])
+
+    return call
