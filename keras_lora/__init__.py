@@ -26,6 +26,7 @@ from keras_lora.model.named_adapters import (
     set_adapter,
 )
 from keras_lora.model.quantized_bases import lean_quantized
+from keras_lora.model.remat import enable_remat
 from keras_lora.model.surgery import apply_lora
 from keras_lora.summary import TrainableSummary, trainable_summary
 from keras_lora.version import __version__ as __version__
@@ -37,6 +38,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
+    "enable_remat",
     "list_adapters",
     "set_adapter",
     "unmerge_lora",

@@ -83,13 +83,7 @@ def enable_remat(model):
         )
     blocks = transformer_blocks(model, layers)
     if not blocks:
-        raise ValueError(
-            f"{_FUNCTION}: found no transformer blocks in `model` "
-            f"'{model.name}': expected a KerasHub backbone's "
-            "`transformer_layers`, or direct child layers of the model that "
-            "hold LoRA layers. Received a model whose LoRA layers are its "
-            "own direct children, with no block around them."
-        )
+        raise ValueError(_no_blocks_message(_FUNCTION, model))
     mode = _full_remat_mode()
     for block in blocks:
         block._remat_mode = mode
@@ -129,6 +123,42 @@ def transformer_blocks(model, layers=None):
             transparent = getattr(type(child), "holds_layer_transparently", False)
             blocks.append(child.layer if transparent else child)
     return blocks
+
+
+def check_blocks_for_targets(model, layers, target_ids, function):
+    """Raises `enable_remat`'s error unless `model` would have transformer
+    blocks once the layers with ids `target_ids` get LoRA layers.
+
+    `apply_lora(remat=True)` calls it before changing anything.
+
+    Args:
+        model: the model `apply_lora` converts.
+        layers: `model`'s `(path, layer)` pairs from `iter_layers`.
+        target_ids: the `id`s of the layers that will get LoRA layers.
+        function: the caller's name, for the message.
+    """
+    for layer in [model] + [layer for _, layer in layers]:
+        if any(
+            isinstance(block, keras.layers.Layer)
+            for block in getattr(layer, "transformer_layers", None) or ()
+        ):
+            return
+    for child in children(model):
+        # As `transformer_blocks`: a direct child holding a target (not the
+        # target itself) becomes a block.
+        if any(id(layer) in target_ids for _, layer in iter_layers(child)):
+            return
+    raise ValueError(_no_blocks_message(function, model) + " Nothing was changed.")
+
+
+def _no_blocks_message(function, model):
+    return (
+        f"{function}: found no transformer blocks in `model` "
+        f"'{model.name}': expected a KerasHub backbone's "
+        "`transformer_layers`, or direct child layers of the model that "
+        "hold LoRA layers. Received a model whose LoRA layers are its "
+        "own direct children, with no block around them."
+    )
 
 
 def _lora_layers(layers):

@@ -30,6 +30,7 @@ from keras_lora.model import same_class
 from keras_lora.model.containers import LoRAContainer, rebuild_container
 from keras_lora.model.in_place import apply_in_place
 from keras_lora.model.quantized_bases import lean_quantized
+from keras_lora.model.remat import check_blocks_for_targets, enable_remat
 from keras_lora.model.targets import match_layers
 from keras_lora.model.tracking import (
     copy_loses_class,
@@ -53,6 +54,7 @@ def apply_lora(
     exclude=None,
     trainable=None,
     in_place=False,
+    remat=False,
     **layer_kwargs,
 ):
     """Returns a copy of `model` with LoRA layers on the selected layers.
@@ -84,6 +86,13 @@ def apply_lora(
             that needs a plain Functional or Sequential model or a
             subclassed one (a Functional subclass cannot be copied with its
             class: pass `in_place=True`).
+        remat: if true, recompute each transformer block's activations in
+            the backward pass (`enable_remat` on the returned model): less
+            activation memory for long sequences, a second forward pass
+            through each block, the same outputs and gradients. The model
+            must have transformer blocks (a KerasHub backbone's
+            `transformer_layers`, or direct child layers holding targets);
+            otherwise `apply_lora` raises before changing anything.
         **layer_kwargs: passed on to each LoRA layer's constructor.
 
     Returns:
@@ -100,6 +109,7 @@ def apply_lora(
     rank = validate_rank(rank)
     alpha = validate_alpha(alpha)
     in_place = validate_flag(in_place, "in_place")
+    remat = validate_flag(remat, "remat")
     if not in_place and copy_loses_class(model):
         raise ValueError(
             f"apply_lora: '{model.name}' is a {type(model).__name__}, a "
@@ -126,6 +136,8 @@ def apply_lora(
             "exclude them from one of the two."
         )
     to_copy = {id(layer) for _, layer in to_copy}
+    if remat:  # enable_remat's refusal, before anything changes
+        check_blocks_for_targets(model, layers, to_wrap, "apply_lora")
     if in_place:
         targets = [(p, layer) for p, layer in layers if id(layer) in to_wrap]
         apply_in_place(
@@ -142,7 +154,7 @@ def apply_lora(
                 layer.save_as_base_in(model.name)
         # Every int8/int4 layer (not only the adapted ones) on the lean
         # quantized product: no float kernel kept for the backward pass.
-        return lean_quantized(model)
+        return _finish(lean_quantized(model), remat)
     reaches = Reaches(to_wrap | to_copy)
 
     saved_flags = trainable_state(model)
@@ -181,7 +193,11 @@ def apply_lora(
     except Exception:
         restore_trainable_state(saved_flags)
         raise
-    return lean_quantized(lora_model)  # as above: int8/int4 layers lean
+    return _finish(lean_quantized(lora_model), remat)  # as above: lean
+
+
+def _finish(model, remat):
+    return enable_remat(model) if remat else model
 
 
 def check_built(model, function):

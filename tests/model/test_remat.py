@@ -222,3 +222,51 @@ def tiny_mlp():
     inputs = keras.Input((4,))
     x = keras.layers.Dense(4, name="d1")(inputs)
     return keras.Model(inputs, keras.layers.Dense(1, name="head")(x), name="mlp")
+
+
+def test_apply_lora_remat_true_equals_no_remat(monkeypatch):
+    """`apply_lora(..., remat=True)` rematerializes the blocks; outputs, the
+    loss and one SGD step's updates equal those without remat."""
+    plain = kl.apply_lora(llama_lm(), targets=TARGETS, rank=2, in_place=True)
+    remat = kl.apply_lora(
+        llama_lm(), targets=TARGETS, rank=2, in_place=True, remat=True
+    )
+    assert all(b._remat_mode for b in remat.backbone.transformer_layers)
+    assert not any(b._remat_mode for b in plain.backbone.transformer_layers)
+    x, y = batch()
+    for model in (plain, remat):
+        randomize_adapters(model, scale=0.3)  # B != 0: gradients reach A
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.5),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            weighted_metrics=[],
+        )
+    np.testing.assert_allclose(
+        to_numpy(remat(x, training=False)),
+        to_numpy(plain(x, training=False)),
+        atol=ATOL,
+        rtol=RTOL,
+    )
+    counter = CountRemat(monkeypatch)
+    np.testing.assert_allclose(
+        remat.train_on_batch(x, y), plain.train_on_batch(x, y), atol=ATOL, rtol=RTOL
+    )
+    assert counter.calls >= 2  # the step went through keras.remat
+    assert len(remat.trainable_weights) == 8
+    for got, want in zip(remat.trainable_weights, plain.trainable_weights, strict=True):
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=ATOL, rtol=RTOL)
+
+
+def test_apply_lora_remat_true_on_a_copy():
+    """Not in place: the copy's blocks are rematerialized, and compute what
+    the copy without remat computes."""
+    model = block_model()
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
+    plain = kl.apply_lora(model, targets=["inner"], rank=2)
+    remat = kl.apply_lora(model, targets=["inner"], rank=2, remat=True)
+    assert [b.name for b in transformer_blocks(remat)] == ["block_0", "block_1"]
+    assert all(b._remat_mode for b in transformer_blocks(remat))
+    assert not any(b._remat_mode for b in transformer_blocks(plain))
+    np.testing.assert_allclose(
+        to_numpy(remat(x)), to_numpy(plain(x)), atol=ATOL, rtol=RTOL
+    )
