@@ -31,7 +31,13 @@ from keras_lora.model.containers import LoRAContainer, rebuild_container
 from keras_lora.model.in_place import apply_in_place
 from keras_lora.model.quantized_bases import lean_quantized
 from keras_lora.model.remat import check_blocks_for_targets, enable_remat
-from keras_lora.model.targets import match_layers
+from keras_lora.model.targets import (
+    is_all_linear,
+    kerashub_backbones,
+    kerashub_default,
+    linear_layers,
+    match_layers,
+)
 from keras_lora.model.tracking import (
     copy_loses_class,
     restore_trainable_state,
@@ -66,8 +72,14 @@ def apply_lora(
         targets: which layers get adapters: `Dense`, `EinsumDense`,
             `Embedding`, `Conv1D/2D/3D`, at any depth (inside
             `MultiHeadAttention`, custom layers, nested models). `None`
-            selects every `Dense` that does not produce a model output
-            (Functional and Sequential models only). Otherwise a list of
+            selects, on a KerasHub model (a backbone, a task, or a model
+            holding one), what KerasHub's `enable_lora` selects: the layers
+            named in the backbone's `default_lora_layer_names()` (the
+            attention query and value projections); on any other model,
+            every `Dense` that does not produce a model output (Functional
+            and Sequential models only). `"all-linear"` (PEFT's) selects
+            every `Dense` and `EinsumDense` that does not produce a model
+            output (Functional and Sequential models). Otherwise a list of
             layer names or paths (`"query"`, `"block_0/mha/query"`), a regex
             string (full match on name or path), or a callable
             `layer -> bool`.
@@ -270,24 +282,40 @@ def copy_weights(old, new):
 
 def _select_targets(model, layers, targets, exclude):
     supported = lambda layer: lora_class_for(layer) is not None  # noqa: E731
-    if targets is None:
-        if not graph_model(model):
-            raise ValueError(
-                f"`targets=None` selects the Dense layers that do not produce "
-                f"an output, which needs a Functional or Sequential model; "
-                f"'{model.name}' is a subclassed {type(model).__name__}. Pass "
-                f"`targets`. Layers: {[p for p, _ in layers]}"
-            )
-        outputs = _output_layer_ids(model)
-        selected = [
-            (p, layer)
-            for p, layer in layers
-            if isinstance(layer, keras.layers.Dense) and id(layer) not in outputs
-        ]
+    backbones = kerashub_backbones(model, layers) if targets is None else []
+    if backbones:  # KerasHub's (and PEFT's) default: query and value
+        selected = kerashub_default(backbones, layers, supported)
         if not selected:
             raise ValueError(
-                f"Model '{model.name}' has no Dense layer outside its output "
-                "layers, so `targets=None` selects nothing. Pass `targets`. "
+                f"`targets=None` on a KerasHub model selects the layers its "
+                f"backbone's `default_lora_layer_names()` names "
+                f"({backbones[0].default_lora_layer_names()}), and "
+                f"'{model.name}' has none keras_lora can adapt. Pass "
+                f"`targets`. Layers: {[p for p, _ in layers]}"
+            )
+    elif targets is None or is_all_linear(targets):
+        what = "`targets=None`" if targets is None else f"`targets={targets!r}`"
+        if not graph_model(model):
+            raise ValueError(
+                f"{what} selects layers that do not produce an output, which "
+                f"needs a Functional or Sequential model; '{model.name}' is a "
+                f"subclassed {type(model).__name__}. Pass `targets` as names, "
+                f"a regex or a callable. Layers: {[p for p, _ in layers]}"
+            )
+        outputs = _output_layer_ids(model)
+        if targets is None:
+            selected = [
+                (p, layer)
+                for p, layer in layers
+                if isinstance(layer, keras.layers.Dense) and id(layer) not in outputs
+            ]
+        else:
+            selected = linear_layers(layers, outputs, supported)
+        if not selected:
+            kind = "Dense" if targets is None else "Dense or EinsumDense"
+            raise ValueError(
+                f"Model '{model.name}' has no {kind} layer outside its output "
+                f"layers, so {what} selects nothing. Pass `targets`. "
                 f"Layers: {[p for p, _ in layers]}"
             )
     else:

@@ -5,6 +5,11 @@ point that selects layers, go through `match_layers`.
 """
 
 import re
+import sys
+
+import keras
+
+from keras_lora.model.walk import iter_layers
 
 
 def describe(spec):
@@ -92,3 +97,51 @@ def _require_some(selected, entry, layers, argument, keep):
 def _in_tree_order(selected, layers):
     ids = {id(layer) for _, layer in selected}
     return [(p, lay) for p, lay in layers if id(lay) in ids]
+
+
+ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(spec):
+    """Whether `spec` is PEFT's `"all-linear"` (any case)."""
+    return isinstance(spec, str) and spec.lower() == ALL_LINEAR
+
+
+def kerashub_backbones(model, layers):
+    """The KerasHub backbones in `model` (itself, a task's, or nested), or
+    `[]` when `model` holds none (or `keras_hub` was never imported)."""
+    if "keras_hub" not in sys.modules:
+        return []  # a KerasHub model has imported keras_hub already
+    from keras_hub.src.models.backbone import Backbone
+
+    found = [model] if isinstance(model, Backbone) else []
+    return found + [lay for _, lay in layers if isinstance(lay, Backbone)]
+
+
+def kerashub_default(backbones, layers, supported):
+    """The `(path, layer)` pairs KerasHub's `enable_lora` adapts by default:
+    inside each backbone, the layers named in its own
+    `default_lora_layer_names()` (`["query_dense", "value_dense", "query",
+    "value"]`, plus the vision tower's `query_proj`/`value_proj` where a
+    backbone adds them) that keras_lora can adapt."""
+    chosen = set()
+    for backbone in backbones:
+        names = set(backbone.default_lora_layer_names())
+        chosen |= {
+            id(layer)
+            for _, layer in iter_layers(backbone)
+            if layer.name in names and supported(layer)
+        }
+    return [(p, lay) for p, lay in layers if id(lay) in chosen]
+
+
+def linear_layers(layers, outputs, supported):
+    """`"all-linear"`: every `Dense` and `EinsumDense` that keras_lora can
+    adapt, except those in `outputs` (the ids of the layers that produce the
+    model's outputs: its head)."""
+    linear = (keras.layers.Dense, keras.layers.EinsumDense)
+    return [
+        (p, lay)
+        for p, lay in layers
+        if isinstance(lay, linear) and supported(lay) and id(lay) not in outputs
+    ]
