@@ -11,7 +11,8 @@ the standard library is imported until a command actually runs: `--help`,
 keras-lora inspect MODEL.keras [--targets PATTERN ...] [--rank R]
 keras-lora inspect ADAPTER
 keras-lora merge LORA_MODEL.keras OUT.keras
-keras-lora apply BASE.keras ADAPTER OUT.keras [--merge] [--name-map PEFT=KERAS ...]
+keras-lora apply BASE.keras ADAPTER OUT.keras [--merge] [--in-place]
+                 [--name-map PEFT=KERAS ...]
 keras-lora export MODEL.keras OUT_DIR [--format tf_saved_model]
 ```
 """
@@ -126,6 +127,15 @@ def build_parser():
         dest="strict",
         action="store_false",
         help="skip adapter entries that match no layer, with a warning",
+    )
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help=(
+            "convert the loaded model itself (load_adapter(..., in_place=True)): "
+            "needed for a KerasHub task or backbone, which a copy would turn "
+            "into a plain Functional model"
+        ),
     )
 
     p = sub.add_parser(

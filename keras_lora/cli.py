@@ -260,9 +260,18 @@ def _apply(args):
     adapter = Path(args.adapter)
     _read_adapter(adapter)  # unreadable: status 2; not fitting the model: 3
     try:
-        model = load_adapter(model, adapter, name_map=name_map, strict=args.strict)
+        model = load_adapter(
+            model,
+            adapter,
+            name_map=name_map,
+            strict=args.strict,
+            in_place=args.in_place,
+        )
     except (OSError, ValueError, TypeError) as e:
-        raise UnfitInputError(f"cannot apply adapter '{adapter}': {e}") from None
+        hint = ""
+        if "in_place=True" in str(e) and not args.in_place:
+            hint = " (on the command line: pass --in-place)"
+        raise UnfitInputError(f"cannot apply adapter '{adapter}': {e}{hint}") from None
     if args.merge:
         model = merge_lora(model)
     with atomic_output(args.output) as tmp:

@@ -18,6 +18,7 @@ the model before it assigns anything. What a format module provides is
 described in `keras_lora.io.formats`.
 """
 
+from keras_lora.config import validate_flag
 from keras_lora.io.formats import (
     FORMATS,
     WRITERS,
@@ -89,16 +90,22 @@ def save_adapter(
     return writer.save(model, records, path, name_map, hf_class)
 
 
-def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
+def load_adapter(
+    model, path, name_map=None, strict=True, adapter_name=None, in_place=False
+):
     """Loads an adapter file or PEFT directory into `model`; returns the model to use.
 
     On a plain model (no LoRA layers), LoRA is first applied with
     `apply_lora` to exactly the layers the adapter covers, with its rank,
     alpha, scale rule, variant and factoring; the new LoRA model is returned
-    and `model` keeps computing what it did. (A Functional subclass, such as
-    a KerasHub backbone or task, cannot be copied and keep its class: the
-    error names the `apply_lora(..., in_place=True)` call to make first.)
-    Base model plus adapter file thus gives back the fine-tuned model. On a
+    and `model` keeps computing what it did. With `in_place=True`, `model`
+    itself is converted (as `apply_lora(..., in_place=True)` does) and
+    returned: what a KerasHub backbone or task needs, in one call, like
+    PEFT's `PeftModel.from_pretrained(base, path)`. (A Functional subclass,
+    such as a KerasHub backbone or task, cannot be copied and keep its
+    class, so without `in_place=True` it is refused, and the error says to
+    pass it.) Base model plus adapter file thus gives back the fine-tuned
+    model. On a
     model that has LoRA layers, the weights load into them and `model`
     itself is returned; their alpha and scale rule are set to the adapter's.
 
@@ -126,6 +133,12 @@ def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
             several files load side by side; pick with `set_adapter`. On a
             plain model, the name of the adapter `apply_lora` creates.
             `None`: into the active adapter (plain model: `"default"`).
+        in_place: on a model without LoRA layers, convert `model` itself
+            (it keeps its class, preprocessor and `generate()`) instead of
+            a copy. If anything fails (a bad file, a shape mismatch), the
+            conversion is undone and `model` is exactly as it was. On a
+            model with LoRA layers it changes nothing: the load is into
+            `model` itself anyway.
 
     Returns:
         The model with the adapter loaded.
@@ -142,11 +155,18 @@ def load_adapter(model, path, name_map=None, strict=True, adapter_name=None):
     check_path(path)
     check_is_model(model, "load_adapter")
     check_name_map(name_map)
+    in_place = validate_flag(in_place, "in_place")
     reader = find_reader(path)
     layers = list(iter_layers(model))
     records, source = read_records(reader, path, name_map, model, layers, strict)
     return install(
-        model, records, layers, strict=strict, source=source, adapter_name=adapter_name
+        model,
+        records,
+        layers,
+        strict=strict,
+        source=source,
+        adapter_name=adapter_name,
+        in_place=in_place,
     )
 
 

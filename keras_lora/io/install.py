@@ -16,16 +16,27 @@ from keras_lora.io.records import kernel_digest, layer_factoring
 from keras_lora.io.report import report
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.checks import caller_stacklevel
-from keras_lora.model.surgery import apply_lora
+from keras_lora.model import same_class
+from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.quantized_bases import lean_quantized
+from keras_lora.model.surgery import apply_lora, check_built
 from keras_lora.model.tracking import (
     functional_subclass,
     restore_trainable_state,
     trainable_state,
 )
-from keras_lora.model.walk import iter_layers, lora_layers
+from keras_lora.model.walk import graph_model, iter_layers, lora_layers
 
 
-def install(model, records, layers, strict=True, source="adapter", adapter_name=None):
+def install(
+    model,
+    records,
+    layers,
+    strict=True,
+    source="adapter",
+    adapter_name=None,
+    in_place=False,
+):
     """Loads `records` into `model` and returns the model to use.
 
     On a model without LoRA layers, LoRA is first applied (with
@@ -46,6 +57,9 @@ def install(model, records, layers, strict=True, source="adapter", adapter_name=
             to the layers that lack it; on a plain model, the name of the
             adapter `apply_lora` creates. `None`: the active adapter (on a
             plain model, `"default"`).
+        in_place: on a model without LoRA layers, convert `model` itself
+            (`apply_lora(..., in_place=True)` on the records' layers) and
+            load into it; a failure undoes the conversion.
 
     Raises:
         ValueError: on anything that does not fit; nothing was changed.
@@ -85,7 +99,7 @@ def install(model, records, layers, strict=True, source="adapter", adapter_name=
         for record in known:
             _check_base_kernel(by_path[record.path], record, source)
         return _apply_then_assign(
-            model, by_path, known, source, adapter_name or "default"
+            model, layers, by_path, known, source, adapter_name or "default", in_place
         )
     if adapter_name is not None:
         _into_named_adapter(model, by_path, known, source, adapter_name)
@@ -280,8 +294,10 @@ def _into_named_adapter(model, by_path, records, source, name):
             by_path[path].set_active_adapters(active)
 
 
-def _apply_then_assign(model, by_path, records, source, adapter_name):
+def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
     kwargs = _common_options(by_path, records, source)
+    if in_place:
+        return _convert_then_assign(model, layers, records, source, name, kwargs)
     if functional_subclass(model):
         options = "".join(
             f", {k}={v!r}"
@@ -291,11 +307,13 @@ def _apply_then_assign(model, by_path, records, source, adapter_name):
         raise ValueError(
             f"load_adapter: model '{model.name}' is a {type(model).__name__}, "
             "a Functional subclass. Loading into a model without LoRA layers "
-            "applies LoRA to a copy, which would lose its class (a KerasHub "
-            "task its preprocessor and `generate()`). Convert it in place "
-            "first, then load into it: `kl.apply_lora(model, targets="
-            f"{sorted(r.path for r in records)}, rank={kwargs['rank']}{options}, "
-            "in_place=True)`."
+            "applies LoRA to a copy by default, which would lose its class (a "
+            "KerasHub task its preprocessor and `generate()`). Pass "
+            "`in_place=True` to convert the model itself and load in one "
+            "call (`kl.load_adapter(model, path, in_place=True)`), or "
+            "convert it first and load into it: `kl.apply_lora(model, "
+            f"targets={sorted(r.path for r in records)}, rank={kwargs['rank']}"
+            f"{options}, in_place=True)`."
         )
     ids = {id(by_path[r.path]) for r in records}
     flags = trainable_state(model)
@@ -303,7 +321,7 @@ def _apply_then_assign(model, by_path, records, source, adapter_name):
         lora_model = apply_lora(
             model,
             targets=lambda layer: id(layer) in ids,
-            adapter_name=adapter_name,
+            adapter_name=name,
             **kwargs,
         )
         lora_layers = dict(iter_layers(lora_model))
@@ -313,6 +331,38 @@ def _apply_then_assign(model, by_path, records, source, adapter_name):
         raise
     _assign(plan, lora_layers, records, source, warn_scale=False)
     return lora_model
+
+
+def _convert_then_assign(model, layers, records, source, name, kwargs):
+    """`load_adapter(..., in_place=True)` on a model without LoRA layers:
+    swaps exactly the records' layers for LoRA layers inside `model` (as
+    `apply_lora(..., in_place=True)` does) and loads the records. The shapes
+    are checked against the new layers before the swap is kept: on any
+    failure every swap and flag is undone, and `model` is as it was."""
+    check_built(model, "load_adapter")
+    wanted = {r.path for r in records}
+    targets = [(p, layer) for p, layer in layers if p in wanted]
+    planned = []
+
+    def check(converted):
+        converted_layers = dict(iter_layers(converted))
+        plan = _plan(converted, converted_layers, records, source)
+        planned.append((converted_layers, plan))
+
+    apply_in_place(
+        model,
+        targets,
+        set(),
+        lambda layer: lora_class_for(layer)(layer, adapter_name=name, **kwargs),
+        check=check,
+    )
+    ((converted_layers, plan),) = planned
+    _assign(plan, converted_layers, records, source, warn_scale=False)
+    same_class.mark_converted(model)
+    if not graph_model(model):
+        for _, layer in lora_layers(model):
+            layer.save_as_base_in(model.name)
+    return lean_quantized(model)
 
 
 def _common_options(by_path, records, source):

@@ -280,11 +280,14 @@ def freeze_except(model, keep):
     visit(model, True)
 
 
-def apply_in_place(model, targets, keep, make_wrapper):
+def apply_in_place(model, targets, keep, make_wrapper, check=None):
     """Swaps each `(path, layer)` of `targets` for `make_wrapper(layer)`
     inside `model`, freezes every other weight except those of the layers
     in `keep` (ids), and returns `model`. On any failure every swap,
-    `trainable` flag and variable flag is restored, and the error raised."""
+    `trainable` flag and variable flag is restored, and the error raised.
+    `check(model)`, if given, runs once everything is swapped; if it
+    raises, that is such a failure (`load_adapter` checks the file's
+    shapes against the new LoRA layers there)."""
     saved = trainable_state(model)
     undo = Undo()
     all_owners = owners(model)
@@ -299,6 +302,8 @@ def apply_in_place(model, targets, keep, make_wrapper):
             swap(holders, base, wrapper, undo)
         hold_in_containers(model, undo)
         freeze_except(model, keep)
+        if check is not None:
+            check(model)
     except BaseException:
         undo.rollback()
         restore_trainable_state(saved)
