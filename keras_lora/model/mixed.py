@@ -163,6 +163,165 @@ class MixedAdapterModel(Functional):
         self._host_check(x)
         return super().predict_on_batch(x)
 
+    def generate(
+        self,
+        inputs,
+        adapter_names,
+        max_length=None,
+        stop_token_ids="auto",
+        strip_prompt=False,
+    ):
+        """Generates with each row of the batch on its own adapter.
+
+        The served model must wrap a KerasHub `CausalLM`. Row `i` of
+        `inputs` is generated as the task generates it with only adapter
+        `adapter_names[i]` active (`None` or `"__base__"`: the base model
+        alone), all rows in one batch and one compiled generation loop:
+        KerasHub's own `generate`, with the per-row adapter index passed
+        into its compiled function as data, so another mix of adapters (of
+        the same batch size and `max_length`) runs the same compiled loop.
+        Like PEFT's `model.generate(..., adapter_names=[...])`.
+
+        Args:
+            inputs: what the task's `generate` takes for one batch (strings,
+                or a dict of `token_ids` and `padding_mask` without a
+                preprocessor); not a `tf.data.Dataset`.
+            adapter_names: one name per row, each one of this model's
+                `names`, or `None`/`"__base__"` for the base model.
+            max_length, stop_token_ids, strip_prompt: as for
+                `CausalLM.generate`.
+
+        Returns:
+            What the task's `generate` returns.
+
+        Raises:
+            TypeError: the served model does not wrap a KerasHub `CausalLM`,
+                or `inputs` is a dataset.
+            ValueError: an unknown adapter name, a count of names that is
+                not the batch size, or a sampler that changes the batch
+                (beam or contrastive search).
+        """
+        layer = mixed_layer(self)
+        task, names = layer.model, layer.names
+        index = _generate_index(task, names, adapter_names, inputs)
+        step, compiled = self._routed_generate(task, layer)
+        rows = len(index)
+
+        def generate_function(x, stop_token_ids=None):
+            batch = int(x["token_ids"].shape[0])
+            if batch != rows:
+                raise ValueError(
+                    f"`adapter_names` has {rows} names, but the batch has "
+                    f"{batch} rows; give one name per row."
+                )
+            x = {**x, INDEX_NAME: ops.convert_to_tensor(index, "int32")}
+            return compiled(x, stop_token_ids=stop_token_ids)
+
+        saved = task.generate_function
+        with _generate_step(task, step):
+            task.generate_function = generate_function
+            try:
+                return task.generate(
+                    inputs,
+                    max_length=max_length,
+                    stop_token_ids=stop_token_ids,
+                    strip_prompt=strip_prompt,
+                )
+            finally:
+                task.generate_function = saved
+
+    def _routed_generate(self, task, layer):
+        """`(step, compiled)`: a `generate_step` that opens the routing
+        around the task's own, and KerasHub's compiled generation function
+        built on it. Built once per model, sampler and set of variables (a
+        changed sampler or adapter set gets a new one, as KerasHub drops
+        its own on `compile` and keras_lora on `set_adapter`)."""
+        cache = self.__dict__.setdefault("_keras_lora_generate", {})
+        key = (
+            id(task.sampler),
+            tuple(id(v) for v in task.trainable_variables),
+            tuple(id(v) for v in task.non_trainable_variables),
+        )
+        if key not in cache:
+            own_step = task.generate_step
+            names, strategy = layer.names, layer.strategy
+
+            def step(inputs, stop_token_ids=None):
+                inputs = dict(inputs)
+                index = ops.cast(inputs.pop(INDEX_NAME), "int32")
+                with routing_lib.routing(index, names, strategy):
+                    return own_step(inputs, stop_token_ids)
+
+            saved = task.generate_function
+            task.generate_function = None
+            try:
+                with _generate_step(task, step):
+                    compiled = task.make_generate_function()
+            finally:
+                task.generate_function = saved
+            cache.clear()  # an older key's loop holds stale variables
+            cache[key] = (step, compiled)
+        return cache[key]
+
+
+BASE_NAMES = (None, "__base__")
+
+
+def _generate_index(task, names, adapter_names, inputs):
+    """The per-row adapter index of `generate`, checked on the host."""
+    if not (callable(getattr(task, "generate", None)) and hasattr(task, "sampler")):
+        raise TypeError(
+            "generate needs a served KerasHub `CausalLM`; this model serves "
+            f"'{task.name}', a {type(task).__name__}."
+        )
+    sampler = type(task.sampler).__name__
+    if sampler in ("BeamSampler", "ContrastiveSampler"):
+        raise ValueError(
+            f"generate with one adapter per row needs a sampler that keeps "
+            f"the batch's rows; the task's is a {sampler}, which expands "
+            "them. Compile the task with another sampler (`greedy`, `top_k`, "
+            "`top_p`, `random`)."
+        )
+    try:
+        import tensorflow as tf
+
+        if isinstance(inputs, tf.data.Dataset):
+            raise TypeError(
+                "generate with `adapter_names` takes one batch, not a "
+                "`tf.data.Dataset`: call it once per batch."
+            )
+    except ImportError:
+        pass
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(
+            "`adapter_names` must be a list with one adapter name per row. "
+            f"Received: {adapter_names!r}"
+        )
+    unknown = [n for n in adapter_names if n not in names and n not in BASE_NAMES]
+    if unknown:
+        raise ValueError(
+            f"`adapter_names` holds names this model does not serve: "
+            f"{unknown}. Served: {list(names)}, or None/'__base__' for the "
+            "base model."
+        )
+    return np.array(
+        [-1 if n in BASE_NAMES else names.index(n) for n in adapter_names], "int32"
+    )
+
+
+class _generate_step:
+    """Within the block, `task.generate_step` is `step` (an instance
+    attribute, which KerasHub's generation function looks up)."""
+
+    def __init__(self, task, step):
+        self.task, self.step = task, step
+
+    def __enter__(self):
+        object.__setattr__(self.task, "generate_step", self.step)
+
+    def __exit__(self, *exc):
+        object.__delattr__(self.task, "generate_step")
+
 
 def _check_names(model, names, strategy):
     if strategy not in routing_lib.STRATEGIES:
