@@ -199,6 +199,17 @@ def test_a_plain_backbone_gets_the_in_place_call_to_make(hub_file):
     np.testing.assert_allclose(to_numpy(backbone(INPUTS)), expected, atol=1e-5)
 
 
+def test_a_plain_backbone_loads_in_one_call_in_place(hub_file):
+    # issue 21, item 6: KerasHub's own file into a plain backbone, one call.
+    weights, expected, path = hub_file
+    backbone = same_base(weights)
+    assert kl.load_adapter(backbone, path, in_place=True) is backbone
+    assert type(backbone) is keras_hub.models.GPT2Backbone
+    names = {p.rsplit("/", 1)[-1] for p, _ in lora_layers(backbone)}
+    assert names == {"query", "value"}
+    np.testing.assert_allclose(to_numpy(backbone(INPUTS)), expected, atol=1e-5)
+
+
 def test_loads_into_a_task_by_its_backbones_numbers(hub_file):
     # The file numbers the backbone's layers; a task holds more layers (the
     # backbone itself first), which must not shift the numbers.

@@ -107,6 +107,38 @@ def test_token_inputs_without_preprocessor(task):
     kl.set_adapter(lm, "default")
 
 
+def test_llama3_rows():
+    keras.utils.set_random_seed(0)
+    lm = keras_hub.models.Llama3CausalLM(
+        tiny_kerashub.backbone("llama3"), preprocessor=None
+    )
+    kl.apply_lora(lm, rank=2, in_place=True)
+    kl.add_adapter(lm, "a", rank=4)
+    randomize(lm, seed=1)
+    lm.compile(sampler="greedy")
+    token_ids = np.zeros((3, 8), "int32")
+    token_ids[:, :3] = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+    mask = token_ids > 0
+    inputs = {"token_ids": token_ids, "padding_mask": mask}
+    mix = ["a", None, "default"]
+    got = kl.mixed_adapter_model(lm, ["default", "a"]).generate(
+        inputs, adapter_names=mix, stop_token_ids=None
+    )
+    rows = {}
+    for name in ("default", "a", None):
+        if name is None:
+            with kl.disable_adapters(lm):
+                rows[name] = lm.generate(inputs, stop_token_ids=None)["token_ids"]
+        else:
+            kl.set_adapter(lm, name)
+            rows[name] = lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    rows = {k: ops.convert_to_numpy(v) for k, v in rows.items()}
+    assert not np.array_equal(rows["a"], rows["default"])
+    assert not np.array_equal(rows["a"], rows[None])
+    want = np.stack([rows[name][i] for i, name in enumerate(mix)])
+    np.testing.assert_array_equal(ops.convert_to_numpy(got["token_ids"]), want)
+
+
 def test_bad_adapter_names(task):
     served = kl.mixed_adapter_model(task, NAMES)
     own = task.generate_function
