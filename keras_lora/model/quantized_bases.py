@@ -19,7 +19,8 @@ import types
 import keras
 from keras import ops
 
-from keras_lora.layers import quantized_product
+from keras_lora.layers import quantized, quantized_product
+from keras_lora.layers.base import LoRALayer
 from keras_lora.model.walk import check_is_model, iter_layers
 
 # The Keras classes whose quantized calls `quantized_product` reproduces.
@@ -49,13 +50,19 @@ def lean_quantized(model):
     `apply_lora` calls it on every model it returns. A model loaded from a
     `.keras` file, or quantized after `apply_lora`, gets Keras's calls
     again: call `lean_quantized(model)` on it before training. Calling it
-    again is harmless.
+    again is harmless. It first checks the int8/int4 weights against the
+    layers' configs (`check_quantized_weights`), before changing anything.
 
     Args:
         model: a `keras.Model`.
 
     Returns:
         `model` itself.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`.
+        ValueError: a layer's quantized weights do not match its config
+            (see `check_quantized_weights`); nothing is changed.
 
     Example:
 
@@ -66,12 +73,68 @@ def lean_quantized(model):
     True
     """
     check_is_model(model, "lean_quantized")
+    check_quantized_weights(model)
     for _, layer in iter_layers(model):
         if _reproducible(layer) and "quantized_call" not in layer.__dict__:
             # Bound method: `copy.deepcopy` of the layer rebinds it to the copy.
             call = types.MethodType(_lean_quantized_call, layer)
             object.__setattr__(layer, "quantized_call", call)
     return model
+
+
+def check_quantized_weights(model):
+    """Raises a `ValueError` naming the layer if an int8/int4 layer of
+    `model` holds weights its config cannot stand for.
+
+    Keras itself refuses a `.keras` file whose codes, scales or zero points
+    have other shapes than the layer's config builds (a `ValueError` from
+    `load_model`), and casts other dtypes. What it loads silently is a
+    sub-channel int4 layer's row groups (`g_idx`, stored as floats): Keras's
+    quantizer makes `g_idx = arange(rows) // block_size`, and any other
+    values pick other scales and zero points for the rows, a silently
+    different kernel. Non-finite scales make a silently non-finite one.
+    This checks both (a few small tensors per layer; the codes themselves
+    are not read).
+
+    Args:
+        model: a `keras.Model` (or layer).
+    """
+    import numpy as np
+
+    for path, layer in iter_layers(model):
+        if isinstance(layer, LoRALayer):  # its base holds the weights
+            layer = layer.layer
+        mode = getattr(layer, "quantization_mode", None)
+        if mode not in quantized_product.MODES:
+            continue
+        for name in ("kernel_scale", "embeddings_scale", "reverse_embeddings_scale"):
+            scale = getattr(layer, name, None)
+            if scale is not None and not np.all(np.isfinite(_numpy(scale))):
+                raise ValueError(
+                    f"Layer '{path}' ({type(layer).__name__}, {mode}) has "
+                    f"non-finite values in `{name}`: its quantized weights "
+                    "are corrupt (a damaged or hand-edited file?)."
+                )
+        block = quantized.block_size(layer)
+        g_idx = getattr(layer, "g_idx", None)
+        if mode != "int4" or block == -1 or g_idx is None:
+            continue
+        got = _numpy(g_idx)
+        want = np.arange(got.shape[0]) // block
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise ValueError(
+                f"Layer '{path}' ({type(layer).__name__}, int4 with "
+                f"block_size={block}) has row groups `g_idx` that do not "
+                f"match its config: expected arange({got.shape[0]}) // "
+                f"{block} = {want[:8].tolist()}..., received "
+                f"{got[:8].tolist()}... Its scales and zero points would be "
+                "applied to the wrong rows. Quantize the float model again, "
+                "or load a file written by Keras for this config."
+            )
+
+
+def _numpy(variable):
+    return keras.ops.convert_to_numpy(variable)
 
 
 def is_lean(layer):

@@ -62,7 +62,31 @@ def layout(model):
             )
         elif layer.trainable and layer.weights and not children(layer):
             trainable.append(index)
-    return {"lora_layers": lora, "trainable": trainable}
+    return {
+        "lora_layers": lora,
+        "trainable": trainable,
+        "inputs_quantizers": _inputs_quantizers(model),
+    }
+
+
+def _inputs_quantizers(model):
+    """`[walk index, serialized inputs quantizer or None]` of each quantized
+    layer (a LoRA layer's base). A KerasHub backbone's config keeps only
+    each layer's quantized policy, not its quantization config, and Keras
+    3.15 builds an int4 `ReversibleEmbedding` without a config with an
+    input quantizer that `quantize("int4")` does not give it: its logits
+    would change on load."""
+    found = []
+    for index, (_, layer) in enumerate(iter_layers(model)):
+        base = layer.layer if isinstance(layer, LoRALayer) else layer
+        if getattr(base, "quantization_mode", None) and hasattr(
+            base, "inputs_quantizer"
+        ):
+            quantizer = base.inputs_quantizer
+            found.append(
+                [index, quantizer and keras.saving.serialize_keras_object(quantizer)]
+            )
+    return found
 
 
 def apply_layout(model, record):
@@ -83,6 +107,12 @@ def apply_layout(model, record):
         targets.append(found)
         configs[id(found[1])] = (cls, entry["config"])
     keep = {id(layers[i][1]) for i in record["trainable"] if i < len(layers)}
+    for index, quantizer in record.get("inputs_quantizers", ()):
+        layer = layers[index][1] if index < len(layers) else None
+        if hasattr(layer, "inputs_quantizer"):
+            layer.inputs_quantizer = (
+                quantizer and keras.saving.deserialize_keras_object(quantizer)
+            )
 
     def make_wrapper(base):
         cls, config = configs[id(base)]
@@ -179,13 +209,28 @@ def _refusing_get_config(self, *args, **kwargs):
 
 @contextlib.contextmanager
 def _class_get_config(layer):
-    """Within it, `layer.get_config` is its class's (plain) one."""
+    """Within it, `layer.get_config` is its class's (plain) one, and
+    `layer._flatten_layers` leaves LoRA layers out (their bases stay): a
+    quantized KerasHub backbone's config maps each quantized layer's path to
+    its policy, and a LoRA layer reports its base's mode under no path."""
     own = vars(layer).get("get_config")
     if own is not None:
         object.__delattr__(layer, "get_config")
+    flatten = vars(layer).get("_flatten_layers")  # nested: already plain
+
+    def plain_flatten(*args, **kwargs):
+        return [
+            lay
+            for lay in type(layer)._flatten_layers(layer, *args, **kwargs)
+            if not isinstance(lay, LoRALayer)
+        ]
+
+    object.__setattr__(layer, "_flatten_layers", flatten or plain_flatten)
     try:
         yield
     finally:
+        if flatten is None:
+            object.__delattr__(layer, "_flatten_layers")
         if own is not None:
             object.__setattr__(layer, "get_config", own)
 

@@ -29,7 +29,7 @@ from keras_lora.layers import lora_class_for
 from keras_lora.model import same_class
 from keras_lora.model.containers import LoRAContainer, rebuild_container
 from keras_lora.model.in_place import apply_in_place
-from keras_lora.model.quantized_bases import lean_quantized
+from keras_lora.model.quantized_bases import check_quantized_weights, lean_quantized
 from keras_lora.model.remat import check_blocks_for_targets, enable_remat
 from keras_lora.model.targets import (
     is_all_linear,
@@ -148,6 +148,7 @@ def apply_lora(
             "exclude them from one of the two."
         )
     to_copy = {id(layer) for _, layer in to_copy}
+    check_quantized_weights(model)  # lean_quantized's refusal, up front
     if remat:  # enable_remat's refusal, before anything changes
         check_blocks_for_targets(model, layers, to_wrap, "apply_lora")
     if in_place:
