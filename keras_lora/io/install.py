@@ -295,9 +295,9 @@ def _into_named_adapter(model, by_path, records, source, name):
 
 
 def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
+    if in_place:  # each layer its own rank and options: no common ones needed
+        return _convert_then_assign(model, layers, by_path, records, source, name)
     kwargs = _common_options(by_path, records, source)
-    if in_place:
-        return _convert_then_assign(model, layers, records, source, name, kwargs)
     if functional_subclass(model):
         options = "".join(
             f", {k}={v!r}"
@@ -333,13 +333,17 @@ def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
     return lora_model
 
 
-def _convert_then_assign(model, layers, records, source, name, kwargs):
+def _convert_then_assign(model, layers, by_path, records, source, name):
     """`load_adapter(..., in_place=True)` on a model without LoRA layers:
     swaps exactly the records' layers for LoRA layers inside `model` (as
-    `apply_lora(..., in_place=True)` does) and loads the records. The shapes
-    are checked against the new layers before the swap is kept: on any
-    failure every swap and flag is undone, and `model` is as it was."""
+    `apply_lora(..., in_place=True)` does), each with its own record's rank,
+    alpha, scale rule, variant and factoring, and loads the records. The
+    shapes are checked against the new layers before the swap is kept: on
+    any failure every swap and flag is undone, and `model` is as it was."""
     check_built(model, "load_adapter")
+    options = {
+        id(by_path[r.path]): _common_options(by_path, [r], source) for r in records
+    }
     wanted = {r.path for r in records}
     targets = [(p, layer) for p, layer in layers if p in wanted]
     planned = []
@@ -353,7 +357,9 @@ def _convert_then_assign(model, layers, records, source, name, kwargs):
         model,
         targets,
         set(),
-        lambda layer: lora_class_for(layer)(layer, adapter_name=name, **kwargs),
+        lambda layer: lora_class_for(layer)(
+            layer, adapter_name=name, **options[id(layer)]
+        ),
         check=check,
     )
     ((converted_layers, plan),) = planned

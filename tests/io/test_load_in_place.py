@@ -199,3 +199,30 @@ def test_cli_apply_in_place(trained, tmp_path, capsys):
     out = keras.saving.load_model(tmp_path / "out.keras")
     assert type(out) is keras_hub.models.GPT2CausalLM
     np.testing.assert_allclose(logits(out), expected, atol=1e-5)
+
+
+def test_ranks_per_layer_load_in_one_call(twin_dir, tmp_path):  # noqa: F811
+    # A copy takes one rank for all layers; in place each layer gets its own.
+    path = twin_dir("llama")
+    twin = peft_twin(
+        path,
+        rank=3,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2, "down_proj": 5},
+        alpha_pattern={"down_proj": 7},
+    )
+    expected = hf_logits(twin).numpy()
+    twin.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="mixes ranks"):
+        kl.load_adapter(keras_model_of(path), tmp_path / "adapter")
+    task = keras_task(path)
+    kl.load_adapter(task, tmp_path / "adapter", in_place=True)
+    ranks = {p.rsplit("/", 1)[-1]: layer.rank for p, layer in lora_layers(task)}
+    assert ranks == {"query": 3, "value": 2, "feedforward_output_dense": 5}
+    np.testing.assert_allclose(keras_logits(task), expected, atol=TOLERANCE, rtol=0)
+
+
+def keras_model_of(path):
+    """The twin as a plain Functional model (copyable), for the copy path."""
+    task = keras_task(path)
+    return keras.Model(task.inputs, task.outputs)
