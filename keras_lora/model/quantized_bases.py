@@ -47,9 +47,10 @@ def lean_quantized(model):
     afterwards is covered too). Nothing else changes: classes, configs,
     weights, `.keras` files.
 
-    `apply_lora` calls it on every model it returns. A model loaded from a
-    `.keras` file, or quantized after `apply_lora`, gets Keras's calls
-    again: call `lean_quantized(model)` on it before training. Calling it
+    `apply_lora` calls it on every model it returns, and a KerasHub task
+    converted in place gets it again when loaded. Any other model loaded
+    from a `.keras` file, or quantized after `apply_lora`, gets Keras's
+    calls: call `lean_quantized(model)` on it before training. Calling it
     again is harmless. It first checks the int8/int4 weights against the
     layers' configs (`check_quantized_weights`), before changing anything.
 
@@ -74,6 +75,12 @@ def lean_quantized(model):
     """
     check_is_model(model, "lean_quantized")
     check_quantized_weights(model)
+    return make_lean(model)
+
+
+def make_lean(model):
+    """`lean_quantized` without its checks, for a model whose weights are
+    not loaded yet (a KerasHub task converted in place, while it loads)."""
     for _, layer in iter_layers(model):
         if _reproducible(layer) and "quantized_call" not in layer.__dict__:
             # Bound method: `copy.deepcopy` of the layer rebinds it to the copy.

@@ -28,6 +28,7 @@ import keras
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.quantized_bases import make_lean
 from keras_lora.model.tracking import functional_subclass, own_variables
 from keras_lora.model.walk import children, iter_layers, lora_layers
 
@@ -143,6 +144,9 @@ class InPlaceLoRA:
             config["layer"], custom_objects=custom_objects
         )
         apply_layout(layer, config["layout"])
+        # As `apply_lora` left it: int8/int4 layers on the lean product (the
+        # weights are checked by `lean_quantized`, once they are loaded).
+        make_lean(layer)
         mark_converted(layer)
         _mark_task_on_load(layer)
         return layer

@@ -22,6 +22,7 @@ import tiny_kerashub
 from conftest import randomize_adapters, to_numpy
 
 import keras_lora as kl
+from keras_lora.model import quantized_bases
 from keras_lora.model.quantized_bases import check_quantized_weights
 from keras_lora.model.walk import lora_layers
 
@@ -92,9 +93,14 @@ def test_a_saved_int4_lora_task_loads_quantized_without_float_kernels(
     codes = [w for w in loaded.weights if w.name == "kernel"]
     assert codes and all(w.dtype == "int8" for w in codes)
     np.testing.assert_array_equal(to_numpy(loaded(inputs)), want)
-    # The lean product is not part of the file: made again, same outputs.
-    kl.lean_quantized(loaded)
-    np.testing.assert_array_equal(to_numpy(loaded(inputs)), want)
+    # A task converted in place comes back with its plain int4 layers on the
+    # lean product, as `apply_lora` left them.
+    plain = [
+        layer
+        for layer in loaded.backbone._flatten_layers()
+        if layer.name in ("key", "attention_output", "token_embedding")
+    ]
+    assert len(plain) == 3 and all(quantized_bases.is_lean(lay) for lay in plain)
 
 
 def rewrite_weights(src, dst, edit):
@@ -152,14 +158,30 @@ def test_row_groups_that_do_not_match_the_config_are_refused(tmp_path):
     # Keras loads it silently, a different model...
     loaded = keras.saving.load_model(str(bad))
     assert not np.array_equal(to_numpy(loaded(inputs)), to_numpy(lm(inputs)))
-    # ...which keras_lora refuses before changing anything.
+
+    # ...which keras_lora refuses, changing nothing.
+    def overrides():
+        return [vars(lay).get("quantized_call") for lay in loaded._flatten_layers()]
+
+    before = overrides()
     with pytest.raises(ValueError, match=r"query.*block_size=8.*`g_idx`"):
         kl.lean_quantized(loaded)
     with pytest.raises(ValueError, match=r"query.*block_size=8.*`g_idx`"):
         check_quantized_weights(loaded)
-    assert not any(
-        "quantized_call" in vars(layer) for layer in loaded._flatten_layers()
-    )
+    assert overrides() == before
+
+
+def test_apply_lora_refuses_mismatched_row_groups_before_changing_anything():
+    backbone = tiny_kerashub.backbone("llama3")
+    lm = keras_hub.models.Llama3CausalLM(backbone=backbone, preprocessor=None)
+    lm.quantize("int4", config=keras.quantizers.Int4QuantizationConfig(block_size=8))
+    value = lm.backbone.get_layer("transformer_layer_0")._self_attention_layer
+    value = value._value_dense
+    value.g_idx.assign(to_numpy(value.g_idx)[::-1].copy())
+    with pytest.raises(ValueError, match=r"value.*`g_idx` that do not match"):
+        kl.apply_lora(lm, targets=["query", "value"], rank=2, in_place=True)
+    assert lora_layers(lm) == []
+    assert not any("quantized_call" in vars(lay) for lay in lm._flatten_layers())
 
 
 def test_non_finite_scales_are_refused():
