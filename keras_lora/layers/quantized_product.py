@@ -51,6 +51,13 @@ from keras_lora.layers import quantized
 
 MODES = ("int8", "int4")
 
+# The reverse product (an LM head's logits) dequantizes its table in chunks
+# of this many bytes or fewer, one at a time: the table is the largest
+# kernel of a language model (32,000 x 2,048 floats: 250 MiB), and a whole
+# dequantized copy (plus the matrix product's packed copy of it) would set
+# the step's peak. Chunks change only the summation blocking, not the math.
+vocabulary_chunk = 32 * 2**20
+
 
 def applies(layer, reverse=False):
     """Whether `product` computes `layer`'s quantized call (int8 or int4,
@@ -98,10 +105,61 @@ class _Plan:
 
     def forward(self, x, params):
         """Keras's quantized product, op for op."""
+        if self.kind == "reverse":
+            chunks = self._vocabulary_chunks(params)
+            if chunks:
+                # One chunk of the table dequantized at a time, each tied
+                # to the previous chunk's logits (see `vocabulary_chunk`).
+                logits, anchor = [], x
+                for start, stop in chunks:
+                    part = _TIE(anchor, self._vocabulary_slice(params, start, stop))
+                    anchor = self._reverse_forward(x, part)
+                    logits.append(anchor)
+                return ops.concatenate(logits, axis=-1)
         return getattr(self, f"_{self.kind}_forward")(x, params)
 
     def backward(self, dy, params):
         """`dy·W_deqᵀ`, the kernel dequantized from `params`."""
+        if self.kind == "reverse":
+            chunks = self._vocabulary_chunks(params)
+            if chunks:  # as in `forward`: the sum of each chunk's product
+                dx = None
+                for start, stop in chunks:
+                    anchor = dy if dx is None else dx
+                    part = _TIE(anchor, self._vocabulary_slice(params, start, stop))
+                    term = self._backward(dy[..., start:stop], part)
+                    dx = term if dx is None else ops.add(dx, term)
+                return dx
+        return self._backward(dy, params)
+
+    def _vocabulary_chunks(self, params):
+        """`[(start, stop), ...]` over the reverse product's vocabulary, or
+        `None` when its dequantized table fits in one `vocabulary_chunk`."""
+        layer = self.layer
+        vocabulary, width = layer.input_dim, layer.output_dim
+        itemsize = keras.backend.standardize_dtype(layer.compute_dtype)
+        itemsize = 2 if itemsize in ("float16", "bfloat16") else 4
+        rows = max(1, vocabulary_chunk // (width * itemsize))
+        if rows >= vocabulary:
+            return None
+        return [(a, min(a + rows, vocabulary)) for a in range(0, vocabulary, rows)]
+
+    def _vocabulary_slice(self, params, start, stop):
+        """`params` of the vocabulary rows `start:stop`: axis 0 of a tied
+        table's codes, scales and zero points, the last axis of an untied
+        reverse table's; `g_idx` (over the width) whole."""
+        tied = getattr(self.layer, "tie_weights", True)
+        sliced = []
+        for i, param in enumerate(params):
+            if i == 3:  # g_idx
+                sliced.append(param)
+            elif tied:
+                sliced.append(param[start:stop])
+            else:
+                sliced.append(param[..., start:stop])
+        return tuple(sliced)
+
+    def _backward(self, dy, params):
         layer = self.layer
         dtype = layer.compute_dtype
         if self.kind == "einsum":
@@ -238,6 +296,8 @@ def _jax_product():
         return (dx,) + (None,) * len(params)
 
     lean.defvjp(forward, backward)
+    global _TIE
+    _TIE = tie
 
     def dispatch(plan, x, params):
         # Op by op (no trace), nothing is differentiated or scheduled.
@@ -294,6 +354,9 @@ def _tensorflow_product():
             for p in params
         )
 
+    global _TIE
+    _TIE = tie
+
     def dispatch(plan, x, params):
         if tf.executing_eagerly() and not could_possibly_record():
             return plan.forward(x, params)  # nothing to differentiate
@@ -335,6 +398,16 @@ def _torch_product():
         return plan.forward(x, params)
 
     return dispatch
+
+
+def _untied(anchor, params):
+    # torch runs op by op: nothing to order.
+    return params
+
+
+# `_TIE(anchor, params)`: `params`, computed only once `anchor` is; the
+# backend's product sets it.
+_TIE = _untied
 
 
 def _plain_product(plan, x, params):

@@ -501,3 +501,39 @@ def test_torch_backward_keeps_no_kernel_sized_tensor(mode, block):
         assert len(keras_kept) == 2, keras_kept
     else:  # Keras's int8 call keeps its variables only
         assert keras_kept == []
+
+
+# ----- the reverse product in vocabulary chunks ------------------------------
+
+
+@pytest.mark.parametrize("mode, block", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_reverse_product_in_vocabulary_chunks_equals_keras(
+    tied, mode, block, monkeypatch
+):
+    # A table larger than `vocabulary_chunk` is dequantized a chunk of rows
+    # at a time: 3 rows a chunk here, 7 chunks of the 20, the last short.
+    layer, shape, kwargs = reverse_embedding(tied, None)(mode, block, False)
+    monkeypatch.setattr(quantized_product, "vocabulary_chunk", 3 * IN * 4)
+    plan = quantized_product._Plan(layer, reverse=True)
+    params = quantized.kernel_params(layer, reverse=True)
+    assert len(plan._vocabulary_chunks(params)) == 7
+    x = inputs(shape)
+    y_keras, dx_keras = vjp(keras_call(layer, kwargs), x)
+    y_lean, dx_lean = vjp(lean_call(layer, kwargs), x)
+    # Each logit is the same dot product as Keras's (float32 rounding of IN
+    # terms of order 1 if the matmul blocks it otherwise); dx sums the
+    # chunks' products, a reassociation of the same sums.
+    np.testing.assert_allclose(y_lean, y_keras, rtol=1e-5, atol=1e-5)
+    if mode != "int8":  # Keras's int8 reverse gradient: see above
+        np.testing.assert_allclose(dx_lean, dx_keras, rtol=1e-5, atol=1e-5)
+    y_ref, _, kernel = reference(layer, x, kwargs)
+    dy = inputs(y_ref.shape, 1).astype("float64")
+    np.testing.assert_allclose(dx_lean, dy @ kernel.T, rtol=1e-4, atol=1e-4)
+    if BACKEND == "jax":  # traced: the chunks' ties under jit
+        import jax
+
+        jitted = jax.jit(lean_call(layer, kwargs))
+        y_jit, dx_jit = vjp(jitted, x)
+        np.testing.assert_allclose(y_jit, y_lean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(dx_jit, dx_lean, rtol=1e-5, atol=1e-5)
