@@ -362,3 +362,29 @@ def report_lines(r, c):
         *table(["remat", "JAX grad temp MB", "steps add MB", "step s"], remat_rows),
         "",
     ]
+
+
+def main(argv=None):
+    """`python -m benchmarks.qlora --backend B --out FILE [--quick]`: the
+    quantized rows and the remat rows alone (the `memory` section runs them
+    too, after its other tables), printed and written as JSON."""
+    import argparse
+    import json
+
+    from benchmarks.config import FULL, QUICK
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.qlora")
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--out", required=True, help="a JSON file to write")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    c = (QUICK if args.quick else FULL)["memory"]
+    result = run(c, args.backend, args.quick)
+    print(f"backend {args.backend}")
+    print("\n".join(report_lines(result, c)))
+    with open(args.out, "w") as f:
+        json.dump({"backend": args.backend, "config": c, "result": result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
