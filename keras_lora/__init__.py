@@ -13,6 +13,7 @@ from keras_lora.layers import (
     LoRALayer,
 )
 from keras_lora.model.core_lora import from_core_lora
+from keras_lora.model.loraplus import loraplus_optimizer
 from keras_lora.model.merge import merge_lora, unmerge_lora
 from keras_lora.model.mixed import mixed_adapter_model
 from keras_lora.model.named_adapters import (
@@ -56,6 +57,7 @@ __all__ = [
     "lean_quantized",
     "load_adapter",
     "lora_layout_map",
+    "loraplus_optimizer",
     "merge_lora",
     "mixed_adapter_model",
     "prepare_hotswap",

@@ -1479,6 +1479,59 @@ CASES = [
         (TypeError, ValueError),
         r"lora_layout_map: .*(`device_mesh` must be a|JAX backend only)",
     ),
+    # --- loraplus_optimizer -------------------------------------------------
+    *[
+        C(
+            "loraplus_optimizer",
+            f"ratio={ratio!r}",
+            lambda e, ratio=ratio: kl.loraplus_optimizer(
+                keras.optimizers.Adam(), ratio=ratio
+            ),
+            error,
+            r"`ratio` must be a positive finite number",
+        )
+        for ratio, error in [
+            (0, ValueError),
+            (-16, ValueError),
+            (float("nan"), ValueError),
+            (float("inf"), ValueError),
+            ("16", TypeError),
+            (None, TypeError),
+            (True, TypeError),
+        ]
+    ],
+    C(
+        "loraplus_optimizer",
+        "optimizer='adam'",
+        lambda e: kl.loraplus_optimizer("adam"),
+        TypeError,
+        r"`optimizer` must be a keras.optimizers.Optimizer instance; got str",
+    ),
+    C(
+        "loraplus_optimizer",
+        "optimizer=class",
+        lambda e: kl.loraplus_optimizer(keras.optimizers.SGD),
+        TypeError,
+        r"`optimizer` must be a keras.optimizers.Optimizer instance",
+    ),
+    C(
+        "loraplus_optimizer",
+        "LossScaleOptimizer",
+        lambda e: kl.loraplus_optimizer(
+            keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
+        ),
+        TypeError,
+        r"`optimizer` is a LossScaleOptimizer.*wrap the optimizer",
+    ),
+    C(
+        "loraplus_optimizer",
+        "already LoRA+",
+        lambda e: kl.loraplus_optimizer(
+            kl.loraplus_optimizer(keras.optimizers.SGD(), ratio=4)
+        ),
+        ValueError,
+        r"`optimizer` is already a LoRA\+ optimizer \(ratio=4.0\)",
+    ),
 ]
 
 
