@@ -41,6 +41,8 @@ import keras
 from keras import ops
 
 _CLASSES = {}
+# Optimizer variables that a step advances once for all trainable variables.
+_STEP_STATE = ("_u_product",)
 
 
 def is_b_variable(variable):
@@ -66,10 +68,21 @@ class _LoRAPlusMixin:
         for grad, variable in zip(grads, trainable_variables, strict=True):
             group = b_group if is_b_variable(variable) else rest
             group.append((grad, variable))
+        # Optimizer state shared by all variables and advanced once a step
+        # (Nadam's `_u_product`): the B group's call starts from the same
+        # value, so it advances once, not twice.
+        shared = [
+            v
+            for v in (getattr(self, n, None) for n in _STEP_STATE)
+            if isinstance(v, keras.Variable)
+        ]
+        start = [ops.copy(v) for v in shared] if rest and b_group else []
         if rest:
             super()._backend_update_step(
                 [g for g, _ in rest], [v for _, v in rest], learning_rate
             )
+        for variable, value in zip(shared, start, strict=False):
+            variable.assign(value)
         if b_group:
             super()._backend_update_step(
                 [g for g, _ in b_group],
