@@ -410,6 +410,14 @@ def _untied(anchor, params):
 _TIE = _untied
 
 
+def tie(anchor, params):
+    """`params` (a tuple of tensors), computed only once `anchor` is: a data
+    dependency the compiler can neither see through nor reorder (see the
+    module docstring); on torch, which runs op by op, `params` as they are.
+    """
+    return _TIE(anchor, tuple(params))
+
+
 def _plain_product(plan, x, params):
     return plan.forward(x, params)
 

@@ -14,6 +14,7 @@ import tiny_kerashub
 from conftest import randomize_adapters, to_numpy
 
 import keras_lora as kl
+from keras_lora.model import remat as remat_module
 from keras_lora.model.remat import enable_remat, transformer_blocks
 
 SEQ = 8
@@ -80,17 +81,18 @@ def batch(seed=0):
 
 
 class CountRemat:
-    """Counts the functions handed to `keras.remat` while it is installed."""
+    """Counts the functions handed to the backend's remat (`keras.remat`;
+    on JAX the package's own, see `remat._jax_remat`) while installed."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = keras.remat
+        original = remat_module._remat
 
         def counting(f):
             self.calls += 1
             return original(f)
 
-        monkeypatch.setattr(keras, "remat", counting)
+        monkeypatch.setattr(remat_module, "_remat", counting)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -270,3 +272,45 @@ def test_apply_lora_remat_true_on_a_copy():
     np.testing.assert_allclose(
         to_numpy(remat(x)), to_numpy(plain(x)), atol=ATOL, rtol=RTOL
     )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="XLA's buffer assignment: JAX"
+)
+def test_jax_remat_saves_activation_memory_on_this_compiler():
+    # `jax.checkpoint` alone saves nothing on XLA's CPU compiler (it drops
+    # the barriers' ordering and recomputes with the forward pass); the
+    # package's remat ties the recomputation to the incoming gradient. Four
+    # blocks at sequence 256, where the attention scores dominate: the
+    # jitted gradient's temporaries with remat, over without, measured 0.38
+    # here (0.31 on the benchmark's 4-layer model at sequence 2,048), and
+    # 1.08 with `keras.remat` (`jax.checkpoint`) in its place.
+    import jax
+
+    def temporaries(remat):
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.Llama3Backbone(
+            vocabulary_size=tiny_kerashub.VOCAB,
+            num_layers=4,
+            hidden_dim=32,
+            num_query_heads=4,
+            num_key_value_heads=2,
+            intermediate_dim=64,
+        )
+        lm = keras_hub.models.Llama3CausalLM(backbone=backbone, preprocessor=None)
+        kl.apply_lora(lm, targets=TARGETS, rank=2, in_place=True, remat=remat)
+        ids = np.ones((1, 256), "int32")
+        x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+
+        def loss(trainable, non_trainable):
+            logits, _ = lm.stateless_call(trainable, non_trainable, x, training=True)
+            return keras.ops.mean(logits)
+
+        args = (
+            [v.value for v in lm.trainable_variables],
+            [v.value for v in lm.non_trainable_variables],
+        )
+        compiled = jax.jit(jax.grad(loss)).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temporaries(True) < 0.7 * temporaries(False)
