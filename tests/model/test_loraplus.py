@@ -47,6 +47,10 @@ OPTIMIZERS = {
     "adam": lambda: keras.optimizers.Adam(1e-3),
     # Decoupled decay: B's decay uses lr·ratio, as in a torch param group.
     "adamw": lambda: keras.optimizers.AdamW(1e-3, weight_decay=0.1),
+    # A schedule: the step's learning rate is a tensor, scaled for B.
+    "sgd_schedule": lambda: keras.optimizers.SGD(
+        keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.5)
+    ),
     # Nadam keeps one product for all variables, updated once a step.
     "nadam": lambda: keras.optimizers.Nadam(1e-3),
 }
