@@ -148,3 +148,66 @@ def test_loraplus_trains_faster_than_plain_lora():
         plain = _regression_loss(1, seed)
         plus = _regression_loss(16, seed)
         assert plus < 0.6 * plain, (seed, plus, plain)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_one_step_matches_real_peft_create_loraplus_optimizer(tmp_path, use_dora):
+    """The same adapter, one Adam step with LoRA+ in both libraries: equal
+    A, B (and DoRA magnitude) after the step."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    base = keras.Model(inputs, keras.layers.Dense(5, name="t")(inputs))
+    lora = kl.apply_lora(base, targets=["t"], rank=2, alpha=3, use_dora=use_dora)
+    randomize_adapters(lora, scale=0.3)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.normal(size=(16, 5)).astype("float32")
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    kernel, bias = (to_numpy(w) for w in base.get_layer("t").weights)
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(kernel.T.copy()))
+        net[0].bias.copy_(torch.from_numpy(bias))
+    kl.save_adapter(lora, tmp_path / "p", format="peft", name_map={"t": "0"})
+    peft_model = peft.PeftModel.from_pretrained(
+        net, str(tmp_path / "p"), is_trainable=True
+    )
+    # torch's Adam puts eps outside the bias correction, Keras's inside;
+    # eps = 1e-8 against steps of |g| >~ 1e-3 makes that invisible.
+    optimizer = create_loraplus_optimizer(
+        peft_model, torch.optim.Adam, lr=1e-3, loraplus_lr_ratio=RATIO, eps=1e-8
+    )
+    loss = ((peft_model(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean()
+    loss.backward()
+    optimizer.step()
+
+    lora.compile(
+        optimizer=kl.loraplus_optimizer(
+            keras.optimizers.Adam(1e-3, epsilon=1e-8), ratio=RATIO
+        ),
+        loss="mse",
+    )
+    lora.train_on_batch(x, y)
+    layer = lora.get_layer("t")
+    peft_layer = peft_model.base_model.model[0]
+    pairs = [
+        (layer.lora_a, peft_layer.lora_A["default"].weight.T),
+        (layer.lora_b, peft_layer.lora_B["default"].weight.T),
+    ]
+    if use_dora:
+        pairs.append(
+            (
+                next(w for w in layer.weights if w.name == "lora_magnitude"),
+                peft_layer.lora_magnitude_vector["default"].weight,
+            )
+        )
+    for ours, theirs in pairs:
+        # One Adam step is ~lr (ratio·lr for B) per element; 1e-6 is float32
+        # rounding of weights ~1 plus the eps placement above.
+        np.testing.assert_allclose(
+            to_numpy(ours), theirs.detach().numpy(), atol=2e-6, err_msg=ours.path
+        )
