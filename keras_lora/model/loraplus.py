@@ -21,11 +21,12 @@ param.ndim == 1`):
 - every trainable 1-D variable: DoRA's `lora_magnitude*`, and biases or
   norm scales that are trained alongside the adapters.
 
-Where this differs from PEFT: PEFT gives an Embedding's
-`lora_embedding_B` the plain learning rate (its name lacks `lora_B`, and
-PEFT's Embedding group tests the parameter, not its module, so it never
-matches); here the embedding's `lora_b` is in the `B` group, since a
-variable's name does not say which layer type made it.
+Where this differs from PEFT 0.21: PEFT trains both factors of an
+Embedding's adapter at a fixed `loraplus_lr_embedding` (default 1e-6);
+here an Embedding's `lora_a` gets the learning rate and its `lora_b`
+`ratio` times it, since a variable's name does not say which layer type
+made it. Weight decay is the Keras optimizer's own (PEFT's is
+`loraplus_weight_decay`).
 
 The subclass of each Keras optimizer class is registered at import (as
 `keras_lora>LoRAPlus<Class>`), so a compiled model saved to `.keras` loads
