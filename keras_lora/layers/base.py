@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from keras_lora.config import DEFAULT_NAME, validate_factoring
-from keras_lora.layers import checks, hot_path, mixed, quantized
+from keras_lora.layers import checks, hot_path, mixed, quantized, quantized_product
 from keras_lora.layers.drop_in import DropIn
 from keras_lora.layers.merging import Merging
 from keras_lora.layers.registry import AdapterRegistry, adapter_specs
@@ -249,7 +249,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
             return self._base_call(inputs, training)
         layer = self.layer
         if frozen is None:  # a quantized base: Keras's own quantized op
-            base = quantized.quantized_product(self._quantized_view, inputs, training)
+            base = quantized_product.base_call(self._quantized_view, inputs, training)
         else:
             base = self._base_op(inputs, self._frozen_kernel(frozen))
         x = self._add_updates(inputs, base, training, adapters)

@@ -13,9 +13,9 @@ def check_base_layer(cls, layer):
     """Raises if `cls` (a LoRA layer type) cannot wrap `layer` (which is
     no LoRA layer: the caller checks that)."""
     if cls.base_class is None:
-        from keras_lora.layers import LORA_LAYER_TYPES
-
-        names = ", ".join(t.__name__ for t in LORA_LAYER_TYPES.values())
+        names = ", ".join(
+            t.__name__ for t in cls.__subclasses__() if t.base_class is not None
+        )
         raise TypeError(
             f"{cls.__name__} is the abstract base class of the LoRA layers; "
             f"use the one for your layer type ({names})."

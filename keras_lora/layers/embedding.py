@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_lora.layers import mixed, quantized
+from keras_lora.layers import mixed, quantized, quantized_product
 from keras_lora.layers.base import LoRALayer
 
 
@@ -74,7 +74,7 @@ class LoRAEmbedding(LoRALayer):
         if keras.backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         if frozen is None:  # a quantized base: Keras's own quantized lookup
-            outputs = quantized.quantized_lookup(self._quantized_view, inputs)
+            outputs = quantized_product.base_lookup(self._quantized_view, inputs)
         else:
             table = self._frozen_kernel(frozen)
             outputs = ops.cast(ops.take(table, inputs, axis=0), self.compute_dtype)
@@ -134,7 +134,7 @@ class LoRAEmbedding(LoRALayer):
                 return layer.quantized_call(inputs, reverse=True)
             return layer.call(inputs, reverse=True)
         if frozen is None:  # a quantized table: Keras's own quantized logits
-            logits = quantized.quantized_lookup(
+            logits = quantized_product.base_lookup(
                 self._quantized_view, inputs, reverse=True
             )
             dtype = keras.backend.standardize_dtype(logits.dtype)

@@ -73,34 +73,9 @@ class _WithoutEpilogue:
 
 
 def without_epilogue(layer):
-    """A view of `layer` for `quantized_product`; make it once and keep it."""
+    """A view of `layer` for `quantized_product.base_call`; make it once and
+    keep it."""
     return _WithoutEpilogue(layer)
-
-
-def quantized_product(view, inputs, training=None):
-    """`x·W` of the quantized base, before bias and activation: for int8
-    and int4 the lean product (`layers.quantized_product`: Keras's math,
-    no kernel kept for the backward pass), else the base's own op."""
-    from keras_lora.layers import quantized_product as lean
-
-    layer = view._layer
-    if lean.applies(layer):
-        return lean.product(layer, inputs)
-    return type(layer).quantized_call(view, inputs, training=training)
-
-
-def quantized_lookup(view, inputs, reverse=False):
-    """An embedding's quantized lookup by the base's own op or, with
-    `reverse`, its logits before any soft cap (int8/int4: the lean
-    product)."""
-    from keras_lora.layers import quantized_product as lean
-
-    layer = view._layer
-    if not reverse:  # a lookup has no epilogue: the layer's own call
-        return type(layer).quantized_call(layer, inputs)
-    if lean.applies(layer, reverse=True):
-        return lean.product(layer, inputs, reverse=True)
-    return type(layer).quantized_call(view, inputs, reverse=True)
 
 
 def check_embedding(layer):

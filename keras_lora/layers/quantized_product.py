@@ -71,6 +71,31 @@ def applies(layer, reverse=False):
     return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
 
 
+def base_call(view, inputs, training=None):
+    """`x·W` of a LoRA layer's quantized base, before bias and activation:
+    for int8 and int4 the lean product, else the base's own op.
+
+    Args:
+        view: the base's `quantized.without_epilogue` view.
+    """
+    layer = view._layer
+    if applies(layer):
+        return product(layer, inputs)
+    return type(layer).quantized_call(view, inputs, training=training)
+
+
+def base_lookup(view, inputs, reverse=False):
+    """A LoRA embedding's quantized base: its lookup by the base's own op
+    or, with `reverse`, its logits before any soft cap (int8/int4: the lean
+    product)."""
+    layer = view._layer
+    if not reverse:  # a lookup has no epilogue: the layer's own call
+        return type(layer).quantized_call(layer, inputs)
+    if applies(layer, reverse=True):
+        return product(layer, inputs, reverse=True)
+    return type(layer).quantized_call(view, inputs, reverse=True)
+
+
 def product(layer, inputs, reverse=False):
     """`x·W_q` of the quantized `layer`, as its Keras quantized call
     computes it before bias and activation (for a `ReversibleEmbedding`
