@@ -12,8 +12,6 @@ Every error is one line. Outputs are written beside their destination and
 renamed into place when complete.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -295,38 +293,17 @@ def _parse_name_map(pairs):
 
 
 def _export(args):
-    import keras
+    from keras_lora.exporting import export, write_plain
+    from keras_lora.model.walk import lora_layers
 
     _check_input_file(args.model)
     _check_output_folder(args.output)
-    if keras.backend.backend() != "tensorflow":
-        # A .keras file is backend-neutral: export it under TensorFlow.
-        command = [
-            sys.executable,
-            "-m",
-            "keras_lora",
-            "export",
-            args.model,
-            args.output,
-        ]
-        command += ["--format", args.format]
-        env = dict(os.environ, KERAS_BACKEND="tensorflow")
-        return subprocess.run(command, env=env).returncode
-
-    from keras_lora.atomic import atomic_output
-    from keras_lora.exporting import export
-    from keras_lora.model.surgery import lora_layers
-
     if args.format == "keras":
         _check_keras_output(args.output)
     model = _load_model(args.model)
     if lora_layers(model):
         export(model, args.output, format=args.format)
-    elif args.format == "keras":
-        with atomic_output(args.output) as tmp:
-            model.save(tmp)
     else:
-        with atomic_output(args.output, directory=True) as tmp:
-            model.export(str(tmp), format="tf_saved_model", verbose=False)
+        write_plain(model, args.output, format=args.format)
     print(f"wrote {args.output}")
     return 0

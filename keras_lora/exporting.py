@@ -93,15 +93,24 @@ def export(model, path, format="tf_saved_model", check_finite=True, verbose=Fals
         merged = model  # a mixed-batch model is served unmerged
     else:
         merged = merge_lora(model, check_finite=check_finite)
+    return write_plain(merged, path, format, verbose)
+
+
+def write_plain(model, path, format="tf_saved_model", verbose=False):
+    """Writes `model`, which has no adapter math to merge (merged, never
+    adapted, or a served mixed model), atomically to `path`: one `.keras`
+    file, or a SavedModel written under the TensorFlow backend (in process
+    there, in a subprocess from JAX and torch: see `export`). `export` and
+    `keras-lora export` both end here."""
     if format == "keras":
         with atomic_output(path) as tmp:
-            merged.save(tmp)
+            model.save(tmp)
         return path
     with atomic_output(path, directory=True) as tmp:
         if keras.backend.backend() == "tensorflow":
-            _write_saved_model(merged, str(tmp), verbose)
+            _write_saved_model(model, str(tmp), verbose)
         else:
-            _export_in_tensorflow_subprocess(merged, tmp, verbose)
+            _export_in_tensorflow_subprocess(model, tmp, verbose)
     return path
 
 

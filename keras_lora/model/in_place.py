@@ -23,7 +23,7 @@ from keras_lora.model.tracking import (
     sublayer_attributes,
     trainable_state,
 )
-from keras_lora.model.walk import children, graph_model, lora_layers
+from keras_lora.model.walk import Reaches, children, graph_model
 
 KerasHistory = keras.src.ops.node.KerasHistory
 _KERAS_TRACKED = (
@@ -132,7 +132,7 @@ def check_reachable(path, base, holders):
 
 def swap(holders, base, wrapper, undo):
     """Puts `wrapper` wherever `holders` hold `base`, logging into `undo`."""
-    in_graph = False
+    graphs = []
     for owner, refs in holders:
         for ref in refs:
             if ref[0] == "attr":
@@ -147,9 +147,9 @@ def swap(holders, base, wrapper, undo):
                 _track_id(owner, wrapper)
             else:
                 _swap_operation(owner, base, wrapper, undo)
-                in_graph = True
-    if in_graph:
-        _take_over_nodes(base, wrapper, undo)
+                graphs.append(owner)
+    if graphs:
+        _take_over_nodes(base, wrapper, graphs, undo)
 
 
 def _set_item(owner, attr, key, value, undo):
@@ -199,8 +199,18 @@ def _swap_operation(graph, base, wrapper, undo):
         )
 
 
-def _take_over_nodes(base, wrapper, undo):
-    """The wrapper becomes the operation of `base`'s graph nodes."""
+def _take_over_nodes(base, wrapper, graphs, undo):
+    """The wrapper becomes the operation of `base`'s nodes in `graphs` (their
+    keys already renamed by `_swap_operation`). A node of another graph
+    (`base` shared with the model `apply_lora` copied) keeps `base`: that
+    model computes what it did. The wrapper's node list is `base`'s, so
+    that node indices, and the graphs' node keys, stay as they were."""
+    keys = set().union(*(graph._nodes for graph in graphs))
+    taken = [
+        node
+        for i, node in enumerate(base._inbound_nodes)
+        if f"{id(wrapper)}_ib-{i}" in keys
+    ]
     old_in, old_out = wrapper._inbound_nodes, wrapper._outbound_nodes
     undo.call(
         lambda: (
@@ -212,7 +222,7 @@ def _take_over_nodes(base, wrapper, undo):
             object.__setattr__(wrapper, "_outbound_nodes", old_out),
         ),
     )
-    for node in base._inbound_nodes:
+    for node in taken:
         undo.call(
             lambda n=node: setattr(n, "operation", wrapper),
             lambda n=node: setattr(n, "operation", base),
@@ -235,11 +245,12 @@ def hold_in_containers(model, undo):
     custom block) is held by a `LoRAContainer`, which records where the
     adapters are so that a `.keras` file brings them back."""
     graphs = [o for o in owners(model) if type(o) in PLAIN_GRAPHS]
+    holds_lora = Reaches(lambda layer: isinstance(layer, LoRALayer))
     for graph in graphs:
         for op in list(graph.layers):
             if graph_model(op) or isinstance(op, (LoRALayer, LoRAContainer)):
                 continue
-            if not lora_layers(op):
+            if not holds_lora(op):
                 continue
             holders = [(g, refs) for g in graphs if (refs := references(g, op))]
             swap(holders, op, LoRAContainer(op), undo)
@@ -249,16 +260,7 @@ def freeze_except(model, keep):
     """Freezes `model`'s weights except the adapters of its LoRA layers and
     the layers in `keep` (ids), which are made trainable. Layers on the way
     to those stay `trainable` with their own weights frozen."""
-    memo = {}
-
-    def reaches(layer):
-        if id(layer) not in memo:
-            memo[id(layer)] = False
-            memo[id(layer)] = any(
-                isinstance(c, LoRALayer) or id(c) in keep or reaches(c)
-                for c in children(layer)
-            )
-        return memo[id(layer)]
+    reaches = Reaches(lambda layer: isinstance(layer, LoRALayer) or id(layer) in keep)
 
     def visit(layer, top):
         if isinstance(layer, LoRALayer):

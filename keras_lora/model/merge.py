@@ -18,9 +18,10 @@ from keras_lora.config import validate_flag
 from keras_lora.layers.host_merge import all_finite
 from keras_lora.model import same_class
 from keras_lora.model.containers import LoRAContainer, rebuild_container
-from keras_lora.model.surgery import Reaches, check_built, copy_layer, copy_weights
+from keras_lora.model.surgery import check_built, copy_layer, copy_weights
 from keras_lora.model.tracking import copy_loses_class, drop_compiled
 from keras_lora.model.walk import (
+    Reaches,
     graph_model,
     lora_layers,
     require_lora_layers,
@@ -108,7 +109,7 @@ def merge_lora(
         id(layer): layer.merged_layer(check_finite, requantize=requantize)
         for _, layer in found
     }
-    reaches = Reaches(set(merged))
+    reaches = Reaches(lambda layer: id(layer) in merged)
     copies = []
 
     def clone(layer, in_graph=True):

@@ -26,8 +26,12 @@ import keras
 from keras.src.backend.common.remat import get_current_remat_mode
 
 from keras_lora.layers import quantized_product
-from keras_lora.layers.base import LoRALayer
-from keras_lora.model.walk import check_is_model, children, iter_layers
+from keras_lora.model.walk import (
+    children,
+    iter_layers,
+    lora_layers,
+    require_lora_layers,
+)
 
 _FUNCTION = "enable_remat"
 
@@ -68,19 +72,18 @@ def enable_remat(model):
     lora_model.fit(...)  # each block's activations recomputed on backward
     ```
     """
-    check_is_model(model, _FUNCTION)
-    layers = list(iter_layers(model))
-    if not _lora_layers(layers):
+    layers = list(iter_layers(model)) if isinstance(model, keras.Model) else None
+    require_lora_layers(
+        model,
+        _FUNCTION,
+        ". Rematerialization is for a LoRA model: use `apply_lora` first.",
+        built=True,
+        layers=layers,
+    )
+    if not model.built:
         raise ValueError(
-            f"{_FUNCTION}: `model` '{model.name}' has no LoRA layers. "
-            "Rematerialization is for a LoRA model: use `apply_lora` first."
-        )
-    unbuilt = [path for path, layer in _lora_layers(layers) if not layer.built]
-    if not model.built or unbuilt:
-        raise ValueError(
-            f"{_FUNCTION}: `model` '{model.name}' is not built"
-            + (f" (LoRA layers {unbuilt})" if unbuilt else "")
-            + ". Build it (call it on data or a `keras.Input`) first."
+            f"{_FUNCTION}: `model` '{model.name}' is not built. Build it "
+            "(call it on data or a `keras.Input`) first."
         )
     blocks = transformer_blocks(model, layers)
     if not blocks:
@@ -119,7 +122,7 @@ def transformer_blocks(model, layers=None):
     if blocks:
         return blocks
     for child in children(model):  # a LoRA layer has no LoRA layers inside
-        if _lora_layers(iter_layers(child)):
+        if lora_layers(child):
             # A LoRAContainer calls the layer it holds: remat goes there.
             transparent = getattr(type(child), "holds_layer_transparently", False)
             blocks.append(child.layer if transparent else child)
@@ -160,10 +163,6 @@ def _no_blocks_message(function, model):
         "hold LoRA layers. Received a model whose LoRA layers are its "
         "own direct children, with no block around them."
     )
-
-
-def _lora_layers(layers):
-    return [(path, layer) for path, layer in layers if isinstance(layer, LoRALayer)]
 
 
 def _full_remat_mode():

@@ -27,7 +27,7 @@ import keras
 from keras_lora.config import validate_alpha, validate_flag, validate_rank
 from keras_lora.layers import lora_class_for
 from keras_lora.model import same_class
-from keras_lora.model.containers import LoRAContainer, rebuild_container
+from keras_lora.model.containers import rebuild_container
 from keras_lora.model.in_place import apply_in_place
 from keras_lora.model.quantized_bases import check_quantized_weights, lean_quantized
 from keras_lora.model.remat import check_blocks_for_targets, enable_remat
@@ -44,8 +44,8 @@ from keras_lora.model.tracking import (
     trainable_state,
 )
 from keras_lora.model.walk import (
+    Reaches,
     check_is_model,
-    children,
     graph_model,
     iter_layers,
     lora_layers,
@@ -151,62 +151,73 @@ def apply_lora(
     check_quantized_weights(model)  # lean_quantized's refusal, up front
     if remat:  # enable_remat's refusal, before anything changes
         check_blocks_for_targets(model, layers, to_wrap, "apply_lora")
-    if in_place:
-        targets = [(p, layer) for p, layer in layers if id(layer) in to_wrap]
+    saved_flags = trainable_state(model)
+    try:
+        if in_place:
+            lora_model, keep = model, to_copy
+        else:
+            lora_model, keep = copy_for_lora(model, to_wrap, to_copy)
+        # The one way adapters go into a model: swap each target inside the
+        # layers that hold it (in `model`, or in its copy).
         apply_in_place(
-            model,
-            targets,
-            to_copy,
+            lora_model,
+            [
+                (p, layer)
+                for p, layer in iter_layers(lora_model)
+                if id(layer) in to_wrap
+            ],
+            keep,
             lambda layer: lora_class_for(layer)(
                 layer, rank=rank, alpha=alpha, **layer_kwargs
             ),
         )
-        same_class.mark_converted(model)
-        if not graph_model(model):
-            for _, layer in lora_layers(model):
-                layer.save_as_base_in(model.name)
-        # Every int8/int4 layer (not only the adapted ones) on the lean
-        # quantized product: no float kernel kept for the backward pass.
-        return _finish(lean_quantized(model), remat)
-    reaches = Reaches(to_wrap | to_copy)
+    except Exception:
+        restore_trainable_state(saved_flags)
+        raise
+    same_class.mark_converted(lora_model)
+    if not graph_model(lora_model):
+        for _, layer in lora_layers(lora_model):
+            layer.save_as_base_in(model.name)
+    # Every int8/int4 layer (not only the adapted ones) on the lean quantized
+    # product: no float kernel kept for the backward pass.
+    return _finish(lean_quantized(lora_model), remat)
 
-    saved_flags = trainable_state(model)
-    copies = []
+
+def copy_for_lora(model, targets, to_copy):
+    """A copy of `model` for `apply_lora` to put adapters into: the layers
+    in `targets` (ids) are shared, as is every layer that holds none of
+    `targets` or `to_copy`; the layers in `to_copy` (ids) are copied with
+    their weights; every layer holding one of those at any depth is new: a
+    graph cloned with `keras.models.clone_model`, any other layer rebuilt
+    from its config with its own variables shared (`rebuild_container`).
+    Swapping a target inside the copy therefore leaves `model` computing
+    what it did. Returns the copy and the ids of the copied layers."""
+    held = targets | to_copy
+    reaches = Reaches(lambda layer: id(layer) in held)
+    deferred, copied = [], set()
 
     def clone(layer, in_graph=True):
-        if id(layer) in to_wrap:
-            return lora_class_for(layer)(layer, rank=rank, alpha=alpha, **layer_kwargs)
         if id(layer) in to_copy:
-            return copy_layer(layer, copies if in_graph else None, trainable=True)
-        if reaches(layer):
-            if graph_model(layer):
-                return keras.models.clone_model(
-                    layer, clone_function=clone, recursive=True
-                )
-            inner = rebuild_container(layer, nested_clone, share_variables=True)
-            return LoRAContainer(inner) if in_graph else inner
-        layer.trainable = False
-        return layer
+            new = copy_layer(layer, deferred if in_graph else None, trainable=True)
+            copied.add(id(new))
+            return new
+        if id(layer) in targets or not reaches(layer):
+            return layer
+        if graph_model(layer):
+            return keras.models.clone_model(layer, clone_function=clone, recursive=True)
+        return rebuild_container(layer, nested_clone, share_variables=True)
 
     def nested_clone(layer):
         return clone(layer, in_graph=False)
 
-    try:
-        if graph_model(model):
-            lora_model = keras.models.clone_model(
-                model, clone_function=clone, recursive=True
-            )
-        else:
-            lora_model = rebuild_container(model, nested_clone, share_variables=True)
-            for _, layer in lora_layers(lora_model):
-                layer.save_as_base_in(model.name)
-        for old, new in copies:
-            copy_weights(old, new)
-            new.trainable = True
-    except Exception:
-        restore_trainable_state(saved_flags)
-        raise
-    return _finish(lean_quantized(lora_model), remat)  # as above: lean
+    if graph_model(model):
+        copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    else:
+        copy = rebuild_container(model, nested_clone, share_variables=True)
+    for old, new in deferred:
+        copy_weights(old, new)
+        new.trainable = True
+    return copy, copied
 
 
 def _finish(model, remat):
@@ -226,23 +237,6 @@ def check_built(model, function):
             f"{function}: model '{model.name}' is not built. Give it an Input "
             "(or call it on data, or `model.build(input_shape)`) first."
         )
-
-
-class Reaches:
-    """`reaches(layer)`: whether `layer` holds, at any depth, one of `ids`."""
-
-    def __init__(self, ids):
-        self.ids = ids
-        self.memo = {}
-
-    def __call__(self, layer):
-        key = id(layer)
-        if key not in self.memo:
-            self.memo[key] = False  # guards against cycles
-            self.memo[key] = any(
-                id(child) in self.ids or self(child) for child in children(layer)
-            )
-        return self.memo[key]
 
 
 def copy_layer(layer, deferred, trainable=None):

@@ -4,6 +4,7 @@
 `children` says what a layer's direct sublayers are; `graph_model` says
 whether a layer is a model whose config lists its layers (Functional or
 Sequential). Everything that visits layers goes through these three.
+`Reaches` says whether a layer holds, at any depth, a layer of interest.
 `lora_layers` finds a model's LoRA layers and `require_lora_layers` refuses
 a model without (built) ones.
 
@@ -74,6 +75,25 @@ def _walk(layer, prefix, seen):
         path = f"{prefix}{child.name}"
         yield path, child
         yield from _walk(child, f"{path}/", seen)
+
+
+class Reaches:
+    """`reaches(layer)`: whether `layer` holds, at any depth (through
+    `children`), a layer for which `wanted(layer)` is true. Memoized: make
+    one per question, while the layers it asks about do not change."""
+
+    def __init__(self, wanted):
+        self.wanted = wanted
+        self.memo = {}
+
+    def __call__(self, layer):
+        key = id(layer)
+        if key not in self.memo:
+            self.memo[key] = False  # guards against cycles
+            self.memo[key] = any(
+                self.wanted(child) or self(child) for child in children(layer)
+            )
+        return self.memo[key]
 
 
 def lora_layers(model, layers=None):
