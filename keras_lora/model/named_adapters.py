@@ -21,10 +21,10 @@ import warnings
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_lora.config import validate_adapter_name
 from keras_lora.layers import LoRALayer
+from keras_lora.model import combine
 from keras_lora.model.merge import refuse_if_merged
 from keras_lora.model.targets import match_layers
 from keras_lora.model.tracking import drop_compiled
@@ -229,26 +229,69 @@ def delete_adapter(model, name):
     return model
 
 
-def combine_adapters(model, weights, name="mix"):
-    """Adds adapter `name`, the weighted sum of existing adapters, exactly.
+def combine_adapters(
+    model,
+    weights,
+    name="mix",
+    method="cat",
+    density=None,
+    seed=None,
+    svd_rank=None,
+    svd_clamp=None,
+    majority_sign_method="total",
+):
+    """Adds adapter `name`, a weighted combination of existing adapters.
 
-    Method: concatenation (PEFT's `"cat"`). In each layer, with adapters
-    `i` of scale `s_i`, the new adapter has `A = [A_1, ..., A_n]` (along the
-    rank axis) and `B = [w_1·s_1·B_1; ...; w_n·s_n·B_n]`, rank `Σ r_i` and
-    `alpha = rank` (scale 1), so its update is exactly `Σ w_i·s_i·A_i·B_i`.
-    `{"a": 1.0}` therefore equals adapter `a`. Layers with none of the
-    adapters get none. DoRA and PiSSA/OLoRA adapters are not linear in
-    `A·B` and cannot be combined. The new adapter is inactive.
+    The methods are PEFT's `add_weighted_adapter(combination_type=...)`,
+    computed as PEFT 0.21 does (see `keras_lora.model.combine`). In each
+    layer, with adapters `i` of factors `A_i`, `B_i` and scale `s_i`:
+
+    - `"cat"` (the default) is exact: `A = [A_1, ..., A_n]` (along the rank
+      axis), `B = [w_1·s_1·B_1; ...; w_n·s_n·B_n]`, rank `Σ r_i`, so the
+      update is `Σ w_i·s_i·A_i·B_i`; `{"a": 1.0}` equals adapter `a`.
+    - `"linear"`, `"ties"`, `"dare_linear"`, `"dare_ties"`,
+      `"magnitude_prune"` merge the `A_i` and, apart, the `B_i` with that
+      rule, `A_i` weighted by `sign(w_i·s_i)·sqrt(|w_i·s_i|)` and `B_i` by
+      `sqrt(|w_i·s_i|)`; the adapters need one rank, the result has it.
+      `"linear"` gives `(Σ ±√|w_i s_i|·A_i)(Σ √|w_i s_i|·B_i)`, not the sum of
+      the updates.
+    - `"svd"`, `"ties_svd"`, `"dare_linear_svd"`, `"dare_ties_svd"`,
+      `"magnitude_prune_svd"` merge the updates `w_i·s_i·A_i·B_i` by that rule
+      and keep their best rank-`svd_rank` part (`B` gets `U·S`, `A` gets
+      `Vᵀ`).
+
+    As in PEFT, a single adapter is merged with `"linear"` whatever the
+    method (`"cat"` excepted). The new adapter has `alpha = rank` (scale 1)
+    and is inactive. Layers with none of the adapters get none. DoRA and
+    PiSSA/OLoRA adapters are not linear in `A·B` and cannot be combined.
 
     Args:
         model: a model with LoRA layers.
         weights: `{adapter name: weight}`, weights finite numbers.
         name: the new adapter's name.
+        method: one of the methods above.
+        density: the fraction of values kept, in `(0, 1]`, for the methods
+            that prune (all but `"cat"`, `"linear"`, `"svd"`), which need it.
+        seed: a non-negative int seeding DARE's random masks, or `None`.
+            The same seed gives the same adapter; the masks are not torch's.
+        svd_rank: the SVD methods' rank; `None`: the adapters' largest.
+        svd_clamp: a quantile in `[0, 1]`: the SVD methods clamp the new
+            factors' values to `±` that quantile of them; `None`: no clamp.
+        majority_sign_method: the ties methods' sign election, `"total"`
+            (sign of the sum) or `"frequency"` (sign of the count).
 
     Returns:
         `model`.
+
+    Raises:
+        ValueError: a bad argument, an unknown adapter, a layer that already
+            has `name`, unequal ranks for a factor method, or a DoRA/PiSSA
+            adapter; nothing is added then.
     """
     validate_adapter_name(name)
+    density = combine.validate_options(
+        method, density, seed, svd_rank, svd_clamp, majority_sign_method
+    )
     layers = require_lora_layers(model, "combine_adapters")
     refuse_if_merged(layers, "combine_adapters")
     if not isinstance(weights, dict) or not weights:
@@ -273,6 +316,14 @@ def combine_adapters(model, weights, name="mix"):
             f"combine_adapters: unknown adapter(s) {unknown}; model "
             f"'{model.name}' has adapters {sorted(known)}."
         )
+    method = combine.effective_method(method, len(weights))
+    ranks = {}
+    for _, layer in layers:
+        for n in weights:
+            if n in layer.adapter_names:
+                ranks[n] = max(ranks.get(n, 0), layer.get_adapter(n).rank)
+    largest = combine.check_ranks(method, ranks)
+    rng = np.random.default_rng(seed)
     plan = []
     for path, layer in layers:
         if name in layer.adapter_names:
@@ -291,26 +342,25 @@ def combine_adapters(model, weights, name="mix"):
                     f"'{path}' uses DoRA or init={adapter.init!r}, which a "
                     "weighted sum of A·B cannot represent."
                 )
-        a = np.concatenate(
-            [np.asarray(ops.convert_to_numpy(ad.a), np.float32) for ad, _ in parts],
-            axis=-1,
-        )
-        b = np.concatenate(
-            [
-                np.float32(w * ad.scale)
-                * np.asarray(ops.convert_to_numpy(ad.b), np.float32)
-                for ad, w in parts
-            ],
-            axis=0,
+        a, b = combine.combined_factors(
+            parts,
+            method,
+            density,
+            rng,
+            svd_rank or largest,
+            svd_clamp,
+            majority_sign_method,
         )
         plan.append((layer, a, b))
     factors = {id(layer): (a, b) for layer, a, b in plan}
 
     def add_combined(layer):
         a, b = factors[id(layer)]
-        adapter = layer.add_adapter(name, rank=a.shape[-1], alpha=a.shape[-1])
-        adapter.a.assign(a.astype(keras.backend.standardize_dtype(adapter.a.dtype)))
-        adapter.b.assign(b.astype(keras.backend.standardize_dtype(adapter.b.dtype)))
+        rank = b.shape[0]
+        adapter = layer.add_adapter(name, rank=rank, alpha=rank)
+        for variable, value in ((adapter.a, a), (adapter.b, b)):
+            dtype = keras.backend.standardize_dtype(variable.dtype)
+            variable.assign(value.reshape(tuple(variable.shape)).astype(dtype))
 
     _add_to_all([layer for layer, _, _ in plan], name, add_combined)
     drop_compiled(model)
