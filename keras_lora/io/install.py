@@ -16,16 +16,9 @@ from keras_lora.io.records import kernel_digest, layer_factoring
 from keras_lora.io.report import report
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.checks import caller_stacklevel
-from keras_lora.model import same_class
-from keras_lora.model.in_place import apply_in_place
-from keras_lora.model.quantized_bases import lean_quantized
-from keras_lora.model.surgery import apply_lora, check_built
-from keras_lora.model.tracking import (
-    functional_subclass,
-    restore_trainable_state,
-    trainable_state,
-)
-from keras_lora.model.walk import graph_model, iter_layers, lora_layers
+from keras_lora.model.surgery import check_built, put_adapters
+from keras_lora.model.tracking import functional_subclass
+from keras_lora.model.walk import iter_layers, lora_layers
 
 
 def install(
@@ -295,15 +288,18 @@ def _into_named_adapter(model, by_path, records, source, name):
 
 
 def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
-    if in_place:  # each layer its own rank and options: no common ones needed
-        return _convert_then_assign(model, layers, by_path, records, source, name)
-    kwargs = _common_options(by_path, records, source)
-    if functional_subclass(model):
-        options = "".join(
-            f", {k}={v!r}"
-            for k, v in kwargs.items()
-            if k != "rank" and v not in (False, "default")
-        )
+    """`load_adapter` on a model without LoRA layers: puts a LoRA layer on
+    exactly the records' layers, each with its own record's rank, alpha,
+    scale rule, variant and factoring (`put_adapters`: in `model` itself if
+    `in_place`, else in a copy), and loads the records. The shapes are
+    checked against the new layers before the swap is kept: on any failure
+    `model` is as it was."""
+    check_built(model, "load_adapter")
+    options = {
+        id(by_path[r.path]): _common_options(by_path, [r], source) for r in records
+    }
+    if not in_place and functional_subclass(model):
+        ranks = sorted({r.rank for r in records})
         raise ValueError(
             f"load_adapter: model '{model.name}' is a {type(model).__name__}, "
             "a Functional subclass. Loading into a model without LoRA layers "
@@ -312,40 +308,9 @@ def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
             "`in_place=True` to convert the model itself and load in one "
             "call (`kl.load_adapter(model, path, in_place=True)`), or "
             "convert it first and load into it: `kl.apply_lora(model, "
-            f"targets={sorted(r.path for r in records)}, rank={kwargs['rank']}"
-            f"{options}, in_place=True)`."
+            f"targets={sorted(r.path for r in records)}, rank="
+            f"{ranks[0] if len(ranks) == 1 else ranks}, in_place=True)`."
         )
-    ids = {id(by_path[r.path]) for r in records}
-    flags = trainable_state(model)
-    try:
-        lora_model = apply_lora(
-            model,
-            targets=lambda layer: id(layer) in ids,
-            adapter_name=name,
-            **kwargs,
-        )
-        lora_layers = dict(iter_layers(lora_model))
-        plan = _plan(lora_model, lora_layers, records, source)
-    except Exception:
-        restore_trainable_state(flags)
-        raise
-    _assign(plan, lora_layers, records, source, warn_scale=False)
-    return lora_model
-
-
-def _convert_then_assign(model, layers, by_path, records, source, name):
-    """`load_adapter(..., in_place=True)` on a model without LoRA layers:
-    swaps exactly the records' layers for LoRA layers inside `model` (as
-    `apply_lora(..., in_place=True)` does), each with its own record's rank,
-    alpha, scale rule, variant and factoring, and loads the records. The
-    shapes are checked against the new layers before the swap is kept: on
-    any failure every swap and flag is undone, and `model` is as it was."""
-    check_built(model, "load_adapter")
-    options = {
-        id(by_path[r.path]): _common_options(by_path, [r], source) for r in records
-    }
-    wanted = {r.path for r in records}
-    targets = [(p, layer) for p, layer in layers if p in wanted]
     planned = []
 
     def check(converted):
@@ -353,26 +318,22 @@ def _convert_then_assign(model, layers, by_path, records, source, name):
         plan = _plan(converted, converted_layers, records, source)
         planned.append((converted_layers, plan))
 
-    apply_in_place(
+    lora_model = put_adapters(
         model,
-        targets,
-        set(),
+        set(options),
         lambda layer: lora_class_for(layer)(
             layer, adapter_name=name, **options[id(layer)]
         ),
+        in_place=in_place,
         check=check,
     )
     ((converted_layers, plan),) = planned
     _assign(plan, converted_layers, records, source, warn_scale=False)
-    same_class.mark_converted(model)
-    if not graph_model(model):
-        for _, layer in lora_layers(model):
-            layer.save_as_base_in(model.name)
-    return lean_quantized(model)
+    return lora_model
 
 
 def _common_options(by_path, records, source):
-    """The `apply_lora` arguments that give every record's layer its
+    """The LoRA layer arguments that give every record's layer its
     adapter's options; raises if the records differ in them."""
     settings = {
         (r.rank, r.use_rslora, tuple(sorted(r.options.items()))) for r in records

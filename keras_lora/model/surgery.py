@@ -151,26 +151,37 @@ def apply_lora(
     check_quantized_weights(model)  # lean_quantized's refusal, up front
     if remat:  # enable_remat's refusal, before anything changes
         check_blocks_for_targets(model, layers, to_wrap, "apply_lora")
+    lora_model = put_adapters(
+        model,
+        to_wrap,
+        lambda layer: lora_class_for(layer)(
+            layer, rank=rank, alpha=alpha, **layer_kwargs
+        ),
+        trainable=to_copy,
+        in_place=in_place,
+    )
+    return _finish(lora_model, remat)
+
+
+def put_adapters(
+    model, targets, make_wrapper, trainable=frozenset(), in_place=False, check=None
+):
+    """The one way adapters go into a model (`apply_lora`, `load_adapter`):
+    each layer in `targets` (ids) is swapped for `make_wrapper(layer)`
+    inside the layers that hold it (`apply_in_place`), in `model` itself if
+    `in_place`, else in `copy_for_lora(model, ...)`. Every other weight is
+    frozen but those of the layers in `trainable` (ids; copied in a copy).
+    `check(lora_model)`, if given, runs once every layer is swapped; if it
+    (or anything) raises, nothing is changed. Returns the LoRA model, its
+    int8/int4 layers on the lean quantized product."""
     saved_flags = trainable_state(model)
     try:
         if in_place:
-            lora_model, keep = model, to_copy
+            lora_model, keep = model, trainable
         else:
-            lora_model, keep = copy_for_lora(model, to_wrap, to_copy)
-        # The one way adapters go into a model: swap each target inside the
-        # layers that hold it (in `model`, or in its copy).
-        apply_in_place(
-            lora_model,
-            [
-                (p, layer)
-                for p, layer in iter_layers(lora_model)
-                if id(layer) in to_wrap
-            ],
-            keep,
-            lambda layer: lora_class_for(layer)(
-                layer, rank=rank, alpha=alpha, **layer_kwargs
-            ),
-        )
+            lora_model, keep = copy_for_lora(model, targets, trainable)
+        swaps = [(p, lay) for p, lay in iter_layers(lora_model) if id(lay) in targets]
+        apply_in_place(lora_model, swaps, keep, make_wrapper, check=check)
     except Exception:
         restore_trainable_state(saved_flags)
         raise
@@ -180,7 +191,7 @@ def apply_lora(
             layer.save_as_base_in(model.name)
     # Every int8/int4 layer (not only the adapted ones) on the lean quantized
     # product: no float kernel kept for the backward pass.
-    return _finish(lean_quantized(lora_model), remat)
+    return lean_quantized(lora_model)
 
 
 def copy_for_lora(model, targets, to_copy):

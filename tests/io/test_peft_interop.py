@@ -101,6 +101,36 @@ def test_peft_adapter_loads_in_keras_with_the_same_outputs(tmp_path, use_rslora)
     assert layer.scale == pytest.approx(16 / 2 if use_rslora else 16 / 4)
 
 
+def test_peft_rank_and_alpha_patterns_load_into_a_copy(tmp_path):
+    # Each layer gets its record's rank and alpha, on the copy route too.
+    base = keras_mlp()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["0", "2"],
+        rank_pattern={"2": 2},
+        alpha_pattern={"2": 5},
+    )
+    peft_model = peft.get_peft_model(torch_mlp_like(base), config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    want = torch_out(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "patterns"))
+
+    restored = kl.load_adapter(
+        base, tmp_path / "patterns", name_map={"0": "fc1", "2": "fc2"}
+    )
+    assert restored is not base and not lora_layers(base)
+    layers = dict(lora_layers(restored))
+    assert (layers["fc1"].rank, layers["fc1"].alpha) == (4, 8.0)
+    assert (layers["fc2"].rank, layers["fc2"].alpha) == (2, 5.0)
+    # float32 on both sides, three small matmuls: 1e-5 is a few ulps of 1.
+    np.testing.assert_allclose(_np(restored(X)), want, atol=1e-5)
+
+
 def test_round_trip_keras_peft_keras_with_a_callable_map(tmp_path):
     base = keras_mlp()
     lora = kl.apply_lora(base, rank=2, alpha=4)
