@@ -190,8 +190,9 @@ def _float32(variable):
 
 def _svd_factors(delta, rank, clamp):
     """`(A, B)` of rank `rank` from the `(fan_in, fan_out)` update `delta`,
-    as PEFT in its `(out, in)` layout: `B = (U·S)ᵀ`, `A = Vᵀᵀ`, clamped at
-    quantile `clamp` of their values. Zero-padded where `delta` has fewer
+    as PEFT: with `deltaᵀ = U·S·Vᵀ` (PEFT's `(out, in)` layout),
+    `B = (U_r·S_r)ᵀ` and `A = V_r`, clamped to `±` quantile `clamp` of their
+    values. Zero-padded where `delta` has fewer
     than `rank` singular values (PEFT fails there)."""
     u, s, vh = np.linalg.svd(delta.T, full_matrices=False)
     u = u[:, :rank] * s[:rank]
