@@ -12,8 +12,7 @@ import keras
 
 from keras_lora.config import validate_flag
 from keras_lora.layers import lora_class_for
-from keras_lora.model import same_class
-from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.surgery import put_adapters
 from keras_lora.model.tracking import PLAIN_GRAPHS
 from keras_lora.model.walk import check_is_model, iter_layers
 
@@ -85,9 +84,11 @@ def from_core_lora(model, in_place=False):
             new.lora_alpha = old.lora_alpha
         copy.set_weights(model.get_weights())
         return from_core_lora(copy, in_place=True)
-    apply_in_place(model, targets, set(), _keras_lora_layer)
-    same_class.mark_converted(model)
-    return model
+    # apply_lora's one route, in place: each core-LoRA layer swapped for its
+    # keras_lora layer inside the layers that hold it.
+    return put_adapters(
+        model, {id(layer) for _, layer in targets}, _keras_lora_layer, in_place=True
+    )
 
 
 def _keras_lora_layer(layer):
