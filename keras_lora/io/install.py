@@ -16,9 +16,9 @@ from keras_lora.io.records import kernel_digest, layer_factoring
 from keras_lora.io.report import report
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.checks import caller_stacklevel
-from keras_lora.model.surgery import check_built, put_adapters
+from keras_lora.model.surgery import put_adapters
 from keras_lora.model.tracking import functional_subclass
-from keras_lora.model.walk import iter_layers, lora_layers
+from keras_lora.model.walk import check_built, iter_layers, lora_layers
 
 
 def install(

@@ -281,6 +281,80 @@ def attach_adapters(container, specs):
         forget_torch_params([holder])
 
 
+def copy_layer(layer, deferred, trainable=None):
+    """A copy of `layer` from its config. Its weights are set now, or, if
+    `deferred` is a list, once the model around it is built. A bare
+    operation of a graph (`ops.not_equal` from a mask, say) has no state
+    and is shared."""
+    if not isinstance(layer, keras.layers.Layer):
+        return layer
+    new = layer.__class__.from_config(layer.get_config())
+    if deferred is not None:
+        deferred.append((layer, new))
+        return new
+    build_config = layer.get_build_config()
+    if layer.built and build_config:
+        new.build_from_config(build_config)
+    if layer.weights:
+        copy_weights(layer, new)
+    if trainable is not None:
+        new.trainable = trainable
+    return new
+
+
+def copy_weights(old, new):
+    """Sets `new`'s weights (a copy of `old` from its config) to `old`'s,
+    matched by variable name, in order among equal names. A float8 layer
+    built from its config lists its scales first, one quantized after it
+    was built lists its kernel first, so positions alone can disagree."""
+    names = [v.name for v in new.weights]
+    pools = {}
+    for variable in old.weights:
+        pools.setdefault(variable.name, []).append(variable)
+    if sorted(names) != sorted(v.name for v in old.weights):
+        new.set_weights(old.get_weights())
+        return
+    new.set_weights([keras.ops.convert_to_numpy(pools[n].pop(0)) for n in names])
+
+
+def copy_model(model, leaf, share_variables):
+    """A copy of `model` (a graph or any other layer), layer by layer.
+
+    `leaf(layer, deferred)` gives each layer's replacement (the layer
+    itself to share it, a copy, a merged layer), or `None` to open it: a
+    graph is cloned with `keras.models.clone_model` and any other layer
+    rebuilt from its config (`rebuild_container`, its own variables shared
+    if `share_variables`, else copied), its sublayers replaced the same way.
+    `model` itself is always opened, and a `LoRAContainer` is opened as the
+    layer it holds. `deferred` is a list for a layer of a graph, to hand to
+    `copy_layer` (its weights are set once the graph is built), else `None`.
+    Returns the copy and the deferred `(old, new)` pairs, weights set.
+    `apply_lora`'s copy and `merge_lora`'s plain model are both made here.
+    """
+    deferred = []
+
+    def clone(layer, in_graph=True):
+        if isinstance(layer, LoRAContainer):
+            layer = layer.layer
+        new = leaf(layer, deferred if in_graph else None)
+        if new is not None:
+            return new
+        return open_layer(layer)
+
+    def nested_clone(layer):
+        return clone(layer, in_graph=False)
+
+    def open_layer(layer):
+        if graph_model(layer):
+            return keras.models.clone_model(layer, clone_function=clone, recursive=True)
+        return rebuild_container(layer, nested_clone, share_variables)
+
+    copy = open_layer(model)
+    for old, new in deferred:
+        copy_weights(old, new)
+    return copy, deferred
+
+
 @keras.saving.register_keras_serializable(package="keras_lora")
 class LoRAContainer(keras.layers.Wrapper):
     """Holds, in a model's graph, a layer with LoRA layers inside it.

@@ -11,18 +11,16 @@ subtraction.
 import contextlib
 import warnings
 
-import keras
 from keras import ops
 
 from keras_lora.config import validate_flag
 from keras_lora.layers.host_merge import all_finite
 from keras_lora.model import same_class
-from keras_lora.model.containers import LoRAContainer, rebuild_container
-from keras_lora.model.surgery import check_built, copy_layer, copy_weights
+from keras_lora.model.containers import copy_layer, copy_model
 from keras_lora.model.tracking import copy_loses_class, drop_compiled
 from keras_lora.model.walk import (
     Reaches,
-    graph_model,
+    check_built,
     lora_layers,
     require_lora_layers,
 )
@@ -110,30 +108,13 @@ def merge_lora(
         for _, layer in found
     }
     reaches = Reaches(lambda layer: id(layer) in merged)
-    copies = []
 
-    def clone(layer, in_graph=True):
+    def leaf(layer, deferred):
         if id(layer) in merged:
             return merged[id(layer)]
-        if isinstance(layer, LoRAContainer):
-            layer = layer.layer
-        if reaches(layer):
-            if graph_model(layer):
-                return keras.models.clone_model(
-                    layer, clone_function=clone, recursive=True
-                )
-            return rebuild_container(layer, nested_clone, share_variables=False)
-        return copy_layer(layer, copies if in_graph else None)
+        return None if reaches(layer) else copy_layer(layer, deferred)
 
-    def nested_clone(layer):
-        return clone(layer, in_graph=False)
-
-    if graph_model(model):
-        plain = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    else:
-        plain = rebuild_container(model, nested_clone, share_variables=False)
-    for old, new in copies:
-        copy_weights(old, new)
+    plain, _ = copy_model(model, leaf, share_variables=False)
     return plain
 
 

@@ -27,7 +27,7 @@ import keras
 from keras_lora.config import validate_alpha, validate_flag, validate_rank
 from keras_lora.layers import lora_class_for
 from keras_lora.model import same_class
-from keras_lora.model.containers import rebuild_container
+from keras_lora.model.containers import copy_layer, copy_model
 from keras_lora.model.in_place import apply_in_place
 from keras_lora.model.quantized_bases import check_quantized_weights, lean_quantized
 from keras_lora.model.remat import check_blocks_for_targets, enable_remat
@@ -45,7 +45,7 @@ from keras_lora.model.tracking import (
 )
 from keras_lora.model.walk import (
     Reaches,
-    check_is_model,
+    check_built,
     graph_model,
     iter_layers,
     lora_layers,
@@ -198,92 +198,31 @@ def copy_for_lora(model, targets, to_copy):
     """A copy of `model` for `apply_lora` to put adapters into: the layers
     in `targets` (ids) are shared, as is every layer that holds none of
     `targets` or `to_copy`; the layers in `to_copy` (ids) are copied with
-    their weights; every layer holding one of those at any depth is new: a
-    graph cloned with `keras.models.clone_model`, any other layer rebuilt
-    from its config with its own variables shared (`rebuild_container`).
-    Swapping a target inside the copy therefore leaves `model` computing
-    what it did. Returns the copy and the ids of the copied layers."""
+    their weights; every layer holding one of those at any depth is new
+    (`copy_model`), its own variables shared. Swapping a target inside the
+    copy therefore leaves `model` computing what it did. Returns the copy
+    and the ids of the copied layers."""
     held = targets | to_copy
     reaches = Reaches(lambda layer: id(layer) in held)
-    deferred, copied = [], set()
+    copied = set()
 
-    def clone(layer, in_graph=True):
+    def leaf(layer, deferred):
         if id(layer) in to_copy:
-            new = copy_layer(layer, deferred if in_graph else None, trainable=True)
+            new = copy_layer(layer, deferred, trainable=True)
             copied.add(id(new))
             return new
         if id(layer) in targets or not reaches(layer):
             return layer
-        if graph_model(layer):
-            return keras.models.clone_model(layer, clone_function=clone, recursive=True)
-        return rebuild_container(layer, nested_clone, share_variables=True)
+        return None  # holds a target: opened
 
-    def nested_clone(layer):
-        return clone(layer, in_graph=False)
-
-    if graph_model(model):
-        copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    else:
-        copy = rebuild_container(model, nested_clone, share_variables=True)
-    for old, new in deferred:
-        copy_weights(old, new)
+    copy, deferred = copy_model(model, leaf, share_variables=True)
+    for _, new in deferred:
         new.trainable = True
     return copy, copied
 
 
 def _finish(model, remat):
     return enable_remat(model) if remat else model
-
-
-def check_built(model, function):
-    """Raises unless `model` is a built `keras.Model` (`function` names the
-    caller in messages)."""
-    check_is_model(model, function)
-    if graph_model(model):
-        built = model.built and getattr(model, "inputs", None)
-    else:
-        built = model.built
-    if not built:
-        raise ValueError(
-            f"{function}: model '{model.name}' is not built. Give it an Input "
-            "(or call it on data, or `model.build(input_shape)`) first."
-        )
-
-
-def copy_layer(layer, deferred, trainable=None):
-    """A copy of `layer` from its config. Its weights are set now, or, if
-    `deferred` is a list, once the model around it is built. A bare
-    operation of a graph (`ops.not_equal` from a mask, say) has no state
-    and is shared."""
-    if not isinstance(layer, keras.layers.Layer):
-        return layer
-    new = layer.__class__.from_config(layer.get_config())
-    if deferred is not None:
-        deferred.append((layer, new))
-        return new
-    build_config = layer.get_build_config()
-    if layer.built and build_config:
-        new.build_from_config(build_config)
-    if layer.weights:
-        copy_weights(layer, new)
-    if trainable is not None:
-        new.trainable = trainable
-    return new
-
-
-def copy_weights(old, new):
-    """Sets `new`'s weights (a copy of `old` from its config) to `old`'s,
-    matched by variable name, in order among equal names. A float8 layer
-    built from its config lists its scales first, one quantized after it
-    was built lists its kernel first, so positions alone can disagree."""
-    names = [v.name for v in new.weights]
-    pools = {}
-    for variable in old.weights:
-        pools.setdefault(variable.name, []).append(variable)
-    if sorted(names) != sorted(v.name for v in old.weights):
-        new.set_weights(old.get_weights())
-        return
-    new.set_weights([keras.ops.convert_to_numpy(pools[n].pop(0)) for n in names])
 
 
 def _select_targets(model, layers, targets, exclude):

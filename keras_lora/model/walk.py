@@ -6,7 +6,7 @@ whether a layer is a model whose config lists its layers (Functional or
 Sequential). Everything that visits layers goes through these three.
 `Reaches` says whether a layer holds, at any depth, a layer of interest.
 `lora_layers` finds a model's LoRA layers and `require_lora_layers` refuses
-a model without (built) ones.
+a model without (built) ones; `check_built` refuses an unbuilt model.
 
 A LoRA layer is a leaf: the layer it wraps is not walked into. A
 `LoRAContainer` (see `keras_lora.model.containers`) is transparent: it has
@@ -26,6 +26,21 @@ def check_is_model(model, function):
         raise TypeError(
             f"{function}: `model` must be a keras.Model. Received: {model!r} "
             f"of type {type(model).__name__}"
+        )
+
+
+def check_built(model, function):
+    """Raises unless `model` is a built `keras.Model` (`function` names the
+    caller in messages)."""
+    check_is_model(model, function)
+    if graph_model(model):
+        built = model.built and getattr(model, "inputs", None)
+    else:
+        built = model.built
+    if not built:
+        raise ValueError(
+            f"{function}: model '{model.name}' is not built. Give it an Input "
+            "(or call it on data, or `model.build(input_shape)`) first."
         )
 
 
