@@ -11,6 +11,7 @@ from keras_lora.layers import (
     LoRAEinsumDense,
     LoRAEmbedding,
     LoRALayer,
+    LoRAMoeExperts,
 )
 from keras_lora.model.core_lora import from_core_lora
 from keras_lora.model.loraplus import loraplus_optimizer
@@ -49,6 +50,7 @@ __all__ = [
     "LoRAEinsumDense",
     "LoRAEmbedding",
     "LoRALayer",
+    "LoRAMoeExperts",
     "TrainableSummary",
     "apply_lora",
     "export",

@@ -6,6 +6,7 @@ from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.depthwise_conv import LoRADepthwiseConv
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
 from keras_lora.layers.embedding import LoRAEmbedding
+from keras_lora.layers.moe_experts import LoRAMoeExperts
 
 # Keras layer type -> LoRA layer type, most specific first.
 LORA_LAYER_TYPES = {
@@ -14,6 +15,7 @@ LORA_LAYER_TYPES = {
     LoRAEmbedding.base_class: LoRAEmbedding,
     LoRAConv.base_class: LoRAConv,
     LoRADepthwiseConv.base_class: LoRADepthwiseConv,
+    LoRAMoeExperts.base_class: LoRAMoeExperts,
 }
 
 
@@ -32,6 +34,7 @@ __all__ = [
     "LoRADepthwiseConv",
     "LoRAEinsumDense",
     "LoRAEmbedding",
+    "LoRAMoeExperts",
     "LORA_LAYER_TYPES",
     "lora_class_for",
 ]
