@@ -1,24 +1,24 @@
-"""Model surgery: select layers, wrap them, clone the model.
+"""Model surgery: select layers, then put LoRA layers on them.
 
-With `in_place=True`, `apply_lora` swaps the selected layers for their LoRA
-types inside the model itself (`keras_lora.model.in_place`): nothing is
-rebuilt, and the model keeps its class (a KerasHub task, any Functional
-subclass). Otherwise `apply_lora` clones a Functional or Sequential model with
-`keras.models.clone_model`. Selected layers come back wrapped in their LoRA
-type around the *same* base layer object, so base weights are shared, not
-copied. Layers named in `trainable` are copied, so training them leaves the
-original model alone. Every other layer is shared and frozen.
-
-Layers nested inside other layers are reached too. `clone_model` cannot
-reach them: a `MultiHeadAttention`, a custom block or a subclassed model is
-one opaque layer to it. Such a container is rebuilt instead (see
-`keras_lora.model.containers.rebuild_container`): a new object of its class
-from its config, whose sublayer attributes point at the original sublayers
-(shared, frozen), at LoRA wrappers around them, or at copies. The original
-container is not modified. Inside a Functional or Sequential model the
-rebuilt container is held by a `LoRAContainer`, which records where its
-adapters are so that `.keras` files keep them. A subclassed top-level model
-is rebuilt the same way, but its own config cannot carry adapters (see
+There is one way adapters go into a model (`put_adapters`, used by
+`apply_lora`, `load_adapter` and `from_core_lora`): each target is swapped
+for its LoRA layer inside the layers that hold it, every change logged so
+that a failure undoes them all (`keras_lora.model.in_place`). With
+`in_place=True` the swap happens in the model itself: nothing is rebuilt,
+and the model keeps its class (a KerasHub task, any Functional subclass).
+Otherwise the swap happens in a copy (`copy_for_lora`): a Functional or
+Sequential model is cloned with `keras.models.clone_model`, and a layer
+that holds a target at any depth (a `MultiHeadAttention`, a custom block,
+a subclassed model, which `clone_model` sees as one opaque layer) is
+rebuilt from its config around the same sublayers (see
+`keras_lora.model.containers`). The targets themselves, and every layer
+that holds none, are shared, so the LoRA layers wrap the *same* base layer
+objects: base weights are shared, not copied, and the original model still
+computes what it did. Layers named in `trainable` are copied, so training
+them leaves the original model alone. Inside a Functional or Sequential
+graph, a layer with LoRA layers inside is held by a `LoRAContainer`, which
+records where its adapters are so that `.keras` files keep them. A
+subclassed top-level model's own config cannot carry adapters (see
 `LoRALayer.save_own_variables`).
 """
 
