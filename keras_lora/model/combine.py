@@ -191,12 +191,12 @@ def _float32(variable):
 def _svd_factors(delta, rank, clamp):
     """`(A, B)` of rank `rank` from the `(fan_in, fan_out)` update `delta`,
     as PEFT: with `deltaᵀ = U·S·Vᵀ` (PEFT's `(out, in)` layout),
-    `B = (U_r·S_r)ᵀ` and `A = V_r`, clamped to `±` quantile `clamp` of their
-    values. Zero-padded where `delta` has fewer
+    `B = (U_r·S_r)ᵀ` and `A = V_r` (signs by `svd_flip`), clamped to `±`
+    quantile `clamp` of their values. Zero-padded where `delta` has fewer
     than `rank` singular values (PEFT fails there)."""
     u, s, vh = np.linalg.svd(delta.T, full_matrices=False)
-    u = u[:, :rank] * s[:rank]
-    vh = vh[:rank]
+    u, vh = svd_flip(u[:, :rank], vh[:rank])
+    u = u * s[:rank]
     if clamp is not None:
         high = np.quantile(np.concatenate([u.ravel(), vh.ravel()]), clamp)
         u = np.clip(u, -high, high)
@@ -206,6 +206,17 @@ def _svd_factors(delta, rank, clamp):
     a[:, : vh.shape[0]] = vh.T
     b[: u.shape[1]] = u.T
     return a, b
+
+
+def svd_flip(u, vh):
+    """Gives each singular pair `(u_i, v_i)` the sign that makes the
+    largest `|u_i|` entry positive: an SVD's signs are arbitrary (LAPACK's
+    differ between builds, and torch's from NumPy's), and `svd_clamp`'s
+    quantile is not symmetric, so a fixed rule makes the clamp reproducible."""
+    rows = np.argmax(np.abs(u), axis=0)
+    signs = np.sign(u[rows, np.arange(u.shape[1])])
+    signs[signs == 0] = 1
+    return u * signs, vh * signs[:, None]
 
 
 # ----- PEFT's merge rules (`peft.utils.merge_utils`) on NumPy arrays -------
