@@ -223,7 +223,10 @@ THREE = {"one": 0.7, "two": -0.4, "three": 1.3}
 CASES = [
     ("cat", THREE, {}),
     ("linear", TWO, {}),
-    ("linear", {"three": -0.6}, {}),  # one adapter: PEFT's linear rule
+    # One adapter: PEFT's linear rule, whatever the method (rank 2, no pruning).
+    ("linear", {"three": -0.6}, {}),
+    ("svd", {"three": -0.6}, {"svd_rank": 1}),
+    ("ties", {"one": 0.8}, {"density": 0.5}),
     ("svd", THREE, {}),
     ("svd", THREE, {"svd_rank": 3, "svd_clamp": 0.9}),
     ("ties", TWO, {"density": 0.5}),
@@ -278,7 +281,7 @@ def test_matches_peft_add_weighted_adapter(
         for name in weights:
             assert np.abs(ours[0] - keras_deltas(lora, name, layers)[0]).max() > 1e-3
     density = options.get("density", 1.0)
-    if density < 1:  # the pruning did something
+    if density < 1 and len(weights) > 1:  # the pruning did something
         plain = "svd" if method.endswith("_svd") else "linear"
         kl.combine_adapters(lora, weights, name="unpruned", method=plain)
         pairs = zip(ours, keras_deltas(lora, "unpruned", layers), strict=True)
@@ -297,6 +300,28 @@ def test_matches_peft_add_weighted_adapter(
         assert adapter.rank == module.r["mix"] and adapter.scale_value == 1.0
         assert module.scaling["mix"] == 1.0
         assert "mix" not in layer.active_adapters
+
+
+@pytest.mark.parametrize("method", ["cat", "linear", "svd"])
+def test_peft_scales_by_sqrt_rank_after_an_rslora_first_adapter(models, method):
+    """Where ours differs from PEFT 0.21, on purpose: PEFT's new adapter
+    copies the config of the first adapter named, `use_rslora` included, and
+    sets `lora_alpha = r`, so after an rsLoRA adapter ("two") its scale is
+    `r/sqrt(r) = sqrt(r)` instead of 1, and its update `sqrt(r)` times the
+    combination it computed. Ours keeps scale 1: the combination itself."""
+    lora, peft_model, layers = models
+    weights = {"two": 0.8, "one": -0.5}
+    kl.combine_adapters(lora, weights, name="mix", method=method)
+    peft_model.add_weighted_adapter(
+        list(weights), list(weights.values()), "mix", combination_type=method
+    )
+    rank = next(layer for _, layer in lora_layers(lora)).get_adapter("mix").rank
+    for ours, theirs in zip(
+        keras_deltas(lora, "mix", layers),
+        peft_deltas(peft_model, "mix", layers),
+        strict=True,
+    ):
+        np.testing.assert_allclose(theirs, np.sqrt(rank) * ours, atol=ATOL)
 
 
 def keras_model():
