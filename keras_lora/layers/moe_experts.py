@@ -272,13 +272,6 @@ class LoRAMoeExperts(LoRALayer):
     def kernel_axes(cls, layer):
         return None  # 3-D weights: a matrix per expert, no single matrix
 
-    @classmethod
-    def peft_refusal(cls, layer):
-        return (
-            f"a {type(layer).__name__}, whose expert weights PEFT adapts with "
-            "`target_parameters`, which keras_lora does not write yet"
-        )
-
     # ----- the forward pass -------------------------------------------------
 
     def call(self, inputs, training=None):
