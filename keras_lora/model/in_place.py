@@ -10,6 +10,9 @@ recreate them are reached too, and the model keeps its class. Every change
 is logged, and `Undo.rollback` puts everything back.
 """
 
+import inspect
+import re
+
 import keras
 
 from keras_lora.layers.base import LoRALayer
@@ -116,7 +119,17 @@ def references(owner, base):
 
 def check_reachable(path, base, holders):
     """Raises `ValueError` if swapping `base` in `holders` (`(owner, refs)`
-    pairs) would not change what the model computes."""
+    pairs) would not change what the model computes: `base` is held
+    nowhere the model's computation looks it up, or its owner's `call`
+    reads `base`'s weights itself (`bypassing_owner`)."""
+    reads = bypassing_owner(base, holders)
+    if reads is not None:
+        raise ValueError(
+            f"Cannot put a LoRA layer on '{path}' ({type(base).__name__}): "
+            f"{reads}, bypassing the layer's own call, so an adapter there "
+            "would never be used (and merging it would change the model). "
+            "Leave it out of `targets` (or pass it in `exclude`)."
+        )
     if any(ref[0] in ("attr", "item", "graph") for _, refs in holders for ref in refs):
         return
     names = [f"'{owner.name}' ({type(owner).__name__})" for owner, _ in holders]
@@ -128,6 +141,37 @@ def check_reachable(path, base, holders):
         "there would not change what the model computes. Hold the sublayer in "
         "an attribute of its layer, or leave it out of `targets`."
     )
+
+
+# `self.<attr>.kernel`, read in an owner's `call`: the owner does the
+# sublayer's math itself (KerasHub's Gemma4 feed-forward does
+# `ops.matmul(x, self.gating_ffw.kernel)`).
+_WEIGHT_NAMES = r"(kernel|bias|embeddings|_kernel|weights|variables)\b"
+
+
+def bypassing_owner(base, holders):
+    """Where an owner of `base` (`holders`: `(owner, refs)` pairs) reads
+    `base`'s weights in its own `call` instead of calling `base`, as a
+    sentence, or `None`."""
+    for owner, refs in holders:
+        try:
+            source = inspect.getsource(type(owner).call)
+        except (OSError, TypeError, AttributeError):
+            continue  # no source to read (a C extension, a lambda)
+        for ref in refs:
+            if ref[0] != "attr":
+                continue
+            pattern = rf"self\.{re.escape(ref[1])}\.{_WEIGHT_NAMES}"
+            found = re.search(pattern, source)
+            if found:
+                return f"{type(owner).__name__}.call reads `{found.group(0)}` itself"
+    return None
+
+
+def holders_of(all_owners, base):
+    """The `(owner, refs)` pairs of the owners (`owners(model)`) that hold
+    `base` (`references`)."""
+    return [(o, refs) for o in all_owners if (refs := references(o, base))]
 
 
 def swap(holders, base, wrapper, undo):
@@ -296,7 +340,7 @@ def apply_in_place(model, targets, keep, make_wrapper, check=None):
     try:
         plan = []
         for path, base in targets:
-            holders = [(o, refs) for o in all_owners if (refs := references(o, base))]
+            holders = holders_of(all_owners, base)
             check_reachable(path, base, holders)
             plan.append((base, holders))
         wrappers = [make_wrapper(base) for base, _ in plan]

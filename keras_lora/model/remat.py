@@ -27,10 +27,10 @@ from keras.src.backend.common.remat import get_current_remat_mode
 
 from keras_lora.layers import quantized_product
 from keras_lora.model.walk import (
+    check_is_model,
     children,
     iter_layers,
     lora_layers,
-    require_lora_layers,
 )
 
 _FUNCTION = "enable_remat"
@@ -72,18 +72,20 @@ def enable_remat(model):
     lora_model.fit(...)  # each block's activations recomputed on backward
     ```
     """
-    layers = list(iter_layers(model)) if isinstance(model, keras.Model) else None
-    require_lora_layers(
-        model,
-        _FUNCTION,
-        ". Rematerialization is for a LoRA model: use `apply_lora` first.",
-        built=True,
-        layers=layers,
-    )
-    if not model.built:
+    check_is_model(model, _FUNCTION)
+    layers = list(iter_layers(model))
+    found = lora_layers(model, layers)
+    if not found:
         raise ValueError(
-            f"{_FUNCTION}: `model` '{model.name}' is not built. Build it "
-            "(call it on data or a `keras.Input`) first."
+            f"{_FUNCTION}: `model` '{model.name}' has no LoRA layers. "
+            "Rematerialization is for a LoRA model: use `apply_lora` first."
+        )
+    unbuilt = [path for path, layer in found if not layer.built]
+    if not model.built or unbuilt:
+        raise ValueError(
+            f"{_FUNCTION}: `model` '{model.name}' is not built"
+            + (f" (LoRA layers {unbuilt})" if unbuilt else "")
+            + ". Build it (call it on data or a `keras.Input`) first."
         )
     blocks = transformer_blocks(model, layers)
     if not blocks:

@@ -22,13 +22,16 @@ subclassed top-level model's own config cannot carry adapters (see
 `LoRALayer.save_own_variables`).
 """
 
+import warnings
+
 import keras
 
 from keras_lora.config import validate_alpha, validate_flag, validate_rank
 from keras_lora.layers import lora_class_for
+from keras_lora.layers.checks import caller_stacklevel
 from keras_lora.model import same_class
 from keras_lora.model.containers import copy_layer, copy_model
-from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.in_place import apply_in_place, bypassing_owner, holders_of
 from keras_lora.model.quantized_bases import check_quantized_weights, lean_quantized
 from keras_lora.model.remat import check_blocks_for_targets, enable_remat
 from keras_lora.model.targets import (
@@ -40,6 +43,7 @@ from keras_lora.model.targets import (
 )
 from keras_lora.model.tracking import (
     copy_loses_class,
+    owners,
     restore_trainable_state,
     trainable_state,
 )
@@ -270,7 +274,47 @@ def _select_targets(model, layers, targets, exclude):
         selected = [(p, layer) for p, layer in selected if id(layer) not in excluded]
         if not selected:
             raise ValueError("`exclude` removes every layer `targets` selected.")
+    by_rule = bool(backbones) or targets is None or is_all_linear(targets)
+    selected = _drop_unused(model, selected, by_rule)
     return {id(layer) for _, layer in selected}
+
+
+def _drop_unused(model, selected, by_rule):
+    """The selected layers that an adapter would change the model through.
+    A layer never built (the model never calls it: EfficientNet's unused
+    squeeze-excite convolutions) or whose owner does its math itself
+    (`bypassing_owner`) would not: a rule's selection (`by_rule`: `None`,
+    `"all-linear"`) leaves them out with a warning; named targets raise."""
+    all_owners = owners(model)
+    kept, unused = [], []
+    for path, layer in selected:
+        if not layer.built:
+            reason = "never built: the model does not call it"
+        else:
+            reason = bypassing_owner(layer, holders_of(all_owners, layer))
+        if reason is None:
+            kept.append((path, layer))
+        else:
+            unused.append(f"'{path}' ({reason})")
+    if unused and not by_rule:
+        raise ValueError(
+            f"apply_lora: an adapter on {', '.join(unused)} would never be "
+            "used (and merging it would change the model). Leave "
+            f"{'it' if len(unused) == 1 else 'them'} out of `targets` (or "
+            "pass `exclude`)."
+        )
+    if unused:
+        warnings.warn(
+            f"apply_lora: left out {', '.join(unused)}: an adapter there would "
+            "never be used.",
+            stacklevel=caller_stacklevel(),
+        )
+    if not kept:
+        raise ValueError(
+            f"apply_lora: no layer the rule selected in '{model.name}' is "
+            "used by the model's computation; pass `targets`."
+        )
+    return kept
 
 
 def _output_layer_ids(model):
