@@ -196,3 +196,45 @@ def test_attention_and_experts_together():
     types = sorted({type(lay).__name__ for _, lay in kl.model.walk.lora_layers(task)})
     assert types == ["LoRAEinsumDense", "LoRAMoeExperts"]
     np.testing.assert_array_equal(logits(task, x), before)
+
+
+def test_reversible_merge_hotswap_and_named_adapters(tmp_path):
+    task = causal_lm("qwen3_moe")
+    x = inputs()
+    kl.apply_lora(task, targets=["experts"], rank=2, in_place=True)
+    randomize(task)
+    out = logits(task, x)
+    ((_, lora),) = experts_layers(task)
+    kernels = [to_numpy(w).copy() for w in lora.layer.weights]
+
+    kl.merge_lora(task, reversible=True)  # the merged weights alone
+    np.testing.assert_allclose(logits(task, x), out, rtol=1e-5, atol=1e-5)
+    kl.unmerge_lora(task)
+    np.testing.assert_array_equal(logits(task, x), out)
+    for w, value in zip(lora.layer.weights, kernels, strict=True):
+        np.testing.assert_array_equal(to_numpy(w), value)
+
+    # "cat" of the default adapter and a fresh one (B = 0) is the default.
+    kl.add_adapter(task, "zero", rank=3)
+    kl.combine_adapters(task, {"default": 1.0, "zero": 1.0}, "both")
+    kl.set_adapter(task, "both")
+    np.testing.assert_allclose(logits(task, x), out, rtol=1e-5, atol=1e-5)
+    kl.set_adapter(task, "default")
+
+    # A hot-swap into a prepared model (another base copy, same seed).
+    kl.save_adapter(task, tmp_path / "a.safetensors", adapter="default")
+    served = causal_lm("qwen3_moe")
+    kl.apply_lora(served, targets=["experts"], rank=1, in_place=True)
+    kl.prepare_hotswap(served, max_rank=4)
+    kl.hotswap_adapter(served, tmp_path / "a.safetensors")
+    np.testing.assert_allclose(logits(served, x), out, rtol=1e-5, atol=1e-5)
+
+    # LoRA+ counts the experts' lora_b as a B factor.
+    optimizer = kl.loraplus_optimizer(keras.optimizers.SGD(0.1), ratio=16)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    task.compile(optimizer=optimizer, loss=loss)
+    b_before = to_numpy(lora.lora_b).copy()
+    a_before = to_numpy(lora.lora_a).copy()
+    task.fit(x, x["token_ids"], epochs=1, verbose=0)
+    assert np.abs(to_numpy(lora.lora_b) - b_before).max() > 0
+    assert np.abs(to_numpy(lora.lora_a) - a_before).max() > 0
