@@ -51,6 +51,30 @@ def validate_alpha(alpha, argument="alpha"):
     return float(alpha)
 
 
+def pattern_value(pattern, name, default, separator="."):
+    """PEFT's rule for `rank_pattern`/`alpha_pattern`: the value of the
+    first key that, as a regular expression, matches the end of `name`
+    (a module name, `separator` "."; a Keras layer path, "/") after a
+    separator, else `default`."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*{re.escape(separator)})?({key})$", name):
+            return value
+    return default
+
+
+def validate_pattern(pattern, argument, validate):
+    """`{pattern: value}` of a `rank_pattern`/`alpha_pattern` (PEFT's
+    per-module ranks and alphas), each value checked by `validate` (one of
+    `validate_rank`, `validate_alpha`); `None` is `{}`."""
+    pattern = {} if pattern is None else pattern
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+        raise TypeError(
+            f"`{argument}` must map layer-name patterns (str) to values. "
+            f"Received: {argument}={pattern!r}"
+        )
+    return {k: validate(v, f"{argument}[{k!r}]") for k, v in pattern.items()}
+
+
 def validate_flag(value, argument):
     """Returns `value` if it is a real bool: `"false"` must not mean True."""
     if not isinstance(value, (bool, np.bool_)):

@@ -237,13 +237,13 @@ def records_from_peft(correspondence, modules, layers, source, options, strict):
     return records
 
 
-def pattern_value(pattern, module, default):
-    """PEFT's rule for `rank_pattern`/`alpha_pattern`: the first key that,
-    as a regular expression, matches the end of `module` after a dot."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+@dataclasses.dataclass(frozen=True)
+class ModuleRank:
+    """A module's name, rank and alpha, as `config_fields` reads them."""
+
+    name: str
+    rank: int
+    alpha: float
 
 
 def config_fields(modules):

@@ -8,6 +8,7 @@ from keras_lora.config import (
     validate_alpha,
     validate_dropout,
     validate_flag,
+    validate_pattern,
     validate_rank,
 )
 
@@ -131,12 +132,7 @@ def read_config(directory):
 
 def _pattern(config, field, validate):
     """`{regex: value}` of a `rank_pattern`/`alpha_pattern` field, validated."""
-    pattern = config.get(field) or {}
-    if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
-        raise TypeError(
-            f"`{field}` must map module patterns to values. Received: {pattern!r}"
-        )
-    return {k: validate(v, f"{field}[{k!r}]") for k, v in pattern.items()}
+    return validate_pattern(config.get(field) or {}, field, validate)
 
 
 def _refuse_what_cannot_load(config, path):

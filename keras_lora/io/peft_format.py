@@ -34,6 +34,7 @@ from pathlib import Path
 import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
+from keras_lora.config import pattern_value
 from keras_lora.io import hub_mapping, hub_peft, peft_layout
 from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.io.names import lookup, resolve_layer
@@ -105,12 +106,12 @@ def _check_by_name(records, name_map):
                 "written for DoRA on Dense (2-D Linear kernels) only. Use the "
                 "'keras_lora' format."
             )
-    settings = {(r.rank, r.alpha, r.use_rslora) for r in records}
-    if len(settings) > 1:
+    rules = {r.use_rslora for r in records}
+    if len(rules) > 1:
         raise ValueError(
-            f"{FUNCTION} needs one rank, alpha and scale rule for all layers "
-            "(PEFT's r, lora_alpha, use_rslora). Received (rank, alpha, "
-            f"use_rslora): {sorted(settings)}"
+            f"{FUNCTION} needs one scale rule for all layers (PEFT's "
+            "use_rslora); ranks and alphas may differ (rank_pattern, "
+            f"alpha_pattern). Received use_rslora: {sorted(rules)}"
         )
     modules = [module_for_layer(name_map, r) for r in records]
     twice = sorted({m for m in modules if modules.count(m) > 1})
@@ -162,6 +163,16 @@ def save(model, records, directory, name_map=None, hf_class=None):
         first.init,
         first.use_dora,
         modules,
+    )
+    # Per-layer ranks and alphas: the most common pair as r/lora_alpha and
+    # an exact pattern for each other module, as for a KerasHub model.
+    config.update(
+        hub_peft.config_fields(
+            [
+                hub_peft.ModuleRank(m, r.rank, r.alpha)
+                for m, r in zip(modules, records, strict=True)
+            ]
+        )
     )
     return _write(directory, tensors, config)
 
@@ -295,7 +306,7 @@ def _read_by_hub(hub, directory, pairs, rank, patterns, options, layers, strict)
 
 def _module_options(options, patterns, module):
     """`options` with the module's alpha from `alpha_pattern`, PEFT's rule."""
-    alpha = hub_peft.pattern_value(patterns[1], module, options["alpha"])
+    alpha = pattern_value(patterns[1], module, options["alpha"])
     return {**options, "alpha": alpha}
 
 
@@ -344,8 +355,8 @@ def _group_tensors(directory, use_dora, strict):
 
 def _peft_pair(module, pair, rank, rank_pattern, directory):
     """`(kind, A, B)` of one module's tensors, checked against its rank:
-    `rank_pattern`'s (PEFT's rule, `hub_peft.pattern_value`), else `r`."""
-    module_rank = hub_peft.pattern_value(rank_pattern, module, None)
+    `rank_pattern`'s (PEFT's rule, `config.pattern_value`), else `r`."""
+    module_rank = pattern_value(rank_pattern, module, None)
     how = "" if module_rank is None else " by rank_pattern"
     rank = rank if module_rank is None else module_rank
     embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair

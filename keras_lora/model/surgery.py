@@ -26,7 +26,13 @@ import warnings
 
 import keras
 
-from keras_lora.config import validate_alpha, validate_flag, validate_rank
+from keras_lora.config import (
+    pattern_value,
+    validate_alpha,
+    validate_flag,
+    validate_pattern,
+    validate_rank,
+)
 from keras_lora.layers import lora_class_for
 from keras_lora.layers.checks import caller_stacklevel
 from keras_lora.model import same_class
@@ -65,6 +71,8 @@ def apply_lora(
     trainable=None,
     in_place=False,
     remat=False,
+    rank_pattern=None,
+    alpha_pattern=None,
     **layer_kwargs,
 ):
     """Returns a copy of `model` with LoRA layers on the selected layers.
@@ -109,6 +117,14 @@ def apply_lora(
             must have transformer blocks (a KerasHub backbone's
             `transformer_layers`, or direct child layers holding targets);
             otherwise `apply_lora` raises before changing anything.
+        rank_pattern: `{pattern: rank}`, PEFT's `LoraConfig.rank_pattern`:
+            a target gets the rank of the first key that, as a regular
+            expression, matches the end of its path after a `/`
+            (`"value"`, `"block_1/.*"`, `"transformer_layer_(0|1)/query"`),
+            else `rank`. Every key must match a target.
+        alpha_pattern: `{pattern: alpha}`, the same for `alpha`. A target
+            whose rank a pattern sets and whose alpha none does gets
+            `alpha` (`None`: its own rank).
         **layer_kwargs: passed on to each LoRA layer's constructor.
 
     Returns:
@@ -124,6 +140,8 @@ def apply_lora(
     check_built(model, "apply_lora")
     rank = validate_rank(rank)
     alpha = validate_alpha(alpha)
+    rank_pattern = validate_pattern(rank_pattern, "rank_pattern", validate_rank)
+    alpha_pattern = validate_pattern(alpha_pattern, "alpha_pattern", validate_alpha)
     in_place = validate_flag(in_place, "in_place")
     remat = validate_flag(remat, "remat")
     if not in_place and copy_loses_class(model):
@@ -155,11 +173,18 @@ def apply_lora(
     check_quantized_weights(model)  # lean_quantized's refusal, up front
     if remat:  # enable_remat's refusal, before anything changes
         check_blocks_for_targets(model, layers, to_wrap, "apply_lora")
+    options = _per_layer_options(
+        [(p, layer) for p, layer in layers if id(layer) in to_wrap],
+        rank,
+        alpha,
+        rank_pattern,
+        alpha_pattern,
+    )
     lora_model = put_adapters(
         model,
         to_wrap,
         lambda layer: lora_class_for(layer)(
-            layer, rank=rank, alpha=alpha, **layer_kwargs
+            layer, **options[id(layer)], **layer_kwargs
         ),
         trainable=to_copy,
         in_place=in_place,
@@ -227,6 +252,34 @@ def copy_for_lora(model, targets, to_copy):
 
 def _finish(model, remat):
     return enable_remat(model) if remat else model
+
+
+def _per_layer_options(targets, rank, alpha, rank_pattern, alpha_pattern):
+    """`{id: {"rank", "alpha"}}` of each target `(path, layer)`: `rank` and
+    `alpha`, or a pattern's (`config.pattern_value`, PEFT's rule on the
+    layer's path). Raises if a key matches no target."""
+    for argument, pattern in (
+        ("rank_pattern", rank_pattern),
+        ("alpha_pattern", alpha_pattern),
+    ):
+        unused = [
+            key
+            for key in pattern
+            if not any(pattern_value({key: 1}, p, None, "/") for p, _ in targets)
+        ]
+        if unused:
+            raise ValueError(
+                f"apply_lora: `{argument}` keys {unused} match no target; "
+                "a key matches the end of a target's path after a '/'. "
+                f"Targets: {[p for p, _ in targets]}"
+            )
+    return {
+        id(layer): {
+            "rank": pattern_value(rank_pattern, path, rank, "/"),
+            "alpha": pattern_value(alpha_pattern, path, alpha, "/"),
+        }
+        for path, layer in targets
+    }
 
 
 def _select_targets(model, layers, targets, exclude):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import keras_lora as kl
-from keras_lora.io import hub_peft
+from keras_lora.config import pattern_value
 from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.model.walk import iter_layers
 
@@ -454,7 +454,7 @@ def test_pattern_rule_is_peft_s(module):
 
     pattern = {"q_proj": 1, r"layers\.1\.mlp\.up_proj": 2, "h.1.attn.c_attn": 3}
     expected = pattern.get(get_pattern_key(list(pattern), module), 0)
-    assert hub_peft.pattern_value(pattern, module, 0) == expected
+    assert pattern_value(pattern, module, 0) == expected
 
 
 def test_untied_embedding_adapter_both_ways(twin_dir, tmp_path):

@@ -131,6 +131,33 @@ def test_peft_rank_and_alpha_patterns_load_into_a_copy(tmp_path):
     np.testing.assert_allclose(_np(restored(X)), want, atol=1e-5)
 
 
+def test_per_layer_ranks_save_as_rank_and_alpha_patterns_peft_loads(tmp_path):
+    base = keras_mlp()
+    lora = kl.apply_lora(
+        base,
+        targets=["fc1", "fc2"],
+        rank=4,
+        alpha=8,
+        rank_pattern={"fc2": 2},
+        alpha_pattern={"fc2": 3},
+    )
+    rng = np.random.default_rng(2)
+    for _, layer in lora_layers(lora):
+        layer.lora_b.assign(rng.normal(scale=0.5, size=layer.lora_b.shape))
+    want = _np(lora(X))
+    directory = tmp_path / "patterns"
+    kl.save_adapter(lora, directory, format="peft", name_map={"fc1": "0", "fc2": "2"})
+    config = json.loads((directory / "adapter_config.json").read_text())
+    ranks = {config["r"], *config["rank_pattern"].values()}
+    assert ranks == {4, 2} and len(config["rank_pattern"]) == 1
+    peft_model = peft.PeftModel.from_pretrained(torch_mlp_like(base), str(directory))
+    assert peft_model.base_model.model[2].r["default"] == 2
+    assert peft_model.base_model.model[2].lora_alpha["default"] == 3
+    np.testing.assert_allclose(torch_out(peft_model), want, atol=1e-5)
+    back = kl.load_adapter(base, directory, name_map={"0": "fc1", "2": "fc2"})
+    np.testing.assert_allclose(_np(back(X)), want, atol=1e-5)
+
+
 def test_round_trip_keras_peft_keras_with_a_callable_map(tmp_path):
     base = keras_mlp()
     lora = kl.apply_lora(base, rank=2, alpha=4)
@@ -309,8 +336,10 @@ def test_linear_adapter_into_a_non_dense_layer_is_refused(tmp_path):
 
 def test_peft_save_refusals(tmp_path):
     lora = kl.apply_lora(keras_mlp(), rank=2)
-    dict(lora_layers(lora))["fc1"].alpha = 5.0
-    with pytest.raises(ValueError, match="one rank, alpha and scale rule"):
+    # Ranks and alphas may differ (rank_pattern, alpha_pattern), the scale
+    # rule may not: PEFT has one use_rslora.
+    dict(lora_layers(lora))["fc1"].use_rslora = True
+    with pytest.raises(ValueError, match="one scale rule"):
         kl.save_adapter(lora, tmp_path / "p", format="peft")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
