@@ -301,6 +301,7 @@ def merge_same_class(model, merged_layer):
             f"{[p for p, _ in old_layers]} and {[p for p, _ in new_layers]}"
         )
     for (path, old), (_, new) in zip(old_layers, new_layers, strict=True):
+        old = _held(old)
         if isinstance(old, LoRALayer):
             merged = merged_layer(old)
             new.set_weights(merged.get_weights())
@@ -319,5 +320,14 @@ def merge_same_class(model, merged_layer):
     return plain
 
 
+def _held(layer):
+    """The layer a `LoRAContainer` holds (a block with LoRA layers inside, in
+    a plain graph nested in the model: SegFormer's, BLIP-2's), else `layer`."""
+    while getattr(type(layer), "holds_layer_transparently", False):
+        layer = layer.layer
+    return layer
+
+
 def _plain_type(layer):
+    layer = _held(layer)
     return type(layer.layer) if isinstance(layer, LoRALayer) else type(layer)
