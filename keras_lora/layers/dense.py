@@ -43,7 +43,7 @@ class LoRADense(LoRALayer):
     """
 
     base_class = keras.layers.Dense
-    quantization_modes = ("int8", "int4", "float8")
+    quantization_modes = ("int8", "int4", "float8", "nf4")
 
     def __init__(self, layer, rank=8, alpha=None, **kwargs):
         super().__init__(layer, rank=rank, alpha=alpha, **kwargs)

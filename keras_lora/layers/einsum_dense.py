@@ -177,7 +177,7 @@ class LoRAEinsumDense(LoRALayer):
     """
 
     base_class = keras.layers.EinsumDense
-    quantization_modes = ("int8", "int4", "float8")
+    quantization_modes = ("int8", "int4", "float8", "nf4")
 
     def __init__(self, layer, rank=8, alpha=None, factoring=None, **kwargs):
         super().__init__(layer, rank=rank, alpha=alpha, factoring=factoring, **kwargs)

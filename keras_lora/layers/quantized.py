@@ -12,6 +12,10 @@ LoRA base:
 - `"float8"` (Keras's float8 training): the kernel is a float kernel, its
   scaling state (`*_scale`, `*_amax_history`) belongs to the base and stays
   as frozen as the base's other weights.
+- `"nf4"` (`keras_lora.quantize_nf4`, QLoRA's 4-bit NormalFloat; Keras
+  has none): the kernel is stored as NF4 codes, two per byte, and one
+  absmax per block (`layers.nf4`); its dequantization is a table lookup
+  times the block's absmax (`dequantize_nf4`), here with the others.
 - `"gptq"` and `"awq"` are refused (see `REFUSED`).
 
 Keras's quantized calls end with the bias and the activation, so they run
@@ -115,10 +119,14 @@ def kernel_params(layer, reverse=False):
 
     Returns `(codes, scale)`, or `(codes, scale, zero, g_idx)` for
     sub-channel int4: the int8 codes (int4: two per byte), the scales and,
-    for sub-channel int4, the zero points and each row's group. With
+    for sub-channel int4, the zero points and each row's group. NF4:
+    `(codes, absmax)`, or with double quantization `(codes, absmax_codes,
+    absmax_scale, absmax_offset)` (see `dequantize_nf4`). With
     `reverse`, those of an untied `ReversibleEmbedding`'s reverse table
     (a tied one's reverse table is its embeddings).
     """
+    if layer.quantization_mode == "nf4":
+        return tuple(ops.convert_to_tensor(v) for v in layer.nf4_variables())
     if isinstance(layer, keras.layers.Embedding):
         untied = reverse and not getattr(layer, "tie_weights", True)
         names = (
@@ -142,7 +150,8 @@ def dequantized_kernel(layer, params=None, dtype="float32", reverse=False):
     the backward pass of the quantized product (`layers.quantized_product`).
 
     Args:
-        layer: a layer quantized to `"int8"`, `"int4"` or `"float8"`.
+        layer: a layer quantized to `"int8"`, `"int4"`, `"float8"` or
+            `"nf4"`.
         params: its `kernel_params(layer, reverse)`; by default read from
             the layer. The quantized product passes the values it tied to
             its input with a barrier, so that the dequantization happens
@@ -155,10 +164,14 @@ def dequantized_kernel(layer, params=None, dtype="float32", reverse=False):
     mode = layer.quantization_mode
     if mode == "float8":
         return ops.cast(layer.kernel, dtype)
-    if mode not in ("int8", "int4"):
+    if mode not in ("int8", "int4", "nf4"):
         raise NotImplementedError(f"Dequantizing mode {mode!r}")
     if params is None:
         params = kernel_params(layer, reverse)
+    if mode == "nf4":
+        shape = layer.nf4_kernel_shape
+        kernel = dequantize_nf4(params, layer.nf4_block_size, _size(shape))
+        return ops.reshape(ops.cast(kernel, dtype), shape)
     if isinstance(layer, keras.layers.Embedding):
         if reverse and not getattr(layer, "tie_weights", True):
             return _dequantized_reverse(layer, params, dtype)
@@ -339,7 +352,11 @@ _TORCH = keras.backend.backend() == "torch"
 
 def requantize(layer, mode, base):
     """Quantizes the float `layer` (a merged copy of `base`) in `base`'s
-    mode: for int4 with `base`'s block size."""
+    mode: for int4 with `base`'s block size, for NF4 with its block size and
+    double quantization (in place, as Keras's `quantize`)."""
+    if mode == "nf4":
+        base.requantize(layer)
+        return
     config = getattr(base, "quantization_config", None)
     if mode == "int4":
         block = block_size(base)
@@ -348,3 +365,71 @@ def requantize(layer, mode, base):
         if config is None:
             config = keras.quantizers.Int4QuantizationConfig(block_size=block)
     layer.quantize(mode, config=config)
+
+
+# ----- NF4 (QLoRA's 4-bit NormalFloat) ---------------------------------------
+
+# The 16 NF4 levels (Dettmers et al. 2023, QLoRA, appendix E; bitsandbytes'
+# table): quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
+NF4_LEVELS = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype="float32",
+)
+
+# Double quantization: the absmax scales in int8 blocks of this many (the
+# paper's block size for the second quantization).
+ABSMAX_BLOCK = 256
+
+
+def dequantize_nf4(params, block, size):
+    """The flat float32 kernel of NF4 `params`: `level[code]·absmax` of each
+    code's block, the first `size` values.
+
+    Args:
+        params: `(codes, absmax)`, or `(codes, absmax_codes, absmax_scale,
+            absmax_offset)` with double quantization. `codes` are int8, two
+            4-bit codes per byte (the even element in the low nibble) of
+            the kernel flattened in its own (row-major) order and padded
+            with zeros to whole blocks; `absmax` is one float32 per block.
+            Double-quantized, `absmax = absmax_codes·absmax_scale +
+            absmax_offset`, one `absmax_scale` per `ABSMAX_BLOCK` of them.
+        block: the NF4 block size (even).
+        size: the kernel's number of elements.
+    """
+    codes = params[0]
+    absmax = params[1] if len(params) == 2 else _dequantized_absmax(*params[1:])
+    low = ops.bitwise_and(codes, 15)
+    high = ops.bitwise_and(ops.right_shift(codes, 4), 15)
+    index = ops.reshape(ops.stack([low, high], axis=-1), (-1, block))
+    if absmax.shape[0] != index.shape[0]:  # double quantization pads to 256s
+        absmax = absmax[: index.shape[0]]
+    levels = ops.take(ops.convert_to_tensor(NF4_LEVELS), ops.cast(index, "int32"))
+    kernel = ops.reshape(ops.multiply(levels, ops.expand_dims(absmax, -1)), (-1,))
+    return kernel if kernel.shape[0] == size else kernel[:size]
+
+
+def _dequantized_absmax(codes, scale, offset):
+    blocks = ops.reshape(ops.cast(codes, "float32"), (-1, ABSMAX_BLOCK))
+    absmax = ops.reshape(ops.multiply(blocks, ops.expand_dims(scale, -1)), (-1,))
+    return ops.add(absmax, offset)
+
+
+def _size(shape):
+    return int(np.prod(shape))

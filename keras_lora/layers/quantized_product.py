@@ -33,7 +33,8 @@ layers still dequantized all six kernels at the start (6 kernels of
 temporaries, as Keras's own path; 1 with the tie). TensorFlow outside XLA
 uses a control dependency on `x` (or `dy`), which its executor keeps.
 
-It covers int8 and int4 (per-channel and sub-channel) `Dense`,
+It covers int8, int4 (per-channel and sub-channel) and NF4 (`layers.nf4`,
+whose forward is the dequantized kernel's product) `Dense`,
 `EinsumDense` and an `Embedding`'s reverse product (a `ReversibleEmbedding`'s
 logits, tied or untied); a lookup has no kernel-sized backward and keeps
 Keras's call, and float8 keeps Keras's path. LoRA layers use it for their
@@ -49,7 +50,7 @@ from keras import ops
 
 from keras_lora.layers import quantized
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "nf4")
 
 # The reverse product (an LM head's logits) dequantizes its table in chunks
 # of this many bytes or fewer, one at a time: the table is the largest
@@ -202,7 +203,8 @@ class _Plan:
     def _dense_forward(self, x, params):
         layer = self.layer
         dtype = layer.compute_dtype
-        if len(params) == 4:  # sub-channel int4: dequantize, then multiply
+        if layer.quantization_mode == "nf4" or len(params) == 4:
+            # NF4 and sub-channel int4: dequantize, then multiply
             return ops.matmul(x, quantized.dequantized_kernel(layer, params, dtype))
         codes, scale = params
         if layer.quantization_mode == "int4":
@@ -218,6 +220,10 @@ class _Plan:
         layer = self.layer
         dtype, equation = layer.compute_dtype, layer.equation
         torch = keras.backend.backend() == "torch"
+        if layer.quantization_mode == "nf4":
+            return ops.einsum(
+                equation, x, quantized.dequantized_kernel(layer, params, dtype)
+            )
         if layer.quantization_mode == "int8":
             codes, scale = params
             if layer.inputs_quantizer:

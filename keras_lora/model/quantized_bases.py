@@ -1,4 +1,5 @@
-"""`lean_quantized`: every int8/int4 layer of a model on the lean product.
+"""`lean_quantized`: every int8/int4 layer of a model on the lean product;
+`quantize_nf4`: a model's `Dense`/`EinsumDense` kernels stored as NF4.
 
 Training adapters over a quantized model runs the backward pass through
 every quantized layer, adapted or not: with `targets=["query", "value"]`
@@ -19,9 +20,9 @@ import types
 import keras
 from keras import ops
 
-from keras_lora.layers import quantized, quantized_product
+from keras_lora.layers import nf4, quantized, quantized_product
 from keras_lora.layers.base import LoRALayer
-from keras_lora.model.walk import check_is_model, iter_layers
+from keras_lora.model.walk import check_built, check_is_model, iter_layers, lora_layers
 
 # The Keras classes whose quantized calls `quantized_product` reproduces.
 _FAMILIES = (
@@ -114,7 +115,14 @@ def check_quantized_weights(model):
         mode = getattr(layer, "quantization_mode", None)
         if mode not in quantized_product.MODES:
             continue
-        for name in ("kernel_scale", "embeddings_scale", "reverse_embeddings_scale"):
+        for name in (
+            "kernel_scale",
+            "embeddings_scale",
+            "reverse_embeddings_scale",
+            "nf4_absmax",
+            "nf4_absmax_scale",
+            "nf4_absmax_offset",
+        ):
             scale = getattr(layer, name, None)
             if scale is not None and not np.all(np.isfinite(_numpy(scale))):
                 raise ValueError(
@@ -182,3 +190,75 @@ def _lean_quantized_call(self, inputs, *args, **kwargs):
     if self.activation is not None:
         x = self.activation(x)
     return x
+
+
+def quantize_nf4(model, block_size=64, double_quant=False):
+    """Stores the kernels of `model`'s `Dense` and `EinsumDense` layers as
+    NF4, QLoRA's 4-bit NormalFloat (Dettmers et al. 2023), in place.
+
+    Each kernel, flattened in its own order, is cut into blocks of
+    `block_size` values; a block keeps its absmax (float32) and each value
+    the index of the nearest of 16 levels (the quantiles of a normal
+    distribution, scaled to [-1, 1]) of `value / absmax`, two indices per
+    byte. `W = level[code]·absmax`. With `double_quant`, the absmax values
+    are quantized again, to int8 in blocks of 256 (4.5 bits per weight
+    become about 4.13). No float kernel is kept. The layers become
+    `NF4Dense`/`NF4EinsumDense` (subclasses of their Keras classes, saved
+    in `.keras` files as such), whose calls run the lean product of
+    `layers.quantized_product`.
+
+    `kl.apply_lora` accepts the result as it accepts Keras's int4 bases:
+    the base stays frozen, `merge_lora` gives float layers
+    (`requantize=True`: NF4 layers again), adapter files are the same.
+
+    Converted: every built float `Dense` and `EinsumDense` (exactly those
+    classes), at any depth. Left as they are: embeddings (a tied LM head
+    included), subclasses, layers quantized by Keras, layers with Keras's
+    `enable_lora`, unbuilt layers.
+
+    Args:
+        model: a built `keras.Model` without LoRA layers (quantize first,
+            then `apply_lora`).
+        block_size: positive even int, the values per absmax (QLoRA's 64).
+        double_quant: bool, whether to quantize the absmax values too.
+
+    Returns:
+        `model` itself.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`, or `double_quant` not a
+            bool.
+        ValueError: `block_size` is not a positive even int, the model is
+            not built, or it has LoRA layers. Nothing is changed.
+
+    Example:
+
+    >>> inputs = keras.Input((64,))
+    >>> model = keras.Model(inputs, keras.layers.Dense(32, name="d")(inputs))
+    >>> quantize_nf4(model).get_layer("d").quantization_mode
+    'nf4'
+    """
+    check_is_model(model, "quantize_nf4")
+    nf4.check_block_size(block_size)
+    nf4.check_double_quant(double_quant)
+    check_built(model, "quantize_nf4")
+    if lora_layers(model):
+        raise ValueError(
+            "quantize_nf4: `model` has LoRA layers. Quantize the float model "
+            "first, then call `apply_lora` on the NF4 model."
+        )
+    # Every value first, then the swaps: nothing changes if one fails.
+    layers = [layer for _, layer in iter_layers(model) if nf4.nf4_class(layer)]
+    values = [
+        nf4.quantize_array(_numpy(layer._kernel), block_size, double_quant)
+        for layer in layers
+    ]
+    for layer, value in zip(layers, values, strict=True):
+        nf4.convert(layer, block_size, double_quant, value)
+    if layers:  # as Keras's `Model.quantize`
+        model.train_function = model.test_function = None
+        model.predict_function = None
+        if keras.backend.backend() == "torch":  # drop the deleted kernels
+            for layer in model._flatten_layers():
+                layer._track_variables()
+    return model
