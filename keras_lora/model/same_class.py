@@ -27,9 +27,14 @@ import types
 import keras
 
 from keras_lora.layers.base import LoRALayer
-from keras_lora.model.in_place import apply_in_place
+from keras_lora.model.in_place import Undo, apply_in_place, holders_of, swap
 from keras_lora.model.quantized_bases import make_lean
-from keras_lora.model.tracking import functional_subclass, own_variables
+from keras_lora.model.tracking import (
+    forget_torch_params,
+    functional_subclass,
+    own_variables,
+    owners,
+)
 from keras_lora.model.walk import children, iter_layers, lora_layers
 
 _NAME = "keras_lora>InPlaceLoRA"
@@ -291,6 +296,7 @@ def merge_same_class(model, merged_layer):
     if is_task(model):
         config["preprocessor"] = model.preprocessor  # shared: no weights
     plain = type(model).from_config(config)
+    _unwrap_lora_layers(plain)
     old_layers = list(iter_layers(model))
     new_layers = list(iter_layers(plain))
     kinds = [_plain_type(layer) for _, layer in old_layers]
@@ -318,6 +324,19 @@ def merge_same_class(model, merged_layer):
             n.trainable = o.trainable
         object.__setattr__(new, "_trainable", old._trainable)
     return plain
+
+
+def _unwrap_lora_layers(model):
+    """Puts back, in `model` (just built from a plain config), the base of
+    any LoRA layer a sublayer's own config brought (BLIP-2's language model
+    serializes its `language_projection` layer, a LoRA layer by then)."""
+    found = lora_layers(model)
+    if not found:
+        return
+    all_owners = owners(model)
+    for _, layer in found:
+        swap(holders_of(all_owners, layer), layer, layer.layer, Undo())
+    forget_torch_params(owners(model))
 
 
 def _held(layer):

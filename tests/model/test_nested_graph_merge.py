@@ -61,3 +61,75 @@ def test_segformer_in_place_lora_merges_exactly_keeping_its_class():
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(merged(images, training=False)), lora_out, atol=1e-5
     )
+
+
+def blip2():
+    from keras_hub.src.models.blip2.blip2_custom_opt import BLIP2CustomOPT
+    from keras_hub.src.models.blip2.blip2_qformer import BLIP2QFormer
+    from keras_hub.src.models.blip2.blip2_vision_encoder import BLIP2VisionEncoder
+
+    common = {"num_heads": 2, "hidden_dim": 16, "intermediate_dim": 32}
+    vision = BLIP2VisionEncoder(
+        image_size=16,
+        patch_size=8,
+        num_layers=1,
+        use_patch_bias=True,
+        use_class_token=True,
+        use_mha_bias=True,
+        use_mlp_bias=True,
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.02,
+        **common,
+    )
+    qformer = BLIP2QFormer(
+        num_query_tokens=4,
+        num_layers=1,
+        vision_dim=16,
+        cross_attention_frequency=1,
+        dropout=0.0,
+        layer_norm_epsilon=1e-5,
+        **common,
+    )
+    language = BLIP2CustomOPT(
+        vocabulary_size=64,
+        num_layers=1,
+        num_query_tokens=4,
+        dropout=0.0,
+        max_sequence_length=32,
+        qformer_hidden_dim=16,
+        **common,
+    )
+    return keras_hub.models.BLIP2Backbone(
+        vision_encoder=vision, qformer=qformer, language_model=language
+    )
+
+
+def test_blip2_in_place_lora_merges_exactly_keeping_its_class():
+    # BLIP-2's language model serializes its `language_projection` layer in
+    # its own config: rebuilt from the plain config, it must come back plain.
+    model = blip2()
+    rng = np.random.default_rng(0)
+    inputs = {
+        "images": rng.uniform(size=(1, 16, 16, 3)).astype("float32"),
+        "token_ids": np.ones((1, 8), "int32"),
+        "padding_mask": np.ones((1, 8), "int32"),
+    }
+    before = keras.ops.convert_to_numpy(model(inputs, training=False))
+    kl.apply_lora(model, targets="all-linear", rank=2, in_place=True)
+    paths = [p for p, _ in lora_layers(model)]
+    assert "blip2_custom_opt/language_projection" in paths
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model(inputs, training=False)), before
+    )
+    for _, layer in lora_layers(model):
+        layer.lora_b.assign(0.1 * rng.normal(size=layer.lora_b.shape).astype("float32"))
+    lora_out = keras.ops.convert_to_numpy(model(inputs, training=False))
+    assert np.abs(lora_out - before).max() > 1e-3  # the adapters matter
+    merged = kl.merge_lora(model)
+    assert type(merged) is keras_hub.models.BLIP2Backbone
+    assert not any("LoRA" in type(layer).__name__ for _, layer in iter_layers(merged))
+    # float32 hidden states of size ~1: a few ulps of reordered sums.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(merged(inputs, training=False)), lora_out, atol=1e-5
+    )
