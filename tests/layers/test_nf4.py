@@ -1,0 +1,291 @@
+"""NF4 bases (`kl.quantize_nf4`): storage, LoRA over them, merge, files."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import randomize_adapters, to_numpy
+
+import keras_lora as kl
+from keras_lora.layers import nf4, quantized
+from keras_lora.model.surgery import lora_layers
+
+LEVELS = np.array(quantized.NF4_LEVELS, "float64")
+
+
+def mlp(seed=0):
+    """16 -> Dense 24 (relu) -> attention-like EinsumDense (4, 6) -> Dense 3."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((16,))
+    x = keras.layers.Dense(24, activation="relu", name="d1")(inputs)
+    x = keras.layers.EinsumDense(
+        "ab,bcd->acd", output_shape=(4, 6), bias_axes="cd", name="e1"
+    )(x)
+    x = keras.layers.Reshape((24,))(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def data(rows=8, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(rows, 16)).astype("float32")
+
+
+def reference_nf4(kernel, block, double_quant):
+    """NF4 of `kernel` in NumPy, written out independently: the nearest
+    level of each value over its block's absmax, times the absmax (the
+    double-quantized absmax where asked)."""
+    flat = kernel.astype("float64").reshape(-1)
+    pad = -flat.size % block
+    blocks = np.concatenate([flat, np.zeros(pad)]).reshape(-1, block)
+    absmax = np.abs(blocks).max(axis=1)
+    normalized = blocks / np.where(absmax > 0, absmax, 1)[:, None]
+    codes = np.abs(normalized[..., None] - LEVELS).argmin(axis=-1)
+    if double_quant:
+        offset = absmax.astype("float32").mean(dtype="float32")
+        centered = np.zeros(-(-absmax.size // 256) * 256)
+        centered[: absmax.size] = absmax.astype("float32") - offset
+        groups = centered.reshape(-1, 256)
+        step = np.abs(groups).max(axis=1) / 127
+        step = np.where(step > 0, step, 1)
+        dq = np.round(groups / step[:, None]) * step[:, None]
+        absmax = dq.reshape(-1)[: absmax.size] + offset
+    values = LEVELS[codes] * absmax[:, None]
+    return values.reshape(-1)[: flat.size].reshape(kernel.shape)
+
+
+def nf4_variables(layer):
+    return {v.name: to_numpy(v).copy() for v in layer.weights}
+
+
+@pytest.mark.parametrize(
+    "block_size,double_quant",
+    [(64, False), (64, True), (8, False), (8, True)],
+    ids=["b64", "b64-dq", "b8", "b8-dq"],
+)
+def test_storage_is_4_bit_and_dequantizes_as_the_paper(block_size, double_quant):
+    model = mlp()
+    kernels = {n: to_numpy(model.get_layer(n).kernel) for n in ("d1", "e1", "head")}
+    assert kl.quantize_nf4(model, block_size, double_quant) is model
+    for name, kernel in kernels.items():
+        layer = model.get_layer(name)
+        assert layer.quantization_mode == "nf4"
+        codes = layer.nf4_codes
+        # Two codes per byte; no float variable of a kernel's size is kept.
+        blocks = -(-kernel.size // block_size)
+        assert codes.dtype == "int8" and codes.shape == (blocks * block_size // 2,)
+        for v in layer.weights:
+            if "float" in str(v.dtype):
+                assert np.prod(v.shape) < kernel.size, v.name
+        assert not hasattr(layer, "_kernel")
+        deq = to_numpy(quantized.dequantized_kernel(layer))
+        assert deq.shape == kernel.shape
+        # float32 NF4 vs a float64 reference: the same codes, values to
+        # float32 rounding of `level·absmax`.
+        want = reference_nf4(kernel, block_size, double_quant)
+        np.testing.assert_allclose(deq, want, rtol=1e-6, atol=1e-7)
+
+
+def test_b_zero_gives_the_nf4_base_exactly_and_training_keeps_it_frozen():
+    model = kl.quantize_nf4(mlp(), block_size=8)
+    x = data()
+    base_out = to_numpy(model(x))
+    lora = kl.apply_lora(model, targets=["d1", "e1"], rank=2)
+    np.testing.assert_array_equal(to_numpy(lora(x)), base_out)
+    assert {v.name for v in lora.trainable_weights} == {"lora_a", "lora_b"}
+    before = {
+        n: nf4_variables(lora.get_layer(n).layer if n != "head" else lora.get_layer(n))
+        for n in ("d1", "e1", "head")
+    }
+    lora.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    lora.fit(x, np.ones((8, 3), "float32"), epochs=2, batch_size=4, verbose=0)
+    for name, values in before.items():
+        layer = lora.get_layer(name)
+        layer = layer.layer if name != "head" else layer
+        for key, value in nf4_variables(layer).items():
+            np.testing.assert_array_equal(value, values[key], err_msg=key)
+    assert not np.array_equal(to_numpy(lora(x)), base_out)  # B moved
+    for _, layer in lora_layers(lora):  # B = 0 again: the NF4 base bitwise
+        layer.lora_b.assign(np.zeros(layer.lora_b.shape, "float32"))
+    np.testing.assert_array_equal(to_numpy(lora(x)), base_out)
+
+
+def test_backward_through_nf4_layers_is_the_dequantized_kernels():
+    # d1's adapter gets its gradient through e1 and head (NF4, their
+    # backward the lean product's dy·W_deqᵀ): one SGD step equals the step
+    # on a float model holding the dequantized kernels.
+    model = kl.quantize_nf4(mlp(), block_size=8)
+    twin = mlp(seed=5)
+    for name in ("d1", "e1", "head"):
+        layer = model.get_layer(name)
+        twin.get_layer(name).kernel.assign(
+            to_numpy(quantized.dequantized_kernel(layer))
+        )
+        twin.get_layer(name).bias.assign(to_numpy(layer.bias))
+    x, y = data(), np.ones((8, 3), "float32")
+    updated = []
+    for m in (model, twin):
+        lora = randomize_adapters(kl.apply_lora(m, targets=["d1"], rank=2), seed=3)
+        lora.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        lora.train_on_batch(x, y)
+        updated.append(to_numpy(lora.get_layer("d1").lora_a))
+    # float32 sums in another order (dequantized kernel vs stored one).
+    np.testing.assert_allclose(updated[0], updated[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_merge_gives_dequantized_plus_delta_and_requantize_gives_nf4(double_quant):
+    model = kl.quantize_nf4(mlp(), block_size=8, double_quant=double_quant)
+    lora = randomize_adapters(kl.apply_lora(model, targets=["d1", "e1"], rank=2))
+    x = data()
+    merged = kl.merge_lora(lora)
+    for name in ("d1", "e1"):
+        layer = lora.get_layer(name)
+        plain = merged.get_layer(name)
+        assert type(plain) in (keras.layers.Dense, keras.layers.EinsumDense)
+        assert plain.quantization_mode is None
+        want = to_numpy(quantized.dequantized_kernel(layer.layer)) + to_numpy(
+            layer.delta()
+        )
+        np.testing.assert_allclose(to_numpy(plain.kernel), want, atol=1e-6)
+    assert merged.get_layer("head").quantization_mode == "nf4"  # no adapter
+    # float32 products summed in another order
+    np.testing.assert_allclose(to_numpy(merged(x)), to_numpy(lora(x)), atol=1e-5)
+    again = kl.merge_lora(lora, requantize=True)
+    for name in ("d1", "e1"):
+        layer = again.get_layer(name)
+        assert isinstance(layer, nf4.NF4Storage)
+        assert (layer.nf4_block_size, layer.nf4_double_quant) == (8, double_quant)
+        float_kernel = to_numpy(merged.get_layer(name).kernel)
+        np.testing.assert_allclose(
+            to_numpy(quantized.dequantized_kernel(layer)),
+            reference_nf4(float_kernel, 8, double_quant),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "float",
+        "int4",
+        pytest.param(
+            "nf4",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=ValueError,
+                reason="io/records.py records the base's class name "
+                "('NF4Dense'), and install.py refuses it for a Dense or an "
+                "int4 Dense; the fix is in io (record the Keras family)",
+            ),
+        ),
+    ],
+)
+def test_adapter_files_move_between_float_nf4_and_int4(tmp_path, source):
+    def base(kind):
+        model = mlp()  # the same float weights each time (seed 0)
+        if kind == "nf4":
+            kl.quantize_nf4(model, block_size=8)
+        elif kind == "int4":
+            for name in ("d1", "e1", "head"):
+                model.get_layer(name).quantize(
+                    "int4", config=keras.quantizers.Int4QuantizationConfig(block_size=8)
+                )
+        return kl.apply_lora(model, targets=["d1", "e1"], rank=2)
+
+    saved = randomize_adapters(base(source), seed=7)
+    kl.save_adapter(saved, tmp_path / "adapter")
+    for target in {"float", "nf4", "int4"} - {source}:
+        loaded = kl.load_adapter(base(target), tmp_path / "adapter")
+        for name in ("d1", "e1"):
+            for factor in ("lora_a", "lora_b"):
+                np.testing.assert_array_equal(
+                    to_numpy(getattr(loaded.get_layer(name), factor)),
+                    to_numpy(getattr(saved.get_layer(name), factor)),
+                )
+
+
+@pytest.mark.parametrize("fmt", ["keras_lora", "peft"])
+def test_adapter_file_from_nf4_loads_into_nf4_and_peft_file_anywhere(tmp_path, fmt):
+    def base(kind):
+        model = mlp()
+        if kind == "nf4":
+            kl.quantize_nf4(model, block_size=8)
+        # PEFT's Linear covers a 2-D kernel: the EinsumDense stays out.
+        return kl.apply_lora(model, targets=["d1", "head"], rank=2)
+
+    saved = randomize_adapters(base("nf4"), seed=7)
+    kl.save_adapter(saved, tmp_path / "adapter", format=fmt)
+    targets = ["nf4", "float"] if fmt == "peft" else ["nf4"]
+    for target in targets:
+        loaded = kl.load_adapter(base(target), tmp_path / "adapter")
+        for name in ("d1", "head"):
+            for factor in ("lora_a", "lora_b"):
+                np.testing.assert_array_equal(
+                    to_numpy(getattr(loaded.get_layer(name), factor)),
+                    to_numpy(getattr(saved.get_layer(name), factor)),
+                )
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_keras_file_round_trip_is_exact(tmp_path, double_quant):
+    model = kl.quantize_nf4(mlp(), block_size=8, double_quant=double_quant)
+    lora = randomize_adapters(kl.apply_lora(model, targets=["d1", "e1"], rank=2))
+    lora.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    x = data()
+    np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(lora(x)))
+    for name in ("d1", "e1"):
+        base = loaded.get_layer(name).layer
+        assert isinstance(base, nf4.NF4Storage)
+        assert base.nf4_double_quant is double_quant
+        assert not hasattr(base, "_kernel")
+    assert isinstance(loaded.get_layer("head"), nf4.NF4Dense)
+
+
+def test_what_is_left_as_it_is():
+    inputs = keras.Input((4,), dtype="int32")
+    embedded = keras.layers.Embedding(10, 8, name="emb")(inputs)
+    x = keras.layers.Flatten()(embedded)
+    x = keras.layers.Dense(6, name="int8")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(x))
+    model.get_layer("int8").quantize("int8")
+    kl.quantize_nf4(model)
+    assert model.get_layer("emb").quantization_mode is None
+    assert model.get_layer("int8").quantization_mode == "int8"
+    assert model.get_layer("d").quantization_mode == "nf4"
+    # A block larger than the kernel: one padded block.
+    assert model.get_layer("d").nf4_absmax.shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"block_size": 0}, ValueError, r"`block_size` must be a positive even"),
+        ({"block_size": 63}, ValueError, r"block_size=63"),
+        ({"block_size": 64.0}, ValueError, r"block_size=64.0"),
+        ({"block_size": True}, ValueError, r"block_size=True"),
+        ({"double_quant": 1}, TypeError, r"`double_quant` must be a bool"),
+        ({"double_quant": "yes"}, TypeError, r"double_quant='yes'"),
+    ],
+    ids=["block0", "block63", "block-float", "block-bool", "dq-int", "dq-str"],
+)
+def test_bad_arguments_raise_and_change_nothing(kwargs, error, match):
+    model = mlp()
+    before = [to_numpy(w).copy() for w in model.weights]
+    with pytest.raises(error, match=match):
+        kl.quantize_nf4(model, **kwargs)
+    assert type(model.get_layer("d1")) is keras.layers.Dense
+    for w, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(to_numpy(w), value)
+
+
+def test_bad_models_are_refused():
+    with pytest.raises(TypeError, match=r"quantize_nf4: `model` must be a keras.Model"):
+        kl.quantize_nf4(keras.layers.Dense(3))
+    lora = kl.apply_lora(mlp(), targets=["d1"], rank=2)
+    with pytest.raises(ValueError, match=r"quantize_nf4: `model` has LoRA layers"):
+        kl.quantize_nf4(lora)
+    assert lora.get_layer("head").quantization_mode is None
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match=r"quantize_nf4: model .* is not built"):
+        kl.quantize_nf4(unbuilt)
