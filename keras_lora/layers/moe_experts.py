@@ -202,6 +202,10 @@ class LoRAMoeExperts(LoRALayer):
     """
 
     base_class = MoeExperts
+    # What code that asks a plain layer for "its kernel" by name reads
+    # (`keras-lora inspect`): the gate (gate_up) weight of Mixtral and the
+    # Qwen families. GPT-OSS names it `gate_up_proj`: ask `kernel_variable`.
+    kernel_attr = "_expert_feedforward_gate_dense"
 
     def __init__(self, layer, rank=8, alpha=None, expert_weights=None, **kwargs):
         self._check_base_layer(layer)
