@@ -39,7 +39,7 @@ def run_backend(backend, pytest_args, xml_dir):
         "-m",
         "pytest",
         f"--junitxml={xml_path}",
-        "--durations=8",
+        "--durations=15",
     ]
     env = dict(os.environ, KERAS_BACKEND=backend)
     print(f"\n=== KERAS_BACKEND={backend} {shlex.join(command[1:] + pytest_args)}")
