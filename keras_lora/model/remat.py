@@ -26,6 +26,7 @@ import keras
 from keras.src.backend.common.remat import get_current_remat_mode
 
 from keras_lora.layers import quantized_product
+from keras_lora.model.tracking import drop_compiled
 from keras_lora.model.walk import (
     check_is_model,
     children,
@@ -99,9 +100,7 @@ def enable_remat(model):
             "rematerialized_call",
             functools.partial(_rematerialized_call, block),
         )
-    for name in ("train_function", "test_function", "predict_function"):
-        if getattr(model, name, None) is not None:
-            setattr(model, name, None)
+    drop_compiled(model)  # the traced steps hold the old calls
     return model
 
 
