@@ -20,6 +20,10 @@ The weights:
   normal), so this is a "real-looking" architecture, not trained weights.
 
     python -m benchmarks.nf4_error --out benchmarks/results/nf4_error.json
+
+`--memory FILE` also runs `benchmarks.qlora`'s rows float32, int4 and nf4
+(keras_lora adapters), each in a fresh process, on a small KerasHub
+Llama3 (`SMALL_LLAMA`), and writes them to FILE.
 """
 
 import argparse
@@ -130,10 +134,47 @@ def measure(kernel):
     }
 
 
+# A small Llama3CausalLM for the memory rows: 4 layers, hidden 512.
+SMALL_LLAMA = {
+    "num_layers": 4,
+    "hidden_dim": 512,
+    "intermediate_dim": 1408,
+    "vocabulary_size": 4096,
+    "num_query_heads": 8,
+    "num_key_value_heads": 4,
+    "sequence_length": 128,
+    "batch": 1,
+}
+
+
+def memory_rows(path):
+    from benchmarks.isolated import run_isolated
+
+    c = {"model": SMALL_LLAMA, "targets": ["query", "value"], "rank": 8, "steps": 4}
+    rows = {}
+    for mode in ("float32", "int4", "nf4"):
+        args = dict(c, mode=mode, adapters="keras_lora")
+        rows[mode] = run_isolated(keras.backend.backend(), "qlora_train", args)
+        row = rows[mode]
+        print(
+            f"{mode:8s} before {row['rss_before_bytes'] / 2**20:,.0f} MiB "
+            f"peak {row['train_peak_bytes'] / 2**20:,.0f} MiB "
+            f"added {row['train_added_bytes'] / 2**20:,.0f} MiB "
+            f"kernels {row['bytes']['kernels'] / 2**20:,.1f} MiB "
+            f"step {row['step_median_s']:.2f} s"
+        )
+    with open(path, "w") as f:
+        json.dump({"backend": keras.backend.backend(), "config": c, "rows": rows}, f)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--memory", default=None, help="a JSON file to write")
     args = parser.parse_args()
+    if args.memory:
+        memory_rows(args.memory)
+        return
     results = {
         "backend": keras.backend.backend(),
         "keras": keras.__version__,

@@ -37,6 +37,7 @@ QLORA_ROWS = (
     ("int8", "keras_lora"),
     ("int4", "keras_lora"),
     ("int4", "enable_lora"),
+    ("nf4", "keras_lora"),  # kl.quantize_nf4: Dense/EinsumDense, not the LM head
 )
 
 
@@ -108,7 +109,11 @@ def _ratio(a, b):
 
 
 def _quantize(model, mode):
-    if mode != "float32":
+    if mode == "nf4":
+        import keras_lora as kl
+
+        kl.quantize_nf4(model)
+    elif mode != "float32":
         with warnings.catch_warnings():  # "Layer Add does not have `quantize`"
             warnings.simplefilter("ignore", UserWarning)
             model.quantize(mode)
@@ -290,10 +295,14 @@ def weight_bytes_by_kind(model):
                 "_embeddings",
                 "reverse_embeddings",
                 "_reverse_embeddings",
+                "nf4_codes",
             ):
                 kinds["kernels"] += size
             elif isinstance(layer, quantizable) and (
-                "scale" in name or "zero" in name or "g_idx" in name
+                "scale" in name
+                or "zero" in name
+                or "g_idx" in name
+                or name.startswith("nf4_")
             ):
                 kinds["scales"] += size
             else:
