@@ -226,6 +226,27 @@ def test_adapter_file_from_nf4_loads_into_nf4_and_peft_file_anywhere(tmp_path, f
                 )
 
 
+def test_hot_swap_and_reversible_merge_over_nf4(tmp_path):
+    def nf4_lora(rank, seed):
+        model = kl.quantize_nf4(mlp(), block_size=8)
+        lora = kl.apply_lora(model, targets=["d1", "e1"], rank=rank)
+        return randomize_adapters(lora, seed=seed)
+
+    x = data()
+    kl.save_adapter(nf4_lora(4, seed=11), tmp_path / "r4.safetensors")
+    plain = kl.quantize_nf4(mlp(), block_size=8)
+    expected = to_numpy(kl.load_adapter(plain, tmp_path / "r4.safetensors")(x))
+    model = kl.prepare_hotswap(nf4_lora(2, seed=5), 4)
+    assert kl.hotswap_adapter(model, tmp_path / "r4.safetensors") is model
+    # the padded rank-4 slots sum in another order
+    np.testing.assert_allclose(to_numpy(model(x)), expected, atol=1e-6, rtol=0)
+    before = to_numpy(model(x))
+    kl.merge_lora(model, reversible=True)  # float kernel dequant + delta
+    np.testing.assert_allclose(to_numpy(model(x)), before, atol=1e-5)
+    kl.unmerge_lora(model)
+    np.testing.assert_array_equal(to_numpy(model(x)), before)
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_keras_file_round_trip_is_exact(tmp_path, double_quant):
     model = kl.quantize_nf4(mlp(), block_size=8, double_quant=double_quant)
