@@ -1,31 +1,26 @@
-"""Reaching layers nested inside other layers, and keeping them on reload.
+"""Copying a model layer by layer, layers nested inside other layers too.
 
-A Functional or Sequential model serializes every layer of its graph, so a
-LoRA layer placed there by `keras.models.clone_model` survives a `.keras`
-round trip. A layer *inside* another layer does not: `MultiHeadAttention`
+`keras.models.clone_model` copies a Functional or Sequential graph, but a
+layer *inside* another layer is out of its reach: `MultiHeadAttention`
 creates its `query`/`key`/`value` projections in `build`, a user's custom
 block creates its `Dense` layers in `__init__`, and a subclassed model does
-the same. Their configs do not carry sublayers, so reloading them from
-config rebuilds plain sublayers.
-
-`rebuild_container` makes a new container of the same class from config,
-builds it, and points its sublayer attributes at the original (shared)
-sublayers, at LoRA wrappers around them, or at copies; the original
-container is left as it was. `LoRAContainer` then holds such a container
-in a model's graph and records where its adapters are (attribute paths,
-rank, alpha), so that loading re-wraps the same sublayers before the
-weights are read back: the `.keras` round trip keeps the adapters.
+the same. `rebuild_container` makes a new container of the same class from
+config, builds it, and points its sublayer attributes at the original
+(shared) sublayers or at replacements; the original is left as it was.
+`copy_model` is the one structural copy built on both: `apply_lora`'s copy
+(targets shared, then swapped) and `merge_lora`'s plain model (LoRA layers
+merged). Where the adapters sit, for a `.keras` file, is recorded by
+`keras_lora.model.in_place` (`layout`, `LoRAContainer`).
 """
 
 import keras
 
-from keras_lora.layers.base import LoRALayer
+from keras_lora.model.in_place import LoRAContainer  # noqa: F401 (its old home)
 from keras_lora.model.tracking import (
     attributes,
     forget_torch_params,
     own_variables,
     set_attribute,
-    sublayer_attributes,
 )
 from keras_lora.model.walk import graph_model
 
@@ -166,121 +161,6 @@ def _share_own_variables(old, new, share):
         variable.trainable = False
 
 
-def _frozen_own(layer):
-    own = layer._trainable_variables
-    return bool(own) and not any(v.trainable for v in own)
-
-
-def adapter_specs(container):
-    """Where the LoRA layers inside `container` are, and which of its
-    sublayers are frozen: a list of `{"path": [attr, index or key, ...],
-    "class_name", "config"}` (a LoRA layer) and `{"path", "frozen":
-    "layer"}` (a frozen sublayer) or `"own"` (frozen own weights)."""
-    specs = []
-    wrapped = set()
-    if _frozen_own(container):
-        specs.append({"path": [], "frozen": "own"})
-
-    def walk(owner, trail, seen):
-        if id(owner) in seen:
-            return
-        seen.add(id(owner))
-        for attr, value in sorted(sublayer_attributes(owner).items()):
-            entries = [((attr,), value)]
-            if isinstance(value, (list, tuple)):
-                entries = [((attr, i), v) for i, v in enumerate(value)]
-            elif isinstance(value, dict):
-                entries = [((attr, k), v) for k, v in value.items()]
-            for path, item in entries:
-                if isinstance(item, LoRALayer):
-                    if id(item) in wrapped:
-                        continue
-                    wrapped.add(id(item))
-                    config = item.get_config()
-                    config.pop("layer")
-                    specs.append(
-                        {
-                            "path": list(trail + path),
-                            "class_name": keras.saving.get_registered_name(type(item)),
-                            "config": config,
-                        }
-                    )
-                elif isinstance(item, Layer) and id(item) not in seen:
-                    if not item.trainable:
-                        seen.add(id(item))
-                        specs.append({"path": list(trail + path), "frozen": "layer"})
-                        continue
-                    if _frozen_own(item):
-                        specs.append({"path": list(trail + path), "frozen": "own"})
-                    if not graph_model(item):
-                        walk(item, trail + path, seen)
-
-    walk(container, (), set())
-    return specs
-
-
-def _get(owner, step):
-    return (
-        owner[step] if isinstance(owner, (list, tuple, dict)) else getattr(owner, step)
-    )
-
-
-def _resolve(container, specs):
-    """`(spec, parent, holder, last, base)` for each spec; raises
-    AttributeError, KeyError or IndexError if a path is not there (yet)."""
-    resolved = []
-    for spec in specs:
-        if not spec["path"]:
-            resolved.append((spec, None, None, None, container))
-            continue
-        *trail, last = spec["path"]
-        parent = container
-        holder = container
-        for step in trail:
-            parent = _get(parent, step)
-            if isinstance(parent, Layer):
-                holder = parent
-        base = _get(parent, last)
-        if not isinstance(base, Layer):
-            raise AttributeError(f"{spec['path']} is not a layer")
-        resolved.append((spec, parent, holder, last, base))
-    return resolved
-
-
-def attach_adapters(container, specs):
-    """Wraps the sublayers of `container` named by `specs` in place."""
-    for spec, parent, holder, last, base in _resolve(container, specs):
-        if spec.get("frozen") == "layer":
-            base.trainable = False
-            continue
-        if spec.get("frozen") == "own":
-            for variable in base._trainable_variables:
-                variable.trainable = False
-            continue
-        if isinstance(base, LoRALayer):
-            continue  # the container's own config brought it back already
-        cls = keras.saving.get_registered_object(spec["class_name"])
-        if cls is None:
-            raise ValueError(f"Unknown LoRA layer class {spec['class_name']!r}")
-        # `from_layer_config` reads older configs as they were meant (an
-        # EinsumDense adapter without `factoring` is Keras core's factoring).
-        wrapper = cls.from_layer_config(base, spec["config"])
-        if isinstance(parent, Layer):
-            set_attribute(parent, last, wrapper)
-        elif isinstance(parent, tuple):
-            # Rebuild the tuple on its holder: find the attribute holding it.
-            attr = next(a for a, v in attributes(holder).items() if v is parent)
-            items = list(parent)
-            items[last] = wrapper
-            set_attribute(holder, attr, tuple(items))
-        elif isinstance(parent, list):
-            list.__setitem__(parent, last, wrapper)  # past a locked tracker
-        else:
-            dict.__setitem__(parent, last, wrapper)
-        _replace_in_sublayers(holder, base, wrapper)
-        forget_torch_params([holder])
-
-
 def copy_layer(layer, deferred, trainable=None):
     """A copy of `layer` from its config. Its weights are set now, or, if
     `deferred` is a list, once the model around it is built. A bare
@@ -334,8 +214,8 @@ def copy_model(model, leaf, share_variables):
     deferred = []
 
     def clone(layer, in_graph=True):
-        if isinstance(layer, LoRAContainer):
-            layer = layer.layer
+        if getattr(type(layer), "holds_layer_transparently", False):
+            layer = layer.layer  # a LoRAContainer: opened as what it holds
         new = leaf(layer, deferred if in_graph else None)
         if new is not None:
             return new
@@ -353,89 +233,3 @@ def copy_model(model, leaf, share_variables):
     for old, new in deferred:
         copy_weights(old, new)
     return copy, deferred
-
-
-@keras.saving.register_keras_serializable(package="keras_lora")
-class LoRAContainer(keras.layers.Wrapper):
-    """Holds, in a model's graph, a layer with LoRA layers inside it.
-
-    `apply_lora` puts one around a layer of a Functional or Sequential
-    model (a `MultiHeadAttention`, a custom block, a subclassed model used
-    as a layer) when it adapts sublayers inside it. It calls the held layer
-    unchanged, is transparent to `iter_layers` paths, forwards attribute
-    reads it does not have to the held layer, and records where the
-    adapters are so that a `.keras` round trip restores them.
-    `merge_lora` replaces it by the plain, merged layer.
-
-    Args:
-        layer: the (rebuilt) layer holding LoRA layers.
-        adapters: the adapter specs; `None` reads them from `layer`.
-    """
-
-    # `keras_lora.model.walk` treats it as its held layer.
-    holds_layer_transparently = True
-
-    def __init__(self, layer, adapters=None, **kwargs):
-        kwargs.setdefault("name", layer.name)
-        kwargs.setdefault("dtype", layer.dtype_policy)
-        super().__init__(layer, **kwargs)
-        # Given adapters (from a config) are attached at the first call, once
-        # the held layer has built its sublayers.
-        set_attribute(self, "_pending", [] if adapters is None else list(adapters))
-        self.adapters = adapter_specs(layer) if adapters is None else adapters
-        self.supports_masking = layer.supports_masking
-        if layer.built:
-            self.built = True
-
-    def __getattr__(self, name):
-        # Only reached when normal lookup fails (and, on torch, after
-        # `torch.nn.Module`'s own lookup): public attributes read through to
-        # the held layer (`container.num_heads`, say).
-        parent = getattr(super(), "__getattr__", None)
-        if parent is not None:
-            try:
-                return parent(name)
-            except AttributeError:
-                pass
-        layer = attributes(self).get("layer")
-        if name.startswith("_") or layer is None:
-            raise AttributeError(
-                f"'{type(self).__name__}' object has no attribute '{name}'"
-            )
-        return getattr(layer, name)
-
-    def build(self, *args, **kwargs):
-        self.built = True
-
-    def build_from_config(self, config):
-        self.built = True
-
-    def call(self, *args, **kwargs):
-        if self._pending:
-            try:
-                _resolve(self.layer, self._pending)
-            except (AttributeError, KeyError, IndexError):
-                self.layer(*args, **kwargs)  # builds the sublayers
-            attach_adapters(self.layer, self._pending)
-            set_attribute(self, "_pending", [])
-        return self.layer(*args, **kwargs)
-
-    def compute_mask(self, *args, **kwargs):
-        return self.layer.compute_mask(*args, **kwargs)
-
-    def get_config(self):
-        config = super().get_config()
-        # Read the adapters afresh: named adapters may have been added,
-        # deleted or switched since this container was made.
-        config["adapters"] = (
-            self.adapters if self._pending else adapter_specs(self.layer)
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        layer = keras.saving.deserialize_keras_object(
-            config.pop("layer"), custom_objects=custom_objects
-        )
-        return cls(layer, **config)

@@ -1,13 +1,24 @@
-"""Swapping a model's sublayers for LoRA wrappers, in the model itself.
+"""Putting LoRA layers into a model: the one swap, and the one record.
 
-`swap_in_place` replaces each target layer by its wrapper wherever the model
-holds it: in an attribute of its owner (or a list, tuple or dict attribute),
-in the owner's tracked `_layers`, in torch's `_modules`, in TensorFlow's
+`swap` replaces a target layer by its wrapper wherever the model holds it:
+in an attribute of its owner (or a list, tuple or dict attribute), in the
+owner's tracked `_layers`, in torch's `_modules`, in TensorFlow's
 dependency tracking, and, for a node of a Functional graph, in the graph's
-operations and its nodes (the wrapper takes over the base layer's inbound
-nodes). Nothing is rebuilt from config, so blocks whose `get_config` cannot
-recreate them are reached too, and the model keeps its class. Every change
-is logged, and `Undo.rollback` puts everything back.
+operations and its nodes (the wrapper takes over that graph's nodes of the
+base layer). Nothing is rebuilt from config, so blocks whose `get_config`
+cannot recreate them are reached too, and the model keeps its class. Every
+change is logged, and `Undo.rollback` puts everything back.
+`apply_in_place` does it for a list of targets, all or nothing; every route
+in (`apply_lora` in place or on a copy, `load_adapter`, `from_core_lora`,
+a `.keras` load) ends there.
+
+`layout` records where a model's or a layer's LoRA layers are (walk index,
+path, class, config) and which other layers train; `apply_layout` puts
+them back by the same swap. A KerasHub task's `.keras` file keeps its
+backbone's layout (`keras_lora.model.same_class.InPlaceLoRA`), and a
+`LoRAContainer`, which holds a block with LoRA layers inside in a plain
+graph, keeps its block's. Older container records (attribute paths) load
+through the same swap.
 """
 
 import inspect
@@ -16,18 +27,21 @@ import re
 import keras
 
 from keras_lora.layers.base import LoRALayer
-from keras_lora.model.containers import LoRAContainer
 from keras_lora.model.tracking import (
     PLAIN_GRAPHS,
+    attributes,
     forget_torch_params,
+    freeze_except,
     owners,
     refresh_compiled,
     restore_trainable_state,
+    set_attribute,
     sublayer_attributes,
     trainable_state,
 )
-from keras_lora.model.walk import Reaches, children, graph_model
+from keras_lora.model.walk import Reaches, children, graph_model, iter_layers
 
+Layer = keras.layers.Layer
 KerasHistory = keras.src.ops.node.KerasHistory
 _KERAS_TRACKED = (
     keras.src.utils.tracking.TrackedList,
@@ -300,32 +314,6 @@ def hold_in_containers(model, undo):
             swap(holders, op, LoRAContainer(op), undo)
 
 
-def freeze_except(model, keep):
-    """Freezes `model`'s weights except the adapters of its LoRA layers and
-    the layers in `keep` (ids), which are made trainable. Layers on the way
-    to those stay `trainable` with their own weights frozen."""
-    reaches = Reaches(lambda layer: isinstance(layer, LoRALayer) or id(layer) in keep)
-
-    def visit(layer, top):
-        if isinstance(layer, LoRALayer):
-            layer.trainable = True
-        elif id(layer) in keep:
-            layer.trainable = True
-        elif top or reaches(layer):
-            object.__setattr__(layer, "_trainable", True)
-            for variable in layer._trainable_variables:
-                variable.trainable = False
-            for child in children(layer):
-                visit(child, False)
-            held = getattr(layer, "layer", None)
-            if getattr(type(layer), "holds_layer_transparently", False):
-                object.__setattr__(held, "_trainable", True)
-        else:
-            layer.trainable = False
-
-    visit(model, True)
-
-
 def apply_in_place(model, targets, keep, make_wrapper, check=None):
     """Swaps each `(path, layer)` of `targets` for `make_wrapper(layer)`
     inside `model`, freezes every other weight except those of the layers
@@ -358,3 +346,251 @@ def apply_in_place(model, targets, keep, make_wrapper, check=None):
     forget_torch_params(owners(model))
     refresh_compiled(model)
     return model
+
+
+# ---------------------------------------------------------------------------
+# The one record of where a model's (or a layer's) LoRA layers are, written
+# into `.keras` files (`InPlaceLoRA` for a task, `LoRAContainer` for a block
+# in a graph), and its reader, which puts them back by the one swap above.
+
+
+def layout(model):
+    """Where `model`'s LoRA layers are, and which other layers train: a
+    dict of `"lora_layers"` (index in the walk, path, class, config) and
+    `"trainable"` (walk indices of trainable leaf layers)."""
+    lora, trainable = [], []
+    for index, (path, layer) in enumerate(iter_layers(model)):
+        if isinstance(layer, LoRALayer):
+            config = layer.get_config()
+            config.pop("layer")
+            lora.append(
+                {
+                    "index": index,
+                    "path": path,
+                    "class_name": keras.saving.get_registered_name(type(layer)),
+                    "config": config,
+                }
+            )
+        elif layer.trainable and layer.weights and not children(layer):
+            trainable.append(index)
+    return {
+        "lora_layers": lora,
+        "trainable": trainable,
+        "inputs_quantizers": _inputs_quantizers(model),
+    }
+
+
+def _inputs_quantizers(model):
+    """`[walk index, serialized inputs quantizer or None]` of each quantized
+    layer (a LoRA layer's base). A KerasHub backbone's config keeps only
+    each layer's quantized policy, not its quantization config, and Keras
+    3.15 builds an int4 `ReversibleEmbedding` without a config with an
+    input quantizer that `quantize("int4")` does not give it: its logits
+    would change on load."""
+    found = []
+    for index, (_, layer) in enumerate(iter_layers(model)):
+        base = layer.layer if isinstance(layer, LoRALayer) else layer
+        if getattr(base, "quantization_mode", None) and hasattr(
+            base, "inputs_quantizer"
+        ):
+            quantizer = base.inputs_quantizer
+            found.append(
+                [index, quantizer and keras.saving.serialize_keras_object(quantizer)]
+            )
+    return found
+
+
+def apply_layout(model, record):
+    """Puts LoRA layers into `model` (built, plain) where `record` (from
+    `layout`) says, in place; their weights are to be loaded next."""
+    layers = list(iter_layers(model))
+    targets, configs = [], {}
+    for entry in record["lora_layers"]:
+        index, path = entry["index"], entry["path"]
+        cls = keras.saving.get_registered_object(entry["class_name"])
+        found = layers[index] if index < len(layers) else (None, None)
+        if cls is not None and isinstance(found[1], cls):
+            continue  # a config that carries its inner layer brought it back
+        if cls is None or not isinstance(found[1], cls.base_class):
+            raise ValueError(
+                f"Cannot put LoRA layer {entry['class_name']!r} back at '{path}': "
+                f"the rebuilt model has {found[0]!r} "
+                f"({type(found[1]).__name__}) there."
+            )
+        targets.append(found)
+        configs[id(found[1])] = (cls, entry["config"])
+    keep = {id(layers[i][1]) for i in record["trainable"] if i < len(layers)}
+    for index, quantizer in record.get("inputs_quantizers", ()):
+        layer = layers[index][1] if index < len(layers) else None
+        if hasattr(layer, "inputs_quantizer"):
+            layer.inputs_quantizer = (
+                quantizer and keras.saving.deserialize_keras_object(quantizer)
+            )
+
+    def make_wrapper(base):
+        cls, config = configs[id(base)]
+        config = dict(config)
+        upgrade = getattr(cls, "upgrade_config", None)
+        if upgrade is not None:
+            config = upgrade(config)
+        return cls(base, _restoring=True, **config)
+
+    return apply_in_place(model, targets, keep, make_wrapper)
+
+
+def _get(owner, step):
+    return (
+        owner[step] if isinstance(owner, (list, tuple, dict)) else getattr(owner, step)
+    )
+
+
+def _resolve(container, specs):
+    """`(spec, parent, holder, last, base)` for each spec; raises
+    AttributeError, KeyError or IndexError if a path is not there (yet)."""
+    resolved = []
+    for spec in specs:
+        if not spec["path"]:
+            resolved.append((spec, None, None, None, container))
+            continue
+        *trail, last = spec["path"]
+        parent = container
+        holder = container
+        for step in trail:
+            parent = _get(parent, step)
+            if isinstance(parent, Layer):
+                holder = parent
+        base = _get(parent, last)
+        if not isinstance(base, Layer):
+            raise AttributeError(f"{spec['path']} is not a layer")
+        resolved.append((spec, parent, holder, last, base))
+    return resolved
+
+
+def _apply_path_specs(container, specs):
+    """The reader of the record `LoRAContainer` wrote before `layout`
+    (attribute paths, in older `.keras` files): the same swap as every
+    other route. Raises AttributeError, KeyError or IndexError while the
+    paths are not there yet (the held layer not built)."""
+    targets, configs, frozen = [], {}, set()
+    for spec, _, _, _, base in _resolve(container, specs):
+        if spec.get("frozen") == "layer":
+            frozen |= {id(base)} | {id(lay) for _, lay in iter_layers(base)}
+            continue
+        if spec.get("frozen") or isinstance(base, LoRALayer):
+            continue  # own weights: frozen below; a LoRA layer: there already
+        cls = keras.saving.get_registered_object(spec["class_name"])
+        if cls is None:
+            raise ValueError(f"Unknown LoRA layer class {spec['class_name']!r}")
+        targets.append(("/".join(map(str, spec["path"])), base))
+        configs[id(base)] = (cls, spec["config"])
+    # What the record did not freeze stays trainable, as it was saved.
+    keep = {
+        id(lay)
+        for _, lay in iter_layers(container)
+        if lay.weights
+        and lay.trainable
+        and not children(lay)
+        and not isinstance(lay, LoRALayer)
+        and id(lay) not in frozen | set(configs)
+    }
+
+    def make_wrapper(base):
+        cls, config = configs[id(base)]
+        # `from_layer_config` reads older configs as they were meant (an
+        # EinsumDense adapter without `factoring` is Keras core's factoring).
+        return cls.from_layer_config(base, config)
+
+    return apply_in_place(container, targets, keep, make_wrapper)
+
+
+def place_adapters(layer, record):
+    """Puts LoRA layers into `layer` where `record` says, in place: a
+    `layout` dict, or the attribute paths of an older `LoRAContainer`."""
+    if isinstance(record, dict):
+        return apply_layout(layer, record)
+    return _apply_path_specs(layer, record)
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoRAContainer(keras.layers.Wrapper):
+    """Holds, in a model's graph, a layer with LoRA layers inside it.
+
+    `apply_lora` puts one around a layer of a Functional or Sequential
+    model (a `MultiHeadAttention`, a custom block, a subclassed model used
+    as a layer) when it adapts sublayers inside it. It calls the held layer
+    unchanged, is transparent to `iter_layers` paths, forwards attribute
+    reads it does not have to the held layer, and records where the
+    adapters are so that a `.keras` round trip restores them.
+    `merge_lora` replaces it by the plain, merged layer.
+
+    Args:
+        layer: the (rebuilt) layer holding LoRA layers.
+        adapters: where the adapters are (`layout`, or the attribute paths
+            an older version wrote); `None` reads them from `layer`.
+    """
+
+    # `keras_lora.model.walk` treats it as its held layer.
+    holds_layer_transparently = True
+
+    def __init__(self, layer, adapters=None, **kwargs):
+        kwargs.setdefault("name", layer.name)
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        super().__init__(layer, **kwargs)
+        # Given adapters (from a config) are placed at the first call, once
+        # the held layer has built its sublayers.
+        set_attribute(self, "_pending", adapters)
+        set_attribute(self, "adapters", layout(layer) if adapters is None else adapters)
+        self.supports_masking = layer.supports_masking
+        if layer.built:
+            self.built = True
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails (and, on torch, after
+        # `torch.nn.Module`'s own lookup): public attributes read through to
+        # the held layer (`container.num_heads`, say).
+        parent = getattr(super(), "__getattr__", None)
+        if parent is not None:
+            try:
+                return parent(name)
+            except AttributeError:
+                pass
+        layer = attributes(self).get("layer")
+        if name.startswith("_") or layer is None:
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}'"
+            )
+        return getattr(layer, name)
+
+    def build(self, *args, **kwargs):
+        self.built = True
+
+    def build_from_config(self, config):
+        self.built = True
+
+    def call(self, *args, **kwargs):
+        if self._pending:
+            try:
+                place_adapters(self.layer, self._pending)
+            except (AttributeError, KeyError, IndexError, ValueError):
+                self.layer(*args, **kwargs)  # builds the sublayers
+                place_adapters(self.layer, self._pending)  # nothing half-placed
+            set_attribute(self, "_pending", None)
+        return self.layer(*args, **kwargs)
+
+    def compute_mask(self, *args, **kwargs):
+        return self.layer.compute_mask(*args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        # Read the adapters afresh: named adapters may have been added,
+        # deleted or switched since this container was made.
+        config["adapters"] = self.adapters if self._pending else layout(self.layer)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(
+            config.pop("layer"), custom_objects=custom_objects
+        )
+        return cls(layer, **config)

@@ -27,7 +27,7 @@ import types
 import keras
 
 from keras_lora.layers.base import LoRALayer
-from keras_lora.model.in_place import Undo, apply_in_place, holders_of, swap
+from keras_lora.model.in_place import Undo, apply_layout, holders_of, layout, swap
 from keras_lora.model.quantized_bases import make_lean
 from keras_lora.model.tracking import (
     forget_torch_params,
@@ -35,7 +35,7 @@ from keras_lora.model.tracking import (
     own_variables,
     owners,
 )
-from keras_lora.model.walk import children, iter_layers, lora_layers
+from keras_lora.model.walk import iter_layers, lora_layers
 
 _NAME = "keras_lora>InPlaceLoRA"
 
@@ -47,88 +47,6 @@ def is_task(model):
     except ImportError:  # KerasHub is optional
         return False
     return isinstance(model, Task)
-
-
-def layout(model):
-    """Where `model`'s LoRA layers are, and which other layers train: a
-    dict of `"lora_layers"` (index in the walk, path, class, config) and
-    `"trainable"` (walk indices of trainable leaf layers)."""
-    lora, trainable = [], []
-    for index, (path, layer) in enumerate(iter_layers(model)):
-        if isinstance(layer, LoRALayer):
-            config = layer.get_config()
-            config.pop("layer")
-            lora.append(
-                {
-                    "index": index,
-                    "path": path,
-                    "class_name": keras.saving.get_registered_name(type(layer)),
-                    "config": config,
-                }
-            )
-        elif layer.trainable and layer.weights and not children(layer):
-            trainable.append(index)
-    return {
-        "lora_layers": lora,
-        "trainable": trainable,
-        "inputs_quantizers": _inputs_quantizers(model),
-    }
-
-
-def _inputs_quantizers(model):
-    """`[walk index, serialized inputs quantizer or None]` of each quantized
-    layer (a LoRA layer's base). A KerasHub backbone's config keeps only
-    each layer's quantized policy, not its quantization config, and Keras
-    3.15 builds an int4 `ReversibleEmbedding` without a config with an
-    input quantizer that `quantize("int4")` does not give it: its logits
-    would change on load."""
-    found = []
-    for index, (_, layer) in enumerate(iter_layers(model)):
-        base = layer.layer if isinstance(layer, LoRALayer) else layer
-        if getattr(base, "quantization_mode", None) and hasattr(
-            base, "inputs_quantizer"
-        ):
-            quantizer = base.inputs_quantizer
-            found.append(
-                [index, quantizer and keras.saving.serialize_keras_object(quantizer)]
-            )
-    return found
-
-
-def apply_layout(model, record):
-    """Puts LoRA layers into `model` (built, plain) where `record` (from
-    `layout`) says, in place; their weights are to be loaded next."""
-    layers = list(iter_layers(model))
-    targets, configs = [], {}
-    for entry in record["lora_layers"]:
-        index, path = entry["index"], entry["path"]
-        cls = keras.saving.get_registered_object(entry["class_name"])
-        found = layers[index] if index < len(layers) else (None, None)
-        if cls is None or not isinstance(found[1], cls.base_class):
-            raise ValueError(
-                f"Cannot put LoRA layer {entry['class_name']!r} back at '{path}': "
-                f"the rebuilt model has {found[0]!r} "
-                f"({type(found[1]).__name__}) there."
-            )
-        targets.append(found)
-        configs[id(found[1])] = (cls, entry["config"])
-    keep = {id(layers[i][1]) for i in record["trainable"] if i < len(layers)}
-    for index, quantizer in record.get("inputs_quantizers", ()):
-        layer = layers[index][1] if index < len(layers) else None
-        if hasattr(layer, "inputs_quantizer"):
-            layer.inputs_quantizer = (
-                quantizer and keras.saving.deserialize_keras_object(quantizer)
-            )
-
-    def make_wrapper(base):
-        cls, config = configs[id(base)]
-        config = dict(config)
-        upgrade = getattr(cls, "upgrade_config", None)
-        if upgrade is not None:
-            config = upgrade(config)
-        return cls(base, _restoring=True, **config)
-
-    return apply_in_place(model, targets, keep, make_wrapper)
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")

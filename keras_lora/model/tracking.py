@@ -10,7 +10,7 @@ the compiled functions to drop once the trainable weights changed.
 import keras
 
 from keras_lora.layers.base import LoRALayer
-from keras_lora.model.walk import graph_model, iter_layers
+from keras_lora.model.walk import Reaches, children, graph_model, iter_layers
 
 # The graphs whose config lists their layers and that any copy keeps.
 PLAIN_GRAPHS = (keras.src.models.Functional, keras.Sequential)
@@ -152,3 +152,29 @@ def refresh_compiled(model):
     model._compiled_trainable_state = {
         layer: layer.trainable for layer in model._flatten_layers()
     }
+
+
+def freeze_except(model, keep):
+    """Freezes `model`'s weights except the adapters of its LoRA layers and
+    the layers in `keep` (ids), which are made trainable. Layers on the way
+    to those stay `trainable` with their own weights frozen."""
+    reaches = Reaches(lambda layer: isinstance(layer, LoRALayer) or id(layer) in keep)
+
+    def visit(layer, top):
+        if isinstance(layer, LoRALayer):
+            layer.trainable = True
+        elif id(layer) in keep:
+            layer.trainable = True
+        elif top or reaches(layer):
+            object.__setattr__(layer, "_trainable", True)
+            for variable in layer._trainable_variables:
+                variable.trainable = False
+            for child in children(layer):
+                visit(child, False)
+            held = getattr(layer, "layer", None)
+            if getattr(type(layer), "holds_layer_transparently", False):
+                object.__setattr__(held, "_trainable", True)
+        else:
+            layer.trainable = False
+
+    visit(model, True)

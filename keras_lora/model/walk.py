@@ -9,7 +9,7 @@ Sequential). Everything that visits layers goes through these three.
 a model without (built) ones; `check_built` refuses an unbuilt model.
 
 A LoRA layer is a leaf: the layer it wraps is not walked into. A
-`LoRAContainer` (see `keras_lora.model.containers`) is transparent: it has
+`LoRAContainer` (see `keras_lora.model.in_place`) is transparent: it has
 the name of the layer it holds, and its children are that layer's. It is
 recognised by its class attribute `holds_layer_transparently`, so that this
 module does not import the container module.

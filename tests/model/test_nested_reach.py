@@ -368,9 +368,13 @@ def test_sequential_two_blocks_and_a_keras_wrapper_round_trip(tmp_path):
     np.testing.assert_array_equal(to_numpy(reloaded(x)), out)
 
 
-def test_keras_file_naming_the_old_container_module_loads(tmp_path):
-    # Files written before the move name `keras_lora.layers.container` as the
-    # container's module; the registered name finds the class.
+@pytest.mark.parametrize(
+    "old_module", [b'"keras_lora.layers.container"', b'"keras_lora.model.containers"']
+)
+def test_keras_file_naming_the_old_container_module_loads(tmp_path, old_module):
+    # Files written before the moves name `keras_lora.layers.container` or
+    # `keras_lora.model.containers` as the container's module; the
+    # registered name finds the class.
     model = transformer_classifier()
     x, _ = token_data(4)
     lora_model = randomize_adapters(kl.apply_lora(model, targets=["query"], rank=2))
@@ -380,11 +384,8 @@ def test_keras_file_naming_the_old_container_module_loads(tmp_path):
             for item in new.infolist():
                 data = new.read(item.filename)
                 if item.filename == "config.json":
-                    assert b'"keras_lora.model.containers"' in data
-                    data = data.replace(
-                        b'"keras_lora.model.containers"',
-                        b'"keras_lora.layers.container"',
-                    )
+                    assert b'"keras_lora.model.in_place"' in data
+                    data = data.replace(b'"keras_lora.model.in_place"', old_module)
                 old.writestr(item, data)
     loaded = keras.saving.load_model(tmp_path / "old.keras")
     np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(lora_model(x)))
