@@ -418,3 +418,28 @@ class NF4LayersHarnessTest(testing.TestCase):
             # mixed precision pass the check (above).
             run_mixed_precision_check=False,
         )
+
+
+def test_kerashub_llama3_over_nf4():
+    # A KerasHub backbone is a Functional subclass: adapters go in in place.
+    from tiny_kerashub import backbone, backbone_inputs
+
+    model = backbone("llama3")
+    kl.quantize_nf4(model, block_size=8)
+    converted = [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+    ]
+    assert converted and all(isinstance(la, nf4.NF4Storage) for la in converted)
+    inputs = backbone_inputs(model)
+    base_out = to_numpy(model(inputs))
+    lora = kl.apply_lora(model, targets=["query", "value"], rank=2, in_place=True)
+    np.testing.assert_array_equal(to_numpy(lora(inputs)), base_out)
+    frozen = {id(v): to_numpy(v).copy() for la in converted for v in la.weights}
+    lora.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    lora.fit(inputs, np.ones_like(base_out), epochs=1, batch_size=2, verbose=0)
+    assert not np.array_equal(to_numpy(lora(inputs)), base_out)
+    for la in converted:
+        for v in la.weights:
+            np.testing.assert_array_equal(to_numpy(v), frozen[id(v)], err_msg=v.path)
