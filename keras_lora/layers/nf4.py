@@ -337,6 +337,8 @@ def convert(layer, block_size, double_quant, values=None):
     if cls is NF4EinsumDense:
         layer._set_quantization_info()
     layer._tracker.lock()
+    if keras.backend.backend() == "torch":  # as Keras's `_post_quantize`
+        layer._track_variables()  # drops the deleted kernel's parameter
     for name, value in values.items():
         getattr(layer, name).assign(value)
     return layer

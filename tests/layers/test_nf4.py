@@ -78,6 +78,8 @@ def test_storage_is_4_bit_and_dequantizes_as_the_paper(block_size, double_quant)
             if "float" in str(v.dtype):
                 assert np.prod(v.shape) < kernel.size, v.name
         assert not hasattr(layer, "_kernel")
+        if keras.backend.backend() == "torch":  # nor a torch parameter
+            assert not [k for k in model.torch_params if k.endswith("/kernel")]
         deq = to_numpy(quantized.dequantized_kernel(layer))
         assert deq.shape == kernel.shape
         # float32 NF4 vs a float64 reference: the same codes, values to
