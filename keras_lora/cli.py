@@ -147,7 +147,9 @@ def _inspect(args):
     else:
         targets = None
     try:
-        lora_model = apply_lora(model, targets=targets, rank=args.rank)
+        # `model` was loaded for this look only: convert it in place, which
+        # keeps any class (a KerasHub task or backbone).
+        lora_model = apply_lora(model, targets=targets, rank=args.rank, in_place=True)
     except ValueError as e:
         lora_model, selected = None, set()
         problem = str(e)
@@ -157,8 +159,9 @@ def _inspect(args):
     for path, layer in layers:
         if not supported(layer):
             continue
-        kernel = tuple(getattr(layer, lora_class_for(layer).kernel_attr).shape)
-        params = args.rank * (int(np.prod(kernel[:-1])) + int(kernel[-1]))
+        cls = lora_class_for(layer)
+        kernel = tuple(cls.kernel_variable(layer).shape)
+        params = cls.adapter_size(layer, args.rank)
         rows.append(
             (
                 path,

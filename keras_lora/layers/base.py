@@ -10,6 +10,7 @@ adapter's update (`_update`). The named adapters live in
 with every merge in `layers.merging`.
 """
 
+import math
 import warnings
 
 import keras
@@ -203,6 +204,15 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         plus `out_axes`), or `None` where the kernel is no matrix."""
         ndim = len(cls.kernel_variable(layer).shape)
         return tuple(range(ndim - 1)), (ndim - 1,)
+
+    @classmethod
+    def adapter_size(cls, layer, rank):
+        """How many values an adapter of `rank` on base `layer` has (`A`
+        and `B`), under the standard factoring."""
+        shape = tuple(cls.kernel_variable(layer).shape)
+        axes = cls.kernel_axes(layer) or (range(len(shape) - 1), (len(shape) - 1,))
+        fan_in, fan_out = ([shape[i] for i in group] for group in axes)
+        return rank * (math.prod(fan_in) + math.prod(fan_out))
 
     @classmethod
     def peft_kind(cls, layer):

@@ -276,6 +276,13 @@ class LoRAMoeExperts(LoRALayer):
     def kernel_axes(cls, layer):
         return None  # 3-D weights: a matrix per expert, no single matrix
 
+    @classmethod
+    def adapter_size(cls, layer, rank):
+        """`E·r·(Σ in + Σ out)` over the adapted weights (all of them)."""
+        weights = FAMILIES[_family_name(type(layer))][0]
+        shapes = [tuple(getattr(layer, attr).shape) for attr in weights.values()]
+        return shapes[0][0] * rank * sum(s[1] + s[2] for s in shapes)
+
     # ----- the forward pass -------------------------------------------------
 
     def call(self, inputs, training=None):

@@ -17,6 +17,7 @@ import keras
 
 from keras_lora.model.in_place import LoRAContainer  # noqa: F401 (its old home)
 from keras_lora.model.tracking import (
+    assign_copy,
     attributes,
     forget_torch_params,
     own_variables,
@@ -149,7 +150,7 @@ def _share_own_variables(old, new, share):
         )
     if not share:
         for o, n in zip(old_vars, new_vars, strict=True):
-            n.assign(o)
+            assign_copy(n, o)
         return
     by_id = {id(n): o for o, n in zip(old_vars, new_vars, strict=True)}
     for attr, value in attributes(new).items():

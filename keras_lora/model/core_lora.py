@@ -13,7 +13,7 @@ import keras
 from keras_lora.config import validate_flag
 from keras_lora.layers import lora_class_for
 from keras_lora.model.surgery import put_adapters
-from keras_lora.model.tracking import PLAIN_GRAPHS
+from keras_lora.model.tracking import PLAIN_GRAPHS, assign_copy
 from keras_lora.model.walk import check_is_model, iter_layers
 
 
@@ -108,7 +108,7 @@ def _keras_lora_layer(layer):
             "rebuilt without LoRA has different weights; cannot convert it."
         )
     for old, new in zip(own, base.weights, strict=True):
-        new.assign(old)
+        assign_copy(new, old)
     cls = lora_class_for(base)
     kwargs = {"rank": int(layer.lora_rank), "alpha": float(layer.lora_alpha)}
     if cls.core_factoring is not None:

@@ -30,6 +30,7 @@ from keras_lora.layers.base import LoRALayer
 from keras_lora.model.in_place import Undo, apply_layout, holders_of, layout, swap
 from keras_lora.model.quantized_bases import make_lean
 from keras_lora.model.tracking import (
+    assign_copy,
     forget_torch_params,
     functional_subclass,
     own_variables,
@@ -238,7 +239,7 @@ def merge_same_class(model, merged_layer):
                 "weights when rebuilt from its config."
             )
         for o, n in zip(own_old, own_new, strict=True):
-            n.assign(o)
+            assign_copy(n, o)
             n.trainable = o.trainable
         object.__setattr__(new, "_trainable", old._trainable)
     return plain

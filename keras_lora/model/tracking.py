@@ -178,3 +178,11 @@ def freeze_except(model, keep):
             layer.trainable = False
 
     visit(model, True)
+
+
+def assign_copy(target, source):
+    """`target.assign(source)` with a copy of `source`'s value. On JAX,
+    `assign` keeps the very array it is given, and a jitted Keras step
+    donates its variables' buffers: two models sharing one buffer would see
+    one model's `predict` delete the other's weights."""
+    target.assign(keras.ops.copy(source))

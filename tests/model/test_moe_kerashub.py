@@ -262,3 +262,19 @@ def test_bfloat16_model():
     merged = logits(kl.merge_lora(model), x).astype("float32")
     assert np.abs(out - before.astype("float32")).max() > 1e-2
     np.testing.assert_allclose(merged, out, atol=2e-2)
+
+
+def test_cli_inspect_counts_expert_adapters_exactly(tmp_path, capsys):
+    # `keras-lora inspect` on a KerasHub backbone file: the expert rows'
+    # predicted adapter sizes are E·r·(Σ in + Σ out), as trained.
+    from keras_lora_cli import main
+
+    task = causal_lm("gpt_oss")
+    task.backbone.save(tmp_path / "backbone.keras")
+    argv = ["inspect", str(tmp_path / "backbone.keras"), "--targets", "experts"]
+    assert main([*argv, "--rank", "2"]) == 0
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.endswith("yes")]
+    # GPT-OSS experts: gate_up (4, 16, 64) and down (4, 32, 16); rank 2.
+    assert "GptOssExperts" in row and "1,024" in row
+    assert "trainable params: 1,024" in out
