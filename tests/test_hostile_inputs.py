@@ -437,6 +437,21 @@ CASES = [
         r"`rank`",
     ),
     C(
+        "LoRAMoeExperts",
+        "layer=Dense",
+        lambda e: kl.LoRAMoeExperts(e.dense),
+        TypeError,
+        r"LoRAMoeExperts wraps a KerasHub experts layer",
+        "dense",
+    ),
+    C(
+        "LoRAMoeExperts",
+        "rank=0",
+        lambda e: kl.LoRAMoeExperts(_mixtral_experts(), rank=0),
+        ValueError,
+        r"`rank`",
+    ),
+    C(
         "lean_quantized",
         "model=layer",
         lambda e: kl.lean_quantized(e.dense),
@@ -1624,6 +1639,14 @@ def test_bad_input_is_refused_and_changes_nothing(case, tmp_path):
         ):
             del after[1][key]
     assert_unchanged(before, after)
+
+
+def _mixtral_experts():
+    from keras_hub.src.models.mixtral.mixtral_decoder import MixtralMoeExperts
+
+    experts = MixtralMoeExperts(num_experts=2, hidden_dim=4, intermediate_dim=8)
+    experts.build((None, 4))
+    return experts
 
 
 def test_every_public_name_has_bad_input_cases():

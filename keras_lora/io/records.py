@@ -248,7 +248,11 @@ def _record(path, layer, name):
         init=spec.init,
         use_dora=spec.use_dora,
         magnitude=numpy(spec.magnitude) if spec.use_dora else None,
-        base_type=type(layer.layer).__name__,
+        # The Keras layer family (an NF4 base's float class, `Dense`), so
+        # that the file loads into a float, int8, int4 or NF4 model alike.
+        base_type=(
+            getattr(type(layer.layer), "float_class", None) or type(layer.layer)
+        ).__name__,
         base_sha256=kernel_digest(layer) if spec.changes_base else None,
         factoring=layer_factoring(layer),
         adapter_name=name,

@@ -169,20 +169,7 @@ def test_merge_gives_dequantized_plus_delta_and_requantize_gives_nf4(double_quan
 
 @pytest.mark.parametrize(
     "source",
-    [
-        "float",
-        "int4",
-        pytest.param(
-            "nf4",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ValueError,
-                reason="io/records.py records the base's class name "
-                "('NF4Dense'), and install.py refuses it for a Dense or an "
-                "int4 Dense; the fix is in io (record the Keras family)",
-            ),
-        ),
-    ],
+    ["float", "int4", "nf4"],
 )
 def test_adapter_files_move_between_float_nf4_and_int4(tmp_path, source):
     def base(kind):
