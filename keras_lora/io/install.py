@@ -299,18 +299,7 @@ def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
         id(by_path[r.path]): _common_options(by_path, [r], source) for r in records
     }
     if not in_place and functional_subclass(model):
-        ranks = sorted({r.rank for r in records})
-        raise ValueError(
-            f"load_adapter: model '{model.name}' is a {type(model).__name__}, "
-            "a Functional subclass. Loading into a model without LoRA layers "
-            "applies LoRA to a copy by default, which would lose its class (a "
-            "KerasHub task its preprocessor and `generate()`). Pass "
-            "`in_place=True` to convert the model itself and load in one "
-            "call (`kl.load_adapter(model, path, in_place=True)`), or "
-            "convert it first and load into it: `kl.apply_lora(model, "
-            f"targets={sorted(r.path for r in records)}, rank="
-            f"{ranks[0] if len(ranks) == 1 else ranks}, in_place=True)`."
-        )
+        raise ValueError(_copy_loses_class(model, by_path, records, source))
     planned = []
 
     def check(converted):
@@ -330,6 +319,35 @@ def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
     ((converted_layers, plan),) = planned
     _assign(plan, converted_layers, records, source, warn_scale=False)
     return lora_model
+
+
+def _copy_loses_class(model, by_path, records, source):
+    """The refusal of a copy of a Functional subclass, with the calls that
+    work instead."""
+    convert = ""
+    try:
+        kwargs = _common_options(by_path, records, source)
+    except ValueError:  # per-layer ranks or variants: only in_place=True
+        pass
+    else:
+        options = "".join(
+            f", {k}={v!r}"
+            for k, v in kwargs.items()
+            if k != "rank" and v not in (False, "default")
+        )
+        convert = (
+            ", or convert it first and load into it: `kl.apply_lora(model, "
+            f"targets={sorted(r.path for r in records)}, rank={kwargs['rank']}"
+            f"{options}, in_place=True)`"
+        )
+    return (
+        f"load_adapter: model '{model.name}' is a {type(model).__name__}, "
+        "a Functional subclass. Loading into a model without LoRA layers "
+        "applies LoRA to a copy by default, which would lose its class (a "
+        "KerasHub task its preprocessor and `generate()`). Pass "
+        "`in_place=True` to convert the model itself and load in one "
+        f"call (`kl.load_adapter(model, path, in_place=True)`){convert}."
+    )
 
 
 def _common_options(by_path, records, source):
