@@ -163,12 +163,7 @@ class NF4Storage:
     def quantized_call(self, inputs, training=None):
         """`activation(x·W_nf4 + bias)`, the product lean (no kernel-sized
         residual for the backward pass; `layers.quantized_product`)."""
-        x = quantized_product.product(self, inputs)
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+        return quantized_product.dense_call(self, inputs)
 
     # ----- saving -----------------------------------------------------------
 

@@ -112,6 +112,18 @@ def product(layer, inputs, reverse=False):
     return _PRODUCT(plan, inputs, quantized.kernel_params(layer, reverse))
 
 
+def dense_call(layer, inputs):
+    """`activation(x·W_q + bias)` of a quantized `Dense` or `EinsumDense`,
+    its product lean: the call of an NF4 layer and of a layer on
+    `lean_quantized`."""
+    x = product(layer, inputs)
+    if layer.bias is not None:
+        x = ops.add(x, layer.bias)
+    if layer.activation is not None:
+        x = layer.activation(x)
+    return x
+
+
 class _Plan:
     """One layer's forward and backward, given its kernel parameters.
 

@@ -184,12 +184,7 @@ def _lean_quantized_call(self, inputs, *args, **kwargs):
         return logits
     if not quantized_product.applies(self):
         return keras_call(self, inputs, *args, **kwargs)
-    x = quantized_product.product(self, inputs)
-    if self.bias is not None:
-        x = ops.add(x, self.bias)
-    if self.activation is not None:
-        x = self.activation(x)
-    return x
+    return quantized_product.dense_call(self, inputs)
 
 
 def quantize_nf4(model, block_size=64, double_quant=False):
