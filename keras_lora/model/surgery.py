@@ -371,15 +371,17 @@ def _drop_unused(model, selected, by_rule):
 
 
 def _output_layer_ids(model):
-    """The layers whose outputs are `model`'s outputs, nested models opened."""
+    """The layers whose outputs are `model`'s outputs, nested graphs
+    opened. A layer that holds others (ViT's encoder, BART's last block)
+    produces an output, but its sublayers are not the model's head: they
+    stay selectable (PEFT's `"all-linear"` leaves out only the output
+    layer)."""
     ids = set()
     for tensor in keras.tree.flatten(model.outputs):
         layer = tensor._keras_history.operation
         ids.add(id(layer))
         if graph_model(layer):
             ids |= _output_layer_ids(layer)
-        else:  # the layers inside an output layer produce the output too
-            ids |= {id(inner) for _, inner in iter_layers(layer)}
     return ids
 
 

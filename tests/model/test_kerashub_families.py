@@ -30,13 +30,6 @@ from keras_lora.model.walk import iter_layers, lora_layers
 # limitation (strict: the test fails once the limitation is lifted).
 XFAIL = {}
 
-ALL_LINEAR_REASON = (
-    "'all-linear' leaves out every layer inside a layer producing a model "
-    "output (keras_lora/model/surgery.py, _output_layer_ids): ViT's and "
-    "DeiT's encoder layer holds all the blocks; BART's last encoder and "
-    "decoder blocks produce its outputs"
-)
-
 
 def outputs(model, x):
     return [to_numpy(t) for t in keras.tree.flatten(model(x, training=False))]
@@ -113,11 +106,11 @@ def test_family(name):
     check_family(name)
 
 
-@pytest.mark.xfail(strict=True, reason=ALL_LINEAR_REASON, raises=ValueError)
 @pytest.mark.parametrize("name", kerashub_families.ALL_LINEAR_EMPTY)
 def test_all_linear_reaches_the_blocks(name):
-    # Should select what `linear_layers` selects (these backbones have no
-    # head); today it selects nothing and raises.
+    # A layer producing an output (ViT's and DeiT's encoder holds every
+    # block; BART's last blocks) is no head: "all-linear" selects what
+    # `linear_layers` selects (these backbones have no head).
     model, _ = kerashub_families.build(name)
     linear = kerashub_families.linear_layers
     expected = [p for p, layer in iter_layers(model) if linear(layer)]
