@@ -14,11 +14,9 @@ a `.keras` load) ends there.
 
 `layout` records where a model's or a layer's LoRA layers are (walk index,
 path, class, config) and which other layers train; `apply_layout` puts
-them back by the same swap. A KerasHub task's `.keras` file keeps its
-backbone's layout (`keras_lora.model.same_class.InPlaceLoRA`), and a
-`LoRAContainer`, which holds a block with LoRA layers inside in a plain
-graph, keeps its block's. Older container records (attribute paths) load
-through the same swap.
+them back by the same swap: a KerasHub task's `.keras` file keeps its
+backbone's layout (`same_class.InPlaceLoRA`), a `LoRAContainer` (a block
+with LoRA layers inside, in a plain graph) its block's.
 """
 
 import inspect
@@ -102,6 +100,13 @@ def _set_item_untracked(container, key, value):
         (list if isinstance(container, list) else dict).__setitem__(
             container, key, value
         )
+    elif isinstance(getattr(container, "_storage", None), list) and hasattr(
+        container, "_update_snapshot"
+    ):
+        # TensorFlow's ListWrapper: its `__setitem__` would mark the list
+        # unsaveable (SavedModel export of a served mixed model refuses it).
+        container._storage[key] = value
+        container._update_snapshot()
     else:
         with keras.src.utils.tracking.DotNotTrackScope():
             container[key] = value
@@ -183,8 +188,7 @@ def bypassing_owner(base, holders):
 
 
 def holders_of(all_owners, base):
-    """The `(owner, refs)` pairs of the owners (`owners(model)`) that hold
-    `base` (`references`)."""
+    """`(owner, references(owner, base))` of each owner holding `base`."""
     return [(o, refs) for o in all_owners if (refs := references(o, base))]
 
 
