@@ -29,13 +29,6 @@ Layer = keras.layers.Layer
 Variable = keras.Variable
 
 
-def _replace_in_sublayers(owner, old, new):
-    layers = owner._layers
-    for i, layer in enumerate(layers):
-        if layer is old:
-            layers[i] = new
-
-
 def rebuild_container(old, child_fn, share_variables):
     """Returns a new, built `old.__class__` whose sublayers are
     `child_fn(child)` for each direct sublayer `child` of `old`.
