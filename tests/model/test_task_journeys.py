@@ -50,22 +50,16 @@ RANK = 2
 # Helpers -------------------------------------------------------------------
 
 
-def weights_by_path(model):
-    return {w.path: to_numpy(w).copy() for w in model.weights}
+def values(weights):
+    return [to_numpy(w).copy() for w in weights]
 
 
-def changed_paths(model, before):
-    return sorted(
-        w.path for w in model.weights if not np.array_equal(to_numpy(w), before[w.path])
-    )
-
-
-def is_adapter(path):
-    return path.split("/")[-1] in ("lora_a", "lora_b")
+def is_adapter(weight):
+    return weight.path.split("/")[-1] in ("lora_a", "lora_b")
 
 
 def base_weights(model):
-    return {p: v for p, v in weights_by_path(model).items() if not is_adapter(p)}
+    return [w for w in model.weights if not is_adapter(w)]
 
 
 def convert(task, targets):
@@ -81,15 +75,19 @@ def convert(task, targets):
 
 def fit_only_adapters(task, *args, **kwargs):
     """Step 2: `fit` changes every adapter weight and nothing else."""
-    before = weights_by_path(task)
+    before = values(task.weights)
     history = task.fit(*args, epochs=1, verbose=0, **kwargs)
     assert all(np.isfinite(history.history["loss"]))
-    changed = changed_paths(task, before)
-    not_adapters = [p for p in changed if not is_adapter(p)]
+    changed = [
+        w
+        for w, old in zip(task.weights, before, strict=True)
+        if not np.array_equal(to_numpy(w), old)
+    ]
+    not_adapters = [w.path for w in changed if not is_adapter(w)]
     assert not not_adapters, f"fit changed base weights: {not_adapters}"
     # lora_a of every layer moves (lora_b is random, so its gradient is not 0).
-    moved_a = {p.rsplit("/", 1)[0] for p in changed if p.endswith("lora_a")}
-    assert len(moved_a) == len(lora_layers(task))
+    moved = {id(w) for w in changed}
+    assert all(id(layer.lora_a) in moved for _, layer in lora_layers(task))
 
 
 def reloaded(task, build, tmp_path):
@@ -98,11 +96,11 @@ def reloaded(task, build, tmp_path):
     kl.save_adapter(task, path)
     fresh = build()
     # The fresh task's base weights are those the adapter was trained on.
-    trained = base_weights(task)
-    fresh_base = base_weights(fresh)
-    assert fresh_base.keys() == trained.keys()
-    for p, v in fresh_base.items():
-        np.testing.assert_array_equal(v, trained[p], err_msg=p)
+    trained, fresh_base = base_weights(task), base_weights(fresh)
+    # (in order: paths differ where Keras numbers the layers it names).
+    assert [w.shape for w in fresh_base] == [w.shape for w in trained]
+    for w, v in zip(fresh_base, values(trained), strict=True):
+        np.testing.assert_array_equal(to_numpy(w), v, err_msg=w.path)
     cls = type(fresh)
     assert kl.load_adapter(fresh, path, in_place=True) is fresh
     assert type(fresh) is cls
@@ -120,7 +118,7 @@ def merged(task):
     out = kl.merge_lora(task)
     assert type(out) is type(task) and out is not task
     assert not lora_layers(out)
-    assert not [w.path for w in out.weights if is_adapter(w.path)]
+    assert not [w.path for w in out.weights if is_adapter(w)]
     return out
 
 
@@ -171,7 +169,7 @@ def vit_journey():
     base = task.predict(images, verbose=0)
     convert(task, "all-linear")
     # "all-linear" leaves the classification head out and takes the rest.
-    assert "output/lora_a" not in {w.path.split("/", 1)[-1] for w in task.weights}
+    assert "output" not in [layer.name for _, layer in lora_layers(task)]
     fit_only_adapters(task, images, labels, batch_size=2)  # 2 steps
     return task, images, base
 
@@ -213,3 +211,205 @@ def test_vit_exports_a_saved_model_serving_the_adapted_logits(vit_journey, tmp_p
     # The SavedModel serves the backbone and head, not the preprocessor.
     expected = to_numpy(task(task.preprocessor(images)))
     np.testing.assert_allclose(served, expected, atol=MERGE_ATOL)
+
+
+# Generative tasks -------------------------------------------------------------
+
+TEXT = ["the cat sat", "a hat in the sun", "the end", "in a tin"]
+
+
+def sentencepiece_proto(vocabulary_size):
+    """A SentencePiece word vocabulary of `TEXT`, trained in code."""
+    import io
+
+    import sentencepiece
+
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT),
+        model_writer=out,
+        vocab_size=vocabulary_size,
+        model_type="WORD",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+def logits(task, inputs):
+    """The task's logits for one batch, through its compiled predict function
+    (and its preprocessor, where it has one): on JAX several times faster
+    than an eager call, which compiles op by op."""
+    return to_numpy(task.predict_on_batch(inputs))
+
+
+def generative_journey(build, fit_args, logits_inputs, generate, targets):
+    """Steps 1-3 of a generative task: the base task's logits and greedy
+    tokens, then the converted, trained task. Returns a dict of them."""
+    task = build()
+    base_logits = logits(task, logits_inputs)
+    base_tokens = generate(task)
+    convert(task, targets)
+    fit_only_adapters(task, *fit_args[0], **fit_args[1])
+    return {
+        "task": task,
+        "build": build,
+        "inputs": logits_inputs,
+        "generate": generate,
+        "base_logits": base_logits,
+        "base_tokens": base_tokens,
+    }
+
+
+def check_generates_after_training(journey):
+    """Step 3: greedy generation still runs, and the adapter is in it."""
+    task, generate = journey["task"], journey["generate"]
+    assert type(task.sampler).__name__ == "GreedySampler"
+    adapted = logits(task, journey["inputs"])
+    assert np.max(np.abs(adapted - journey["base_logits"])) > ADAPTER_EFFECT
+    tokens = generate(task)
+    assert tokens.shape == journey["base_tokens"].shape
+    np.testing.assert_array_equal(generate(task), tokens)  # greedy: deterministic
+    return tokens
+
+
+def check_adapter_file(journey, tmp_path):
+    """Step 4: the adapter loaded into a fresh task: the same greedy tokens,
+    the same logits (same weights, same program: the same bits)."""
+    task, inputs, generate = journey["task"], journey["inputs"], journey["generate"]
+    fresh = reloaded(task, journey["build"], tmp_path)
+    np.testing.assert_array_equal(logits(fresh, inputs), logits(task, inputs))
+    np.testing.assert_array_equal(generate(fresh), generate(task))
+
+
+def check_merged(journey):
+    """Step 5: the merged task generates the same greedy tokens, and its
+    logits are the adapted task's within float32 rounding (`MERGE_ATOL`)."""
+    task, inputs, generate = journey["task"], journey["inputs"], journey["generate"]
+    plain = merged(task)
+    np.testing.assert_allclose(
+        logits(plain, inputs), logits(task, inputs), atol=MERGE_ATOL
+    )
+    if type(plain.sampler).__name__ != "GreedySampler":
+        plain.compile(sampler="greedy")
+    np.testing.assert_array_equal(generate(plain), generate(task))
+
+
+# Audio to text: MoonshineAudioToText -----------------------------------------
+
+AUDIO_SAMPLES = 3200  # 0.2 s at 16 kHz: 7 encoder frames
+DECODER_LENGTH = 6
+
+
+def moonshine_preprocessor():
+    tokenizer = models.MoonshineTokenizer(proto=sentencepiece_proto(13))
+    converter = keras_hub.layers.MoonshineAudioConverter()
+    return models.MoonshineAudioToTextPreprocessor(
+        converter, tokenizer, decoder_sequence_length=DECODER_LENGTH
+    )
+
+
+def moonshine_task():
+    # preprocessor=None: inside `fit`'s tf.data pipeline KerasHub's
+    # MoonshineAudioConverter fails on JAX and torch (it calls keras.ops on
+    # the symbolic tf.Tensor); the inputs are preprocessed eagerly instead.
+    # KerasHub leaves Moonshine's attention and MLP layers unnamed, so Keras
+    # numbers them per session; as a new process would, start the numbering
+    # afresh so that the fresh task has the trained task's layer paths (see
+    # `test_moonshine_adapter_into_a_second_task_of_the_same_session`).
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    backbone = models.MoonshineBackbone(
+        vocabulary_size=13,
+        filter_dim=16,
+        encoder_num_layers=1,
+        decoder_num_layers=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        encoder_num_heads=2,
+        decoder_num_heads=2,
+        max_position_embeddings=64,
+    )
+    task = models.MoonshineAudioToText(backbone=backbone, preprocessor=None)
+    task.compile(sampler="greedy")
+    return task
+
+
+@pytest.fixture(scope="module")
+def moonshine_journey():
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.normal(size=(4, AUDIO_SAMPLES))).astype("float32")
+    preprocessor = moonshine_preprocessor()
+    x, y, sample_weight = preprocessor({"audio": audio, "text": TEXT})
+    x = {k: to_numpy(v) for k, v in x.items()}
+    y, sample_weight = to_numpy(y), to_numpy(sample_weight)
+    # Generation prompt: the start token alone, the rest to fill.
+    prompt = {
+        "encoder_input_values": x["encoder_input_values"][:2],
+        "encoder_padding_mask": x["encoder_padding_mask"][:2],
+        "decoder_token_ids": np.zeros((2, DECODER_LENGTH), "int32"),
+        "decoder_padding_mask": np.zeros((2, DECODER_LENGTH), "int32"),
+    }
+    prompt["decoder_token_ids"][:, 0] = preprocessor.tokenizer.start_token_id
+    prompt["decoder_padding_mask"][:, 0] = 1
+
+    def generate(task):
+        out = task.generate(dict(prompt), stop_token_ids=None)
+        return np.asarray(out["decoder_token_ids"])
+
+    fit_args = ((x, y), {"sample_weight": sample_weight, "batch_size": 2})
+    journey = generative_journey(
+        moonshine_task,
+        fit_args,
+        {k: v[:2] for k, v in x.items()},
+        generate,
+        "all-linear",
+    )
+    journey["prompt"] = prompt
+    return journey
+
+
+def test_moonshine_converts_fits_and_generates(moonshine_journey):
+    assert type(moonshine_journey["task"]) is models.MoonshineAudioToText
+    tokens = check_generates_after_training(moonshine_journey)
+    prompt = moonshine_journey["prompt"]["decoder_token_ids"]
+    np.testing.assert_array_equal(tokens[:, 0], prompt[:, 0])
+    assert tokens.shape == (2, DECODER_LENGTH)
+
+
+def test_moonshine_adapter_file_gives_the_same_generation(moonshine_journey, tmp_path):
+    check_adapter_file(moonshine_journey, tmp_path)
+
+
+def test_moonshine_merged_task_generates_the_same(moonshine_journey):
+    check_merged(moonshine_journey)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="keras_lora matches adapter entries by layer path (setting aside "
+    "only the task's and backbone's own names); KerasHub leaves Moonshine's "
+    "attention and MLP layers unnamed, so a second task built in the same "
+    "session gets other numbers (moonshine_multi_head_attention_2 for _0) "
+    "and strict loading refuses it; name_map is the workaround",
+)
+def test_moonshine_adapter_into_a_second_task_of_the_same_session(
+    moonshine_journey, tmp_path
+):
+    path = tmp_path / "adapter.safetensors"
+    kl.save_adapter(moonshine_journey["task"], path)
+    moonshine_task()  # numbering restarts; this task takes the first numbers
+    second = models.MoonshineAudioToText(
+        backbone=models.MoonshineBackbone.from_config(
+            moonshine_journey["task"].backbone.get_config()
+        )
+    )
+    kl.load_adapter(second, path, in_place=True)
