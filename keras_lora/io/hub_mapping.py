@@ -7,8 +7,9 @@ KerasHub loads a `transformers` checkpoint with a converter,
 weight. `hub_correspondence` runs that converter against a loader that
 records the calls instead of reading a file, so the layer correspondence
 is KerasHub's own, never a second hand-written table. The recording loader
-has no tensors (`get_tensor` raises), so nothing of the model is assigned;
-a converter that needs tensor values to go on (XLM-RoBERTa's) cannot be
+has no tensors, so nothing of the model is assigned; `get_tensor` raises
+but for MoE experts, whose index tensors `keras_lora.io.peft_moe` serves. A
+converter that needs tensor values to go on (XLM-RoBERTa's) cannot be
 recorded, and `hub_correspondence` says so.
 
 A `hook_fn` only transposes, reshapes and slices, so it moves entries
@@ -46,6 +47,7 @@ import textwrap
 
 import numpy as np
 
+from keras_lora.io import peft_moe
 from keras_lora.layers import lora_class_for
 from keras_lora.model.walk import iter_layers
 
@@ -168,19 +170,7 @@ def hub_correspondence(model, hf_class=None, also=()):
     name, converter = _converter_for(backbone)
     if converter is None:
         return None
-    loader = _RecordingLoader()
     hf_config = _transformers_config(backbone)
-    try:
-        converter.convert_weights(backbone, loader, hf_config)
-    except Exception as e:
-        raise ValueError(
-            f"KerasHub's converter `{converter.__name__}` failed on "
-            f"{type(backbone).__name__} '{backbone.name}' while keras_lora "
-            f"recorded its layer correspondence: {type(e).__name__}: {e}. "
-            "Pass `name_map` to name the modules yourself."
-        ) from e
-    if task is not None and hasattr(converter, "convert_head"):
-        _record_head(converter, task, loader, hf_config)
     hf_model_type = hf_config.get("model_type") or _model_types().get(name, [None])[0]
     classes = hf_classes(hf_model_type, name)
     default = default_hf_class(hf_model_type, backbone, task)
@@ -192,6 +182,21 @@ def hub_correspondence(model, hf_class=None, also=()):
             f"'{hf_model_type}' architecture, one of {classes}. "
             f"Received: hf_class={hf_class!r}"
         )
+    # MoE experts are read with `get_tensor`: served index tensors (peft_moe).
+    recording = peft_moe.ExpertsRecording(backbone, converter, hf_model_type, hf_class)
+    loader = _RecordingLoader(recording.tensor)
+    try:
+        with recording:
+            converter.convert_weights(backbone, loader, hf_config)
+    except Exception as e:
+        raise ValueError(
+            f"KerasHub's converter `{converter.__name__}` failed on "
+            f"{type(backbone).__name__} '{backbone.name}' while keras_lora "
+            f"recorded its layer correspondence: {type(e).__name__}: {e}. "
+            "Pass `name_map` to name the modules yourself."
+        ) from e
+    if task is not None and hasattr(converter, "convert_head"):
+        _record_head(converter, task, loader, hf_config)
     wanted = [hf_class, default, classes[0], *(c for c in also if c in classes)]
     kernels = _kernel_maps(backbone if task is None else task, loader.calls)
     keys = [m.key for m in (entry[1] for entry in kernels.values())]
@@ -202,7 +207,9 @@ def hub_correspondence(model, hf_class=None, also=()):
         for key in keys:
             names[key][cls_name] = renamed(key)
     base_prefix = _hf_class(cls_name=hf_class).base_model_prefix
-    return HubCorrespondence(name, hf_model_type, hf_class, base_prefix, kernels, names)
+    hub = HubCorrespondence(name, hf_model_type, hf_class, base_prefix, kernels, names)
+    hub.experts = recording.maps  # id(variable) -> peft_moe.ExpertsMap
+    return hub
 
 
 def _record_head(converter, task, loader, hf_config):
@@ -425,11 +432,9 @@ class _RecordingLoader:
     preset = None
     prefix = None
 
-    def __init__(self):
+    def __init__(self, get_tensor):
         self.calls = []
-
-    def get_tensor(self, hf_weight_key):
-        raise KeyError(f"keras_lora records the correspondence: {hf_weight_key}")
+        self.get_tensor = get_tensor
 
     def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
         self.calls.append((keras_variable, hf_weight_key, hook_fn))

@@ -49,6 +49,7 @@ HONOURED_FIELDS = {
     "use_dora",
     "rank_pattern",
     "alpha_pattern",
+    "target_parameters",
 }
 # Fields keras_lora cannot represent unless they have their neutral value.
 NEUTRAL_FIELDS = {
@@ -58,7 +59,6 @@ NEUTRAL_FIELDS = {
     "layer_replication": "replicated layers",
     "megatron_config": "Megatron parallel layers",
     "trainable_token_indices": "trainable token embeddings",
-    "target_parameters": "LoRA on bare parameters",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA",
     "use_bdlora": "block-diagonal LoRA",
@@ -127,6 +127,13 @@ def read_config(directory):
     mapping = config.get("auto_mapping")
     saved_for = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     options["base_model_class"] = saved_for if isinstance(saved_for, str) else None
+    targets = config.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(
+            f"'{path}': `target_parameters` must be a list of parameter names. "
+            f"Received: target_parameters={targets!r}"
+        )
+    options["target_parameters"] = targets  # MoE experts: keras_lora.io.peft_moe
     return options
 
 

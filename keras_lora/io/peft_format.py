@@ -35,7 +35,7 @@ import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
 from keras_lora.config import pattern_value
-from keras_lora.io import hub_mapping, hub_peft, peft_layout
+from keras_lora.io import hub_mapping, hub_peft, peft_layout, peft_moe
 from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.peft_config import CONFIG_NAME, make_config, read_config
@@ -178,12 +178,20 @@ def save(model, records, directory, name_map=None, hf_class=None):
 
 
 def _save_by_hub(hub, records, directory):
-    modules, fan_in_fan_out = hub_peft.to_peft(hub, records, FUNCTION)
+    experts = [r for r in records if peft_moe.is_experts(r.layer)]
+    others = [r for r in records if not peft_moe.is_experts(r.layer)]
+    modules, fan_in_fan_out = (
+        hub_peft.to_peft(hub, others, FUNCTION) if others else ([], False)
+    )
     tensors = {}
     for module in modules:
         names = peft_layout.tensor_names(module.kind)
         tensors[f"{PREFIX}{module.name}.{names[0]}"] = module.a
         tensors[f"{PREFIX}{module.name}.{names[1]}"] = module.b
+    # MoE experts: PEFT's `target_parameters` (`ParamWrapper`) layout.
+    wrapped, params = peft_moe.to_peft(hub, experts, FUNCTION) if experts else ({}, [])
+    tensors.update({f"{PREFIX}{key}": array for key, array in wrapped.items()})
+    ranks = [hub_peft.ModuleRank(*p) for p in params]
     first = records[0]
     config = make_config(
         1,
@@ -194,7 +202,10 @@ def _save_by_hub(hub, records, directory):
         False,
         [m.name for m in modules],
     )
-    config.update(hub_peft.config_fields(modules), fan_in_fan_out=fan_in_fan_out)
+    config.update(
+        hub_peft.config_fields(modules + ranks), fan_in_fan_out=fan_in_fan_out
+    )
+    config["target_parameters"] = sorted(p[0] for p in params) or None
     config["auto_mapping"] = {
         "base_model_class": hub.hf_class,
         "parent_library": hub_mapping.hf_class_module(hub.hf_class),
@@ -227,12 +238,23 @@ def read(directory, name_map, model, layers, strict):
     patterns = options.pop("rank_pattern"), options.pop("alpha_pattern")
     pairs, magnitudes = _group_tensors(directory, options["use_dora"], strict)
     saved_for = options.pop("base_model_class")
+    target_parameters = options.pop("target_parameters")
     hub = None
     if name_map is None:
         hub = hub_correspondence(model, also=(saved_for,) if saved_for else ())
     if hub is not None:
-        return _read_by_hub(
+        params, pairs = peft_moe.split_pairs(hub, pairs, target_parameters)
+        records = _read_by_hub(
             hub, directory, pairs, rank, patterns, options, layers, strict
+        )
+        return records + _read_params(
+            hub, directory, params, rank, patterns, options, layers, strict
+        )
+    if target_parameters:
+        raise ValueError(
+            f"{source} adapts parameters (`target_parameters`, PEFT's LoRA "
+            "on MoE experts); keras_lora reads them into a KerasHub model "
+            "with a `transformers` converter, without `name_map`."
         )
     records, unmapped = [], []
     by_path = dict(layers)
@@ -302,6 +324,34 @@ def _read_by_hub(hub, directory, pairs, rank, patterns, options, layers, strict)
         alpha = _module_options(options, patterns, module)["alpha"]
         modules.append(hub_peft.PeftModule(module, kind, a, b, alpha))
     return hub_peft.records_from_peft(hub, modules, layers, source, options, strict)
+
+
+def _read_params(hub, directory, params, rank, patterns, options, layers, strict):
+    """The records of the experts layers that `params` (`ParamWrapper`
+    tensors by parameter path) adapt (see `peft_moe`)."""
+    source = f"PEFT adapter '{directory}'"
+    factors = {}
+    for name, pair in params.items():
+        names = peft_layout.tensor_names("Linear")
+        if sorted(pair) != sorted(names):
+            raise ValueError(
+                f"{source} is incomplete: parameter {name!r} has {sorted(pair)}, "
+                f"expected {list(names)}."
+            )
+        param_rank = pattern_value(patterns[0], name, rank)
+        alpha = _module_options(options, patterns, name)["alpha"]
+        factors[name] = (pair[names[0]], pair[names[1]], param_rank, alpha)
+    adapters, unmapped = peft_moe.from_peft(hub, factors, layers, options["use_rslora"])
+    report(
+        [repr(m) for m in unmapped],
+        strict,
+        f"PEFT parameters with no counterpart in KerasHub's `transformers` "
+        f"converter for '{hub.model_type}'",
+    )
+    return [
+        make_record(source, f"{PREFIX}{key}", path, a, b, **{**options, "alpha": alpha})
+        for key, path, a, b, alpha in adapters
+    ]
 
 
 def _module_options(options, patterns, module):

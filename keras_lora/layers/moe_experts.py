@@ -233,6 +233,15 @@ class LoRAMoeExperts(LoRALayer):
             )
         super()._check_base_layer(layer)
 
+    def __getattr__(self, name):
+        # The family's weight attributes are private in Mixtral and Qwen
+        # (`_expert_feedforward_gate_dense`), which `DropIn` never forwards;
+        # KerasHub's converters read them on the block's `expert_bank`.
+        family = self.__dict__.get("_family")
+        if family is not None and name in family[0].values():
+            return getattr(self.layer, name)
+        return super().__getattr__(name)
+
     # ----- properties -------------------------------------------------------
 
     @property
