@@ -182,6 +182,21 @@ def test_peft_adapter_loads_into_keras(arch, twin_dir, tmp_path):
     np.testing.assert_allclose(keras_logits(task), expected, atol=TOLERANCE)
 
 
+def test_attention_only_on_an_moe_model(twin_dir, tmp_path):
+    """The converter reads the experts with `get_tensor`; recording it used to
+    fail, so even attention-only PEFT saves of Mixtral were refused."""
+    path = twin_dir("mixtral")
+    task = keras_task("mixtral", path)
+    kl.apply_lora(task, targets=["query", "value"], rank=2, in_place=True)
+    randomize(task)
+    expected = keras_logits(task)
+    kl.save_adapter(task, tmp_path / "adapter", format="peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] is None
+    loaded = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter")
+    np.testing.assert_allclose(hf_logits(loaded.eval()), expected, atol=TOLERANCE)
+
+
 def test_per_parameter_ranks_load_into_keras(twin_dir, tmp_path):
     """`rank_pattern`/`alpha_pattern` on one expert parameter: the Keras layer
     takes the larger rank, each weight's scale folded into its `B`."""
@@ -244,11 +259,28 @@ def test_name_map_refuses_target_parameters(twin_dir, tmp_path):
         kl.load_adapter(task, tmp_path / "adapter", name_map={"x": "y"})
 
 
-def test_gpt_oss_twin_does_not_load(tmp_path):
+def test_gpt_oss_is_refused_with_the_converters_cause(tmp_path):
     """KerasHub 0.32's GPT-OSS converter reads MXFP4 expert weights
     (`gate_up_proj_blocks`) only, so an unquantized `transformers` save, the
-    twin this test file needs, does not load: GPT-OSS is left out. When this
-    fails, KerasHub loads it: add "gpt_oss" to `FAMILIES`."""
+    twin this test file needs, does not load, and the correspondence cannot
+    be recorded: a PEFT save is refused naming that key. When this fails,
+    KerasHub loads it: add "gpt_oss" to `FAMILIES`."""
+    backbone = keras_hub.models.GptOssBackbone(
+        vocabulary_size=64,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=24,
+        num_experts=4,
+        top_k=2,
+        head_dim=8,
+    )
+    task = keras_hub.models.GptOssCausalLM(backbone=backbone, preprocessor=None)
+    kl.apply_lora(task, targets=["experts"], rank=2, in_place=True)
+    with pytest.raises(ValueError, match="gate_up_proj_blocks"):
+        kl.save_adapter(task, tmp_path / "adapter", format="peft")
+
     torch.manual_seed(0)
     config = transformers.GptOssConfig(
         **COMMON, intermediate_size=24, num_local_experts=4, head_dim=8
