@@ -1,13 +1,20 @@
-"""`python -m benchmarks --backend {tensorflow,jax,torch,all} [--quick] [--out DIR]`.
+"""`python -m benchmarks --backend {tensorflow,jax,torch,all} [--quick] [--out DIR]
+[--jobs N]`.
 
 Each backend runs in its own process. The backend of this process is set
 through `KERAS_BACKEND` before Keras is imported; a backend other than an
 already-set `KERAS_BACKEND`, and every backend of `--backend all`, runs in a
 child process. Writes `results-BACKEND.{txt,json}` and `chart-BACKEND.png`
 (and, for `all`, `summary.md`, `results.json` and `chart.png`) to `--out`.
+
+`--jobs N` runs up to N backends' children at once (`--backend all` only).
+Use it for the `--quick` smoke run (CI: the sections run and write their
+reports, timings are not meaningful); timings you report come from `--jobs
+1` (the default), where nothing else runs beside a backend.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -42,7 +49,15 @@ def parse_args(argv=None):
         default=",".join(SECTIONS),
         help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="backends run at once with --backend all (default 1: for timings)",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}.")
     if args.backend not in BACKENDS + ("all",):
         raise ValueError(
             f"Unknown --backend {args.backend!r}; expected one of "
@@ -63,13 +78,14 @@ def main(argv=None):
     args = parse_args(argv)
     backends = BACKENDS if args.backend == "all" else (args.backend,)
     env_backend = os.environ.get("KERAS_BACKEND")
-    all_results = []
-    for backend in backends:
-        if len(backends) == 1 and env_backend in (None, backend):
-            results = _run_here(backend, args)
-        else:
-            results = _run_child(backend, args)
-        all_results.append(results)
+    if len(backends) == 1 and env_backend in (None, backends[0]):
+        all_results = [_run_here(backends[0], args)]
+    elif args.jobs > 1:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(_run_child, b, args) for b in backends]
+            all_results = [f.result() for f in futures]
+    else:
+        all_results = [_run_child(backend, args) for backend in backends]
     if len(all_results) > 1:
         _write_summary(args.out, all_results)
     return 0

@@ -23,6 +23,7 @@ from benchmarks import chart, report  # noqa: E402
         (["--backend", "theano"], "Unknown --backend 'theano'"),
         (["--backend", "jax", "--sections", "training,speed"], "Unknown --sections"),
         (["--backend", "jax", "--sections", ","], "Unknown --sections"),
+        (["--backend", "all", "--jobs", "0"], "--jobs must be at least 1, got 0"),
     ],
 )
 def test_bad_arguments_raise_value_error(argv, message):
@@ -36,6 +37,8 @@ def test_good_arguments():
     )
     assert (args.backend, args.quick, args.out) == ("all", True, "x")
     assert args.sections == ["merge", "memory"]
+    assert args.jobs == 1  # timings come from one backend at a time
+    assert cli.parse_args(["--backend", "all", "--jobs", "2"]).jobs == 2
 
 
 def _timing(ms, trainable):
