@@ -162,41 +162,56 @@ class ExpertsRecording:
             index = torch.arange(start, start + math.prod(shape), dtype=torch.int64)
             split = revert(model, {name: index.reshape(shape)})
             self._cache[name] = {k: v.numpy() for k, v in split.items()}
-            if len(self._cache) > 8:
+            if len(self._cache) > 4:
                 self._cache.popitem(last=False)
         return self._cache[name][key]
 
     def _analyse(self, moved, shape):
-        """The `ExpertsMap` of a kernel of `shape` assigned `moved`, or `None`."""
+        """The `ExpertsMap` of a kernel of `shape` assigned `moved`, or `None`.
+
+        Read off the first row along each axis, then checked entry by entry,
+        one expert at a time (the arrays are a block's expert weights)."""
         if self._model is None or moved.shape != shape or len(shape) != 3:
             return None
         if not np.issubdtype(moved.dtype, np.integer):
             return None  # the converter computed, not moved (dequantized)
         model, params, _, _ = self._model
-        names = list(params)
-        starts = np.array([params[n][0] for n in names])
-        which = np.unique(np.searchsorted(starts, moved, side="right") - 1)
-        if len(which) != 1 or which[0] < 0:
+        name = next(
+            (
+                n
+                for n, (s, p) in params.items()
+                if s <= moved[0, 0, 0] < s + math.prod(p)
+            ),
+            None,
+        )
+        if name is None:
             return None
-        name = names[which[0]]
         start, param_shape = params[name]
-        if (moved < start).any() or (moved >= start + math.prod(param_shape)).any():
-            return None
-        experts, first, second = np.unravel_index(moved - start, param_shape)
         module = model.get_submodule(name.rpartition(".")[0])
         # PEFT's rule (`ParamWrapper.update_layer`): `(E, out, in)` unless
         # the module says `is_transposed`.
         transposed = bool(getattr(module, "is_transposed", False))
-        hf_in, hf_out = (first, second) if transposed else (second, first)
-        expert_index = experts[:, 0, 0]
-        in_index, out_index = hf_in[0, :, 0], hf_out[0, 0, :]
-        if not (
-            (experts == expert_index[:, None, None]).all()
-            and (hf_in == in_index[None, :, None]).all()
-            and (hf_out == out_index[None, None, :]).all()
-        ):
+        in_axis, out_axis = (1, 2) if transposed else (2, 1)
+        strides = (param_shape[1] * param_shape[2], param_shape[2], 1)
+        lines = (moved[:, 0, 0], moved[0, :, 0], moved[0, 0, :])
+        size = math.prod(param_shape)
+        if any(((line < start) | (line >= start + size)).any() for line in lines):
             return None
-        sizes = param_shape[1:] if transposed else param_shape[:0:-1]
+        coords = [np.unravel_index(line - start, param_shape) for line in lines]
+        # Along each kernel axis only its own axis of the parameter may move.
+        for axis, coord in zip((0, in_axis, out_axis), coords, strict=True):
+            if any((c != c[0]).any() for k, c in enumerate(coord) if k != axis):
+                return None
+        expert_index = coords[0][0]
+        in_index, out_index = coords[1][in_axis], coords[2][out_axis]
+        sizes = (param_shape[in_axis], param_shape[out_axis])
+        in_stride, out_stride = strides[in_axis], strides[out_axis]
+        grid = in_index[:, None] * in_stride + out_index[None, :] * out_stride
+        for e in range(shape[0]):  # every entry where the three indices say
+            if not np.array_equal(
+                moved[e], start + expert_index[e] * strides[0] + grid
+            ):
+                return None
         return ExpertsMap(
             param=name,
             order=tuple(n for n, _ in module.named_parameters(recurse=False)),
