@@ -243,9 +243,15 @@ def read(directory, name_map, model, layers, strict):
     if name_map is None:
         hub = hub_correspondence(model, also=(saved_for,) if saved_for else ())
     if hub is not None:
-        params, pairs = peft_moe.split_pairs(hub, pairs, target_parameters)
+        params, pairs, unknown = peft_moe.split_pairs(hub, pairs, target_parameters)
         records = _read_by_hub(
             hub, directory, pairs, rank, patterns, options, layers, strict
+        )
+        report(
+            [repr(m) for m in unknown],
+            strict,
+            f"PEFT adapter '{directory}' has `target_parameters` tensors of "
+            "modules with no KerasHub experts layer",
         )
         return records + _read_params(
             hub, directory, params, rank, patterns, options, layers, strict

@@ -358,27 +358,34 @@ def _targeted(name, target_parameters):
 
 
 def split_pairs(hub, pairs, target_parameters):
-    """`(params, rest)`: `{parameter path: {tensor name: array}}` of the
-    `ParamWrapper` tensors in `pairs` (`{module: {tensor name: array}}`),
-    and the other pairs."""
+    """`(params, rest, unknown)`: `{parameter path: {tensor name: array}}`
+    of the `ParamWrapper` tensors in `pairs` (`{module: {tensor name:
+    array}}`, parameter paths in `hub.hf_class`'s names), the other pairs,
+    and the nested (`.base_layer`) modules that match no experts layer."""
     if not target_parameters:
-        return {}, pairs
-    orders = {m.module: m.order for m in hub.experts.values()}
-    params, rest = {}, {}
+        return {}, pairs, []
+    # A file saved from the base model class names modules without its
+    # `base_model_prefix` ("layers.0.mlp.experts").
+    orders = {}
+    for m in hub.experts.values():
+        orders[m.module] = (m.module, m.order)
+        orders.setdefault(
+            m.module.removeprefix(f"{hub.base_prefix}."), orders[m.module]
+        )
+    params, rest, unknown = {}, {}, []
     for module, pair in pairs.items():
         owner, depth = module, 0
         while owner.endswith(WRAPPED):
             owner, depth = owner[: -len(WRAPPED)], depth + 1
-        order = orders.get(owner)
-        if order is None:
-            rest[module] = pair
-            continue
+        name, order = orders.get(owner, (None, ()))
         wrapped = [p for p in order if _targeted(f"{owner}.{p}", target_parameters)]
-        if depth >= len(wrapped):
+        if depth < len(wrapped):
+            params[f"{name}.{wrapped[len(wrapped) - 1 - depth]}"] = pair
+        elif depth:  # a ParamWrapper's tensors, on no experts layer here
+            unknown.append(module)
+        else:
             rest[module] = pair
-            continue
-        params[f"{owner}.{wrapped[len(wrapped) - 1 - depth]}"] = pair
-    return params, rest
+    return params, rest, unknown
 
 
 def from_peft(hub, params, layers, use_rslora, function="load_adapter"):

@@ -1,11 +1,11 @@
 """PEFT `target_parameters` adapters (`ParamWrapper`) on KerasHub MoE experts.
 
-Each family (Mixtral, Qwen-MoE, Qwen3-MoE) is a tiny random `transformers` causal LM (hidden 16, 2 layers,
-4 experts) saved with `save_pretrained` and loaded into KerasHub with its
-CausalLM's `from_preset` (KerasHub's own converter, offline). The
-`transformers`/PEFT side runs under torch in this process; the Keras side
-on the process's backend. Intermediate sizes differ from the hidden size,
-so a swapped in/out axis cannot pass.
+Each family (Mixtral, Qwen-MoE, Qwen3-MoE) is a tiny random `transformers`
+causal LM (hidden 16, 2 layers, 4 experts) saved with `save_pretrained` and
+loaded into KerasHub with its CausalLM's `from_preset` (KerasHub's own
+converter, offline). The `transformers`/PEFT side runs under torch in this
+process; the Keras side on the process's backend. Intermediate sizes
+differ from the hidden size, so a swapped in/out axis cannot pass.
 
 Tolerance: logits agree to 1e-4 in float32 (what the issue asks; measured
 at most 4.3e-7). Every adapter moves the logits by far more (checked), so a
@@ -234,6 +234,27 @@ def test_per_parameter_ranks_load_into_keras(twin_dir, tmp_path):
         keras_task("qwen3_moe", path), tmp_path / "adapter", in_place=True
     )
     np.testing.assert_allclose(keras_logits(task), expected, atol=TOLERANCE)
+
+
+def test_a_file_of_the_base_model_class_loads_into_a_backbone(twin_dir, tmp_path):
+    """PEFT on `MixtralModel` names modules without the `model.` prefix."""
+    path = twin_dir("mixtral")
+    config = peft.LoraConfig(
+        r=2, lora_alpha=5, target_parameters=EXPERT_PARAMS, init_lora_weights=False
+    )
+    base = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    twin = peft.get_peft_model(base, config).eval()
+    with torch.no_grad():
+        expected = twin(torch.tensor(TOKENS, dtype=torch.long)).last_hidden_state
+    twin.save_pretrained(tmp_path / "adapter")
+    saved = safetensors.numpy.load_file(tmp_path / "adapter" / WEIGHTS)
+    assert any(k.startswith("base_model.model.layers.0.mlp.experts") for k in saved)
+    backbone = keras_hub.models.Backbone.from_preset(str(path))
+    before = keras_logits(backbone)
+    backbone = kl.load_adapter(backbone, tmp_path / "adapter", in_place=True)
+    got = keras_logits(backbone)
+    assert np.abs(got - before).max() > MIN_CHANGE
+    np.testing.assert_allclose(got, expected.numpy(), atol=TOLERANCE)
 
 
 def test_part_of_a_fused_parameter(twin_dir, tmp_path):
