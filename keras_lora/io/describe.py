@@ -92,6 +92,12 @@ def _peft(path):
     options = read_config(directory)
     rank = options.pop("rank")
     options.pop("base_model_class", None)
+    if options.pop("target_parameters", None):
+        raise ValueError(
+            f"PEFT adapter '{directory}' adapts parameters (`target_parameters`, "
+            "MoE experts), whose rank and expert count only the model tells "
+            "apart; load it into its KerasHub model with `load_adapter`."
+        )
     patterns = options.pop("rank_pattern"), options.pop("alpha_pattern")
     pairs, magnitudes = peft_format._group_tensors(
         directory, options["use_dora"], strict=True

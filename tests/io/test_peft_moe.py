@@ -279,6 +279,16 @@ def test_part_of_a_fused_parameter(twin_dir, tmp_path):
         kl.load_adapter(task, tmp_path / "full")
 
 
+def test_describe_refuses_target_parameters(twin_dir, tmp_path):
+    """`keras-lora inspect` reads a file without its model: `r·E` rows of a
+    parameter's lora_A cannot be told apart into rank and expert count."""
+    from keras_lora.io.describe import describe
+
+    peft_twin(twin_dir("mixtral")).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="target_parameters"):
+        describe(tmp_path / "adapter")
+
+
 def test_dropout_is_refused(twin_dir, tmp_path):
     task = keras_task("mixtral", twin_dir("mixtral"))
     kl.apply_lora(task, targets=["experts"], rank=2, dropout=0.1, in_place=True)
