@@ -212,6 +212,25 @@ def test_attention_only_on_an_moe_model(twin_dir, tmp_path):
     np.testing.assert_allclose(hf_logits(loaded.eval()), expected, atol=TOLERANCE)
 
 
+def test_rslora_round_trip(twin_dir, tmp_path):
+    """rsLoRA: Mixtral's folded gate+up parameter keeps scale 1 under
+    `alpha / sqrt(rank)`; read back, the layer's scale rule is rsLoRA."""
+    path = twin_dir("mixtral")
+    task = keras_task("mixtral", path)
+    kl.apply_lora(
+        task, targets=["experts"], rank=2, alpha=3, use_rslora=True, in_place=True
+    )
+    randomize(task)
+    expected = keras_logits(task)
+    kl.save_adapter(task, tmp_path / "adapter", format="peft")
+    loaded = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter")
+    np.testing.assert_allclose(hf_logits(loaded.eval()), expected, atol=TOLERANCE)
+    back = kl.load_adapter(
+        keras_task("mixtral", path), tmp_path / "adapter", in_place=True
+    )
+    np.testing.assert_allclose(keras_logits(back), expected, atol=TOLERANCE)
+
+
 def test_per_parameter_ranks_load_into_keras(twin_dir, tmp_path):
     """`rank_pattern`/`alpha_pattern` on one expert parameter: the Keras layer
     takes the larger rank, each weight's scale folded into its `B`."""
