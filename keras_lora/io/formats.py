@@ -17,7 +17,7 @@ it cannot hold, and `save(model, records, path, name_map) -> Path`.
 import os
 
 from keras_lora.io import keras_lora_format, kerashub_format, peft_format
-from keras_lora.io.names import follow_renamed_root
+from keras_lora.io.names import follow_renumbered_layers
 
 WRITERS = {fmt.NAME: fmt for fmt in (keras_lora_format, peft_format)}
 # Tried in order; the keras_lora reader claims whatever the others do not.
@@ -66,5 +66,5 @@ def read_records(reader, path, name_map, model, layers, strict):
     """
     records = reader.read(path, name_map, model, layers, strict)
     if name_map is None:
-        records = follow_renamed_root(records, layers)
+        records = follow_renumbered_layers(records, layers)
     return records, f"{reader.DESCRIPTION} '{path}'"

@@ -67,6 +67,61 @@ def resolve_layer(target, layers, argument="name_map"):
 _COUNTER = re.compile(r"_\d+$")
 
 
+def follow_renumbered_layers(records, layers):
+    """`records` whose paths Keras's name counters changed, moved to their
+    twins in `layers`.
+
+    Keras names an unnamed layer with a per-process counter, so a model
+    built a second time in one process differs in those numbers. A renamed
+    top-level layer is followed first (`follow_renamed_root`). Then, deeper
+    down, records are grouped by their path with every counter taken off
+    (`encoder/mha_2/query` and `encoder/mha_3/query` are both
+    `encoder/mha/query`): a group that holds a path the model lacks is
+    matched, in counter order, to the model's layers of the same group,
+    when both groups have the same size. The same code builds both models,
+    so each base name's counter keeps its order. Anything less certain
+    (groups of other sizes, two records on one layer) leaves every record
+    as it was, for the caller to report.
+    """
+    records = follow_renamed_root(records, layers)
+    present = {path for path, _ in layers}
+    if all(r.path in present for r in records):
+        return records
+    groups, twins = {}, {}
+    for r in records:
+        groups.setdefault(_uncounted(r.path), []).append(r)
+    for path in present:
+        twins.setdefault(_uncounted(path), []).append(path)
+    moved = {}
+    for key, group in groups.items():
+        if all(r.path in present for r in group):
+            continue
+        paths = sorted(twins.get(key, []), key=_counters)
+        if len(paths) != len(group):
+            return records
+        ordered = sorted(group, key=lambda r: _counters(r.path))
+        moved.update({id(r): p for r, p in zip(ordered, paths, strict=True)})
+    result = [
+        dataclasses.replace(r, path=moved[id(r)]) if id(r) in moved else r
+        for r in records
+    ]
+    if len({r.path for r in result}) != len(result):
+        return records
+    return result
+
+
+def _uncounted(path):
+    return "/".join(_COUNTER.sub("", part) for part in path.split("/"))
+
+
+def _counters(path):
+    """The counter of each part of `path` (0 where it has none)."""
+    return tuple(
+        int(m.group()[1:]) if (m := _COUNTER.search(part)) else 0
+        for part in path.split("/")
+    )
+
+
 def follow_renamed_root(records, layers):
     """`records` with paths under a renamed top-level layer moved to its twin.
 

@@ -1,6 +1,7 @@
 """An adapter file saved from one KerasHub task loads into a second one built
 in the same process, whose backbone Keras named with a counter
-(`gpt2_backbone_1`); an ambiguous or partial rename is still refused."""
+(`gpt2_backbone_1`), or whose unnamed nested layers it numbered on
+(`mha_2` for `mha`); an ambiguous or partial rename is still refused."""
 
 import dataclasses
 
@@ -8,7 +9,7 @@ import keras
 import numpy as np
 
 import keras_lora as kl
-from keras_lora.io.names import follow_renamed_root
+from keras_lora.io.names import follow_renamed_root, follow_renumbered_layers
 from keras_lora.model.surgery import lora_layers
 from tests.tiny_kerashub import gpt2_causal_lm
 
@@ -82,3 +83,54 @@ def test_only_a_complete_unambiguous_counter_rename_is_followed():
     ]
     # A path no twin holds: nothing moves.
     assert _moved(["gpt2_backbone/block/key"]) == ["gpt2_backbone/block/key"]
+
+
+DEEP = [
+    (p, None)
+    for p in (
+        "model",
+        "model/encoder",
+        "model/encoder/mha_2",
+        "model/encoder/mha_2/query",
+        "model/encoder/mha_3",
+        "model/encoder/mha_3/query",
+        "model/encoder/mlp_7",
+    )
+]
+
+
+def _renumbered(paths, layers=DEEP):
+    records = [_Record(p) for p in paths]
+    return [r.path for r in follow_renumbered_layers(records, layers)]
+
+
+def test_counters_below_the_top_are_followed_in_their_order():
+    # The first model of a session numbered its unnamed attention layers
+    # from 0; the second, built on, from 2: the same order, other numbers.
+    assert _renumbered(["model/encoder/mha/query", "model/encoder/mha_1/query"]) == [
+        "model/encoder/mha_2/query",
+        "model/encoder/mha_3/query",
+    ]
+    # A file from a second model of its session names `mha_2`, which this
+    # model also has, but as its first attention: order decides, not names.
+    assert _renumbered(["model/encoder/mha_2/query", "model/encoder/mha_1/query"]) == [
+        "model/encoder/mha_3/query",
+        "model/encoder/mha_2/query",
+    ]
+
+
+def test_uncertain_renumbering_leaves_every_record_alone():
+    # One record for a group of two layers: which one is unknowable.
+    assert _renumbered(["model/encoder/mha/query", "model/encoder/mlp/dense"]) == [
+        "model/encoder/mha/query",
+        "model/encoder/mlp/dense",
+    ]
+    # Three records for a group of two layers.
+    three = [
+        "model/encoder/mha/query",
+        "model/encoder/mha_1/query",
+        "model/encoder/mha_9/query",
+    ]
+    assert _renumbered(three) == three
+    # Paths the model has are left as they are.
+    assert _renumbered(["model/encoder/mha_3/query"]) == ["model/encoder/mha_3/query"]
