@@ -106,6 +106,7 @@ class ExpertsRecording:
     def __exit__(self, *exc):
         for variable in self._patched:
             object.__delattr__(variable, "assign")
+        self._patched = []
         self._cache.clear()
 
     def _recorder(self, variable):
@@ -144,7 +145,7 @@ class ExpertsRecording:
     def tensor(self, key):
         """The loader's `get_tensor`: checkpoint tensor `key` of the fused
         parameters, filled with the global indices of their entries."""
-        if not self._roles:
+        if not getattr(self, "_patched", None):  # not while assignments write
             raise KeyError(f"keras_lora records the correspondence: {key}")
         if self._model is None:
             self._build()
