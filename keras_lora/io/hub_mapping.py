@@ -250,6 +250,7 @@ def hf_classes(hf_model_type, name="this"):
 # KerasHub task kind -> the `transformers` auto mapping of its counterpart.
 _TASK_MAPPINGS = (
     ("CausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("CausalLM", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),  # PaliGemma
     ("ImageClassifier", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
     ("TextClassifier", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
     ("MaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
@@ -260,7 +261,9 @@ def default_hf_class(hf_model_type, backbone, task=None):
     """The `transformers` class a KerasHub model's adapter is saved for.
 
     A task's counterpart (`LlamaForCausalLM` for a `Llama3CausalLM`,
-    `ViTForImageClassification` for a `ViTImageClassifier`); for a bare
+    `ViTForImageClassification` for a `ViTImageClassifier`; a causal LM
+    `transformers` files as image-text-to-text only, e.g. PaliGemma's, is
+    `PaliGemmaForConditionalGeneration`); for a bare
     backbone, the causal LM class when KerasHub has a causal LM for it (the
     model one generates with), else the base model class (`ViTModel`).
     """

@@ -82,7 +82,8 @@ G3_IMAGE, G3_BOI, G3_EOI = 63, 61, 62
 G3_TOKENS = np.array([[2, 5, 9, G3_BOI] + [G3_IMAGE] * 4 + [G3_EOI, 7, 11]])
 
 
-def _gemma3_vision_key(key):
+def _siglip_key(key):
+    # Gemma3's and PaliGemma's SigLIP tower, as on the Hub.
     if key.startswith("vision_tower."):
         return "vision_tower.vision_model." + key[len("vision_tower.") :]
     return key
@@ -123,7 +124,7 @@ def gemma3_dir(tmp_path_factory):
     )
     path = tmp_path_factory.mktemp("gemma3")
     transformers.Gemma3ForConditionalGeneration(config).save_pretrained(path)
-    hub_layout(path, _gemma3_vision_key)
+    hub_layout(path, _siglip_key)
     preprocessor_config(path)
     return path
 
@@ -199,4 +200,128 @@ def test_gemma3_with_vision_peft_adapter_loads_into_keras(gemma3_dir, tmp_path):
     kl.apply_lora(task, targets=gemma3_projections, rank=3, alpha=5, in_place=True)
     kl.load_adapter(task, tmp_path / "in")
     got = gemma3_keras_logits(task)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+# -------------------------------------------------------------- PaliGemma
+
+PG_IMAGE = 63  # the last id: KerasHub's vocabulary stops before it
+PG_PATCH = 4  # 16 px / 4 px patches -> 16 image tokens
+PG_TEXT = np.array([[2, 5, 9, 7, 11, 3]])
+
+
+@pytest.fixture(scope="module")
+def paligemma_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    image_tokens = (IMAGE_SIZE // PG_PATCH) ** 2
+    config = transformers.PaliGemmaConfig(
+        # KerasHub's converter reads the text model's head_dim from
+        # `num_image_tokens` (equal in PaliGemma's checkpoints: 256); so
+        # does this twin.
+        text_config=dict(
+            model_type="gemma",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=image_tokens,
+            max_position_embeddings=64,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=PG_PATCH,
+            projection_dim=32,
+            vision_use_head=False,
+        ),
+        image_token_index=PG_IMAGE,
+        projection_dim=32,
+        vocab_size=64,
+    )
+    path = tmp_path_factory.mktemp("paligemma")
+    transformers.PaliGemmaForConditionalGeneration(config).save_pretrained(path)
+    hub_layout(path, _siglip_key)
+    return path
+
+
+def paligemma_hf(path):
+    cls = transformers.PaliGemmaForConditionalGeneration
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def paligemma_keras(path):
+    backbone = keras_hub.models.Backbone.from_preset(str(path))
+    return keras_hub.models.PaliGemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def paligemma_hf_logits(model):
+    image_tokens = (IMAGE_SIZE // PG_PATCH) ** 2
+    tokens = np.concatenate([np.full((1, image_tokens), PG_IMAGE), PG_TEXT], 1)
+    tokens = torch.tensor(tokens, dtype=torch.long)
+    pixels = torch.from_numpy(IMAGES.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        output = model(
+            input_ids=tokens,
+            pixel_values=pixels,
+            token_type_ids=torch.zeros_like(tokens),
+        )
+    # The text positions, over KerasHub's vocabulary (all but the image id).
+    return output.logits.numpy()[:, image_tokens:, :PG_IMAGE]
+
+
+def paligemma_keras_logits(task):
+    inputs = {
+        "images": IMAGES,
+        "token_ids": PG_TEXT.astype("int32"),
+        "padding_mask": np.ones_like(PG_TEXT, dtype="int32"),
+        "response_mask": np.zeros_like(PG_TEXT, dtype="int32"),
+    }
+    return keras.ops.convert_to_numpy(task(inputs))
+
+
+def test_paligemma_twins_agree(paligemma_dir):
+    expected = paligemma_hf_logits(paligemma_hf(paligemma_dir))
+    got = paligemma_keras_logits(paligemma_keras(paligemma_dir))
+    assert got.shape == expected.shape == (1, PG_TEXT.shape[1], PG_IMAGE)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_paligemma_keras_adapter_loads_into_peft(paligemma_dir, tmp_path):
+    base = paligemma_hf_logits(paligemma_hf(paligemma_dir))
+    task = paligemma_keras(paligemma_dir)
+    # Every projection: both towers and the multimodal projector.
+    kl.apply_lora(task, targets=projections, rank=4, alpha=8, in_place=True)
+    randomize(task)
+    expected = paligemma_keras_logits(task)
+    assert np.abs(expected - base).max() > MIN_CHANGE
+    kl.save_adapter(task, tmp_path / "out", format="peft")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert "model.multi_modal_projector.linear" in config["target_modules"]
+    hf = peft.PeftModel.from_pretrained(paligemma_hf(paligemma_dir), tmp_path / "out")
+    got = paligemma_hf_logits(hf.eval())
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_paligemma_peft_adapter_loads_into_keras(paligemma_dir, tmp_path):
+    twin = peft.get_peft_model(
+        paligemma_hf(paligemma_dir),
+        peft.LoraConfig(
+            r=3,
+            lora_alpha=5,
+            target_modules=HF_TARGETS + ["linear"],
+            init_lora_weights=False,
+        ),
+    ).eval()
+    expected = paligemma_hf_logits(twin)
+    twin.save_pretrained(tmp_path / "in")
+    task = paligemma_keras(paligemma_dir)
+    assert np.abs(expected - paligemma_keras_logits(task)).max() > MIN_CHANGE
+    kl.apply_lora(task, targets=projections, rank=3, alpha=5, in_place=True)
+    kl.load_adapter(task, tmp_path / "in")
+    got = paligemma_keras_logits(task)
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
