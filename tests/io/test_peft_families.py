@@ -9,9 +9,11 @@ Tolerance: outputs agree to 1e-4 in float32 (what the issue asks); the two
 frameworks sum in different orders. Every adapter moves the outputs by far
 more (checked), so a wrong mapping cannot pass.
 
-Families asked for but left out, because KerasHub 0.32 has no
-`transformers` converter for them (`from_preset` on their checkpoints
-raises): CLIP, SigLIP, Whisper and T5. See docs/peft.md.
+CLIP stands in as MetaCLIP 2 (`MetaClip2Model`: CLIP's architecture, and
+KerasHub 0.32's only CLIP-like `transformers` converter). Families asked for
+but left out, because KerasHub 0.32 has no `transformers` converter for
+them (`from_preset` on their checkpoints raises): CLIP (`model_type: clip`),
+SigLIP, Whisper and T5. See docs/peft.md.
 """
 
 import json
@@ -324,4 +326,103 @@ def test_paligemma_peft_adapter_loads_into_keras(paligemma_dir, tmp_path):
     kl.apply_lora(task, targets=projections, rank=3, alpha=5, in_place=True)
     kl.load_adapter(task, tmp_path / "in")
     got = paligemma_keras_logits(task)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+# ------------------------------------------------------------- MetaCLIP 2
+
+# KerasHub's MetaCLIP 2 pools the text at id 2 (its text pooler's default;
+# the converter passes no `eos_token_id`), as MetaCLIP 2's checkpoints do.
+MC_EOS = 2
+MC_TOKENS = np.array([[0, 5, 9, 7, 11, MC_EOS], [0, 3, 4, MC_EOS, 1, 1]])
+MC_IMAGES = np.random.default_rng(1).normal(size=(3, IMAGE_SIZE, IMAGE_SIZE, 3))
+MC_IMAGES = MC_IMAGES.astype("float32")
+
+
+@pytest.fixture(scope="module")
+def metaclip_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1) | dict(
+        num_attention_heads=4
+    )
+    config = transformers.MetaClip2Config(
+        text_config=dict(
+            common,
+            vocab_size=64,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=MC_EOS,
+        ),
+        vision_config=dict(common, image_size=IMAGE_SIZE, patch_size=4),
+        projection_dim=16,
+    )
+    path = tmp_path_factory.mktemp("metaclip_2")
+    transformers.MetaClip2Model(config).save_pretrained(path)
+    return path
+
+
+def metaclip_hf(path):
+    cls = transformers.MetaClip2Model
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def metaclip_keras(path):
+    return keras_hub.models.Backbone.from_preset(str(path))
+
+
+def metaclip_hf_logits(model):
+    pixels = torch.from_numpy(MC_IMAGES.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        output = model(
+            input_ids=torch.tensor(MC_TOKENS, dtype=torch.long),
+            pixel_values=pixels,
+        )
+    return output.logits_per_image.numpy()
+
+
+def metaclip_keras_logits(backbone):
+    inputs = {"images": MC_IMAGES, "token_ids": MC_TOKENS.astype("int32")}
+    return keras.ops.convert_to_numpy(backbone(inputs)["vision_logits"])
+
+
+def test_metaclip_twins_agree(metaclip_dir):
+    expected = metaclip_hf_logits(metaclip_hf(metaclip_dir))
+    got = metaclip_keras_logits(metaclip_keras(metaclip_dir))
+    assert got.shape == expected.shape == (3, 2)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_metaclip_keras_adapter_loads_into_peft(metaclip_dir, tmp_path):
+    base = metaclip_hf_logits(metaclip_hf(metaclip_dir))
+    backbone = metaclip_keras(metaclip_dir)
+    # Both encoders and both projections.
+    kl.apply_lora(backbone, targets=projections, rank=4, alpha=8, in_place=True)
+    randomize(backbone)
+    expected = metaclip_keras_logits(backbone)
+    assert np.abs(expected - base).max() > MIN_CHANGE
+    kl.save_adapter(backbone, tmp_path / "out", format="peft")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert {"visual_projection", "text_projection"} <= set(config["target_modules"])
+    hf = peft.PeftModel.from_pretrained(metaclip_hf(metaclip_dir), tmp_path / "out")
+    got = metaclip_hf_logits(hf.eval())
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_metaclip_peft_adapter_loads_into_keras(metaclip_dir, tmp_path):
+    twin = peft.get_peft_model(
+        metaclip_hf(metaclip_dir),
+        peft.LoraConfig(
+            r=3,
+            lora_alpha=5,
+            target_modules=HF_TARGETS + ["visual_projection", "text_projection"],
+            init_lora_weights=False,
+        ),
+    ).eval()
+    expected = metaclip_hf_logits(twin)
+    twin.save_pretrained(tmp_path / "in")
+    backbone = metaclip_keras(metaclip_dir)
+    assert np.abs(expected - metaclip_keras_logits(backbone)).max() > MIN_CHANGE
+    kl.apply_lora(backbone, targets=projections, rank=3, alpha=5, in_place=True)
+    kl.load_adapter(backbone, tmp_path / "in")
+    got = metaclip_keras_logits(backbone)
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
