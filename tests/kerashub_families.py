@@ -821,6 +821,51 @@ def metaclip2():
     return model, inputs_for(model)
 
 
+def sd3():
+    """StableDiffusion3: the MMDiT with a tiny VAE and CLIP-L/CLIP-G text
+    encoders. The VAE takes its distribution's mode: its default draws a
+    sample, and outputs equal at init need the same numbers twice."""
+    from keras_hub.src.models.vae.vae_backbone import VAEBackbone
+
+    vae = VAEBackbone(
+        encoder_num_filters=[32, 32],  # GroupNormalization's 32 groups
+        encoder_num_blocks=[1, 1],
+        decoder_num_filters=[32, 32],
+        decoder_num_blocks=[1, 1],
+        sample_channels=8,  # mean and log-variance of 4 latent channels
+        sampler_method="mode",
+    )
+
+    def clip(name, width):
+        return models.CLIPTextEncoder(
+            vocabulary_size=64,
+            embedding_dim=width,
+            hidden_dim=width,
+            num_layers=1,
+            num_heads=2,
+            intermediate_dim=2 * width,
+            intermediate_output_index=0,
+            max_sequence_length=8,
+            name=name,
+        )
+
+    model = models.StableDiffusion3Backbone(
+        mmdit_patch_size=2,
+        mmdit_hidden_dim=16,
+        mmdit_num_layers=1,
+        mmdit_num_heads=2,
+        mmdit_position_size=8,
+        mmdit_qk_norm=None,
+        mmdit_dual_attention_indices=None,
+        vae=vae,
+        clip_l=clip("clip_l", 8),
+        clip_g=clip("clip_g", 16),
+        latent_channels=4,
+        image_shape=(16, 16, 3),
+    )
+    return model, inputs_for(model)
+
+
 # Mixture of experts: 4 experts, top 2.
 MOE = {
     "mixtral": _from_table("MixtralBackbone", num_experts=4, top_k=2),
@@ -897,6 +942,7 @@ FAMILIES = {
     **MOE,
     # diffusion
     "flux": flux,
+    "sd3": sd3,
 }
 
 CNNS = (

@@ -36,10 +36,6 @@ HEADER = (
 # Backbone classes with no tiny build here, and why.
 NOT_BUILT = {
     "FeaturePyramidBackbone": "a base class, not a model: its subclasses have rows",
-    "StableDiffusion3Backbone": (
-        "not built: its tiny build needs a VAE and the CLIP-L and CLIP-G text "
-        "encoders around the MMDiT"
-    ),
     "Gemma3nBackbone": (
         "not built: 17 required arguments (AltUp, LAuReL, per-layer inputs)"
     ),
