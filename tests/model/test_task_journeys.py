@@ -34,7 +34,14 @@ Left out, and why (see also docs/families.md, "Task journeys"):
   2.21.1, as in tensorflow/text#374), and on JAX and torch KerasHub's
   MoonshineAudioConverter calls keras.ops on the symbolic tf.Tensor there.
   Those tasks take inputs their preprocessors made eagerly, with
-  `preprocessor=None`. BART trains on raw strings through its preprocessor.
+  `preprocessor=None`. BART keeps its preprocessor for `predict` and
+  `generate` (strings in, strings out) but trains on what it makes of the
+  strings, eagerly: `fit` on raw strings works, but tracing the byte-pair
+  tokenizer into tf.data costs ~12 s per `fit` on 2 cores, and it is
+  tested on GPT2CausalLM in `test_kerashub_task.py`.
+- `merge_lora` rebuilds the task from its config, which does not hold
+  KerasHub's sampler: the merged tasks are compiled with `sampler="greedy"`
+  again before their tokens are compared.
 - Whisper: KerasHub 0.32 has `WhisperBackbone`, `WhisperTokenizer` and
   `WhisperAudioConverter` but no audio-to-text task (no `generate`); the
   audio journey uses `MoonshineAudioToText`, KerasHub's audio-to-text task.
