@@ -866,6 +866,69 @@ def sd3():
     return model, inputs_for(model)
 
 
+def basnet():
+    """BASNet needs a ResNet of 64 filters (its refinement head's width)
+    and images of 32 pixels or more."""
+    encoder = models.ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 64, 64, 64],
+        stackwise_num_blocks=[1, 1, 1, 1],
+        stackwise_num_strides=[1, 2, 2, 2],
+        block_type="basic_block",
+    )
+    model = models.BASNetBackbone(
+        image_encoder=encoder,
+        num_classes=1,
+        image_shape=(32, 32, 3),
+        projection_filters=64,
+    )
+    return model, _images(32, batch=1)
+
+
+def depth_anything():
+    encoder = models.DINOV2Backbone(
+        patch_size=2,
+        num_layers=3,  # one per reassembled feature but the last
+        hidden_dim=16,
+        num_heads=2,
+        intermediate_dim=32,
+        image_shape=(32, 32, 3),
+        position_embedding_shape=(16, 16),
+    )
+    model = models.DepthAnythingBackbone(
+        image_encoder=encoder,
+        reassemble_factors=[4, 2, 1, 0.5],
+        neck_hidden_dims=[8, 8, 8, 8],
+        fusion_hidden_dim=8,
+        head_hidden_dim=8,
+        head_in_index=-1,
+    )
+    return model, _images(32)
+
+
+def parseq():
+    encoder = models.ViTBackbone(
+        image_shape=(16, 32, 3),
+        patch_size=(8, 8),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        use_class_token=False,
+    )
+    model = models.PARSeqBackbone(
+        image_encoder=encoder,
+        vocabulary_size=16,
+        max_label_length=4,
+        decoder_hidden_dim=16,
+        num_decoder_layers=1,
+        num_decoder_heads=2,
+        decoder_mlp_dim=32,
+    )
+    return model, inputs_for(model, vocab=16, seq=5)
+
+
 # Mixture of experts: 4 experts, top 2.
 MOE = {
     "mixtral": _from_table("MixtralBackbone", num_experts=4, top_k=2),
@@ -919,6 +982,9 @@ FAMILIES = {
     "mit": mit,
     "segformer": segformer,
     "retinanet": retinanet,
+    "basnet": basnet,
+    "depth_anything": depth_anything,
+    "parseq": parseq,
     "videoprism": videoprism,
     **MORE_VISION,
     # multimodal
@@ -956,6 +1022,7 @@ CNNS = (
     "cspnet",
     "hgnetv2",
     "retinanet",
+    "basnet",
 )
 # The layer producing the output holds every block (ViT, DeiT) or is the
 # last block (BART, one layer): "all-linear" must still select the blocks'

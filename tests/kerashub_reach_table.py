@@ -42,9 +42,6 @@ NOT_BUILT = {
     "MobileNetV5Backbone": "not built: 17 per-stage block lists",
     "DFineBackbone": "not built: 25 required arguments around an HGNetV2 encoder",
     "SAM3PromptableConceptBackbone": "not built: six sub-models",
-    "BASNetBackbone": "not built yet (a ResNet encoder with refinement heads)",
-    "DepthAnythingBackbone": "not built yet (a DINOv2 encoder with a DPT head)",
-    "PARSeqBackbone": "not built yet (a ViT encoder with a text decoder)",
 }
 
 
