@@ -122,13 +122,12 @@ class ExpertsRecording:
 
     def _build(self):
         import torch
+        import transformers
         from transformers.core_model_loading import revert_weight_conversion
-
-        from keras_lora.io.hub_mapping import _hf_class
 
         config = _hf_config(self.converter, self.backbone, self.hf_model_type)
         with torch.device("meta"):
-            model = _hf_class(self.hf_class)._from_config(config)
+            model = getattr(transformers, self.hf_class)._from_config(config)
         params, keys, start = {}, {}, 0
         for name, param in model.state_dict().items():
             if param.ndim != 3:
