@@ -18,23 +18,11 @@ import keras_lora as kl
 from keras_lora.model.walk import iter_layers, lora_layers
 
 keras_hub = pytest.importorskip("keras_hub")
+import kerashub_families  # noqa: E402
 
 
 def segformer():
-    encoder = keras_hub.models.MiTBackbone(
-        layerwise_depths=[1, 1],
-        num_layers=2,
-        layerwise_num_heads=[1, 1],
-        layerwise_sr_ratios=[2, 1],
-        max_drop_path_rate=0.0,
-        layerwise_patch_sizes=[7, 3],
-        layerwise_strides=[4, 2],
-        hidden_dims=[8, 16],
-        image_shape=(32, 32, 3),
-    )
-    return keras_hub.models.SegFormerBackbone(
-        image_encoder=encoder, projection_filters=8
-    )
+    return kerashub_families.segformer()[0]
 
 
 def test_segformer_in_place_lora_merges_exactly_keeping_its_class():
@@ -64,45 +52,7 @@ def test_segformer_in_place_lora_merges_exactly_keeping_its_class():
 
 
 def blip2():
-    from keras_hub.src.models.blip2.blip2_custom_opt import BLIP2CustomOPT
-    from keras_hub.src.models.blip2.blip2_qformer import BLIP2QFormer
-    from keras_hub.src.models.blip2.blip2_vision_encoder import BLIP2VisionEncoder
-
-    common = {"num_heads": 2, "hidden_dim": 16, "intermediate_dim": 32}
-    vision = BLIP2VisionEncoder(
-        image_size=16,
-        patch_size=8,
-        num_layers=1,
-        use_patch_bias=True,
-        use_class_token=True,
-        use_mha_bias=True,
-        use_mlp_bias=True,
-        dropout_rate=0.0,
-        layer_norm_epsilon=1e-5,
-        initializer_range=0.02,
-        **common,
-    )
-    qformer = BLIP2QFormer(
-        num_query_tokens=4,
-        num_layers=1,
-        vision_dim=16,
-        cross_attention_frequency=1,
-        dropout=0.0,
-        layer_norm_epsilon=1e-5,
-        **common,
-    )
-    language = BLIP2CustomOPT(
-        vocabulary_size=64,
-        num_layers=1,
-        num_query_tokens=4,
-        dropout=0.0,
-        max_sequence_length=32,
-        qformer_hidden_dim=16,
-        **common,
-    )
-    return keras_hub.models.BLIP2Backbone(
-        vision_encoder=vision, qformer=qformer, language_model=language
-    )
+    return kerashub_families.blip2()[0]
 
 
 def test_blip2_in_place_lora_merges_exactly_keeping_its_class():
