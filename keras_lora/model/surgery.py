@@ -35,7 +35,7 @@ from keras_lora.config import (
 )
 from keras_lora.layers import lora_class_for
 from keras_lora.layers.checks import caller_stacklevel
-from keras_lora.model import same_class
+from keras_lora.model import loftq, same_class
 from keras_lora.model.containers import copy_layer, copy_model
 from keras_lora.model.in_place import apply_in_place, bypassing_owner, holders_of
 from keras_lora.model.quantized_bases import check_quantized_weights, lean_quantized
@@ -73,6 +73,8 @@ def apply_lora(
     remat=False,
     rank_pattern=None,
     alpha_pattern=None,
+    loftq_mode=None,
+    loftq_iter=None,
     **layer_kwargs,
 ):
     """Returns a copy of `model` with LoRA layers on the selected layers.
@@ -125,6 +127,14 @@ def apply_lora(
         alpha_pattern: `{pattern: alpha}`, the same for `alpha`. A target
             whose rank a pattern sets and whose alpha none does gets
             `alpha` (`None`: its own rank).
+        loftq_mode: with `init="loftq"` (LoftQ, Li et al. 2023), the
+            quantization of the base: `"int8"`, `"int4"` (Keras's) or
+            `"nf4"` (`quantize_nf4`'s, blocks of 64). Each target (a float
+            `Dense` or `EinsumDense`) gets a copy of its base quantized in
+            that mode and `A`, `B` with `Q + s·A·B ≈ W` (see
+            `keras_lora.model.loftq`); `model` keeps its float layers.
+        loftq_iter: with `init="loftq"`, the alternations of quantization
+            and SVD, an int >= 1 (default 1).
         **layer_kwargs: passed on to each LoRA layer's constructor.
 
     Returns:
@@ -138,6 +148,10 @@ def apply_lora(
         TypeError, ValueError: on bad arguments, with `model` unchanged.
     """
     check_built(model, "apply_lora")
+    init = layer_kwargs.get("init")
+    loftq_mode, loftq_iter = loftq.validate_loftq(init, loftq_mode, loftq_iter)
+    if loftq_mode is not None:
+        layer_kwargs = {k: v for k, v in layer_kwargs.items() if k != "init"}
     rank = validate_rank(rank)
     alpha = validate_alpha(alpha)
     rank_pattern = validate_pattern(rank_pattern, "rank_pattern", validate_rank)
@@ -180,12 +194,28 @@ def apply_lora(
         rank_pattern,
         alpha_pattern,
     )
+    make = lambda layer: lora_class_for(layer)(  # noqa: E731
+        layer, **options[id(layer)], **layer_kwargs
+    )
+    if loftq_mode is not None:
+        for path, layer in layers:
+            if id(layer) in to_wrap:
+                loftq.check_loftq_target(path, layer)
+
+        def make(layer):
+            return loftq.make_loftq_wrapper(
+                layer,
+                lora_class_for(layer),
+                options[id(layer)],
+                layer_kwargs,
+                loftq_mode,
+                loftq_iter,
+            )
+
     lora_model = put_adapters(
         model,
         to_wrap,
-        lambda layer: lora_class_for(layer)(
-            layer, **options[id(layer)], **layer_kwargs
-        ),
+        make,
         trainable=to_copy,
         in_place=in_place,
     )
