@@ -114,6 +114,11 @@ def loftq_factors(layer, kernel, rank, scale, mode, iters, layout):
         q = quantize_dequantize(layer, source, mode)
         matrix = factoring.to_matrix(w - q, layout, np)
         # PiSSA's factors of the quantization error: a = U·√(S/s), b = √(S/s)·Vᵀ.
+        if rank > min(matrix.shape):
+            raise ValueError(
+                f"init='loftq' needs rank <= min(kernel dims) = "
+                f"{min(matrix.shape)} on layer '{layer.name}'; received rank={rank}."
+            )
         a, b = factor_kernel(matrix, rank, scale, "pissa")
         update = factoring.product(a, b, scale, rank, w.shape, layout, np)
         last = source

@@ -119,3 +119,36 @@ def test_quantized_base_refused():
     with pytest.raises(ValueError, match="already quantized"):
         kl.apply_lora(model, targets=["d1"], rank=4, init="loftq", loftq_mode="int8")
     assert model.get_layer("d1").quantization_mode == "int8"
+
+
+def test_rank_above_kernel_refused_model_unchanged():
+    model = _mlp()
+    with pytest.warns(UserWarning, match="above min"):
+        with pytest.raises(ValueError, match="init='loftq' needs rank"):
+            kl.apply_lora(
+                model, targets=["d2"], rank=16, init="loftq", loftq_mode="int8"
+            )
+    assert model.get_layer("d2").quantization_mode is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_einsum_dense(mode):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 16))
+    outputs = keras.layers.EinsumDense(
+        "abc,cde->abde", output_shape=(None, 4, 8), bias_axes="de", name="q"
+    )(inputs)
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(1).standard_normal((4, 6, 16)).astype("float32")
+    reference = keras.ops.convert_to_numpy(model(x))
+    lora = kl.apply_lora(model, targets=["q"], rank=4, init="loftq", loftq_mode=mode)
+    assert lora.get_layer("q").quantization_mode == mode
+    plain = keras.models.clone_model(model)
+    plain.set_weights(model.get_weights())
+    if mode == "nf4":
+        kl.quantize_nf4(plain)
+    else:
+        plain.quantize(mode)
+    loftq_error = np.linalg.norm(keras.ops.convert_to_numpy(lora(x)) - reference)
+    plain_error = np.linalg.norm(keras.ops.convert_to_numpy(plain(x)) - reference)
+    assert loftq_error < plain_error
