@@ -152,3 +152,18 @@ def test_einsum_dense(mode):
     loftq_error = np.linalg.norm(keras.ops.convert_to_numpy(lora(x)) - reference)
     plain_error = np.linalg.norm(keras.ops.convert_to_numpy(plain(x)) - reference)
     assert loftq_error < plain_error
+
+
+def test_keras_file_round_trip(tmp_path):
+    keras.utils.set_random_seed(0)
+    lora = kl.apply_lora(
+        _mlp(), targets=["d1"], rank=4, init="loftq", loftq_mode="int4"
+    )
+    path = str(tmp_path / "loftq.keras")
+    lora.save(path)
+    reloaded = keras.models.load_model(path)
+    assert reloaded.get_layer("d1").quantization_mode == "int4"
+    x = _inputs()
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(reloaded(x)), keras.ops.convert_to_numpy(lora(x))
+    )
