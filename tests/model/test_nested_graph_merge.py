@@ -67,8 +67,13 @@ def test_blip2_in_place_lora_merges_exactly_keeping_its_class():
     }
     before = keras.ops.convert_to_numpy(model(inputs, training=False))
     kl.apply_lora(model, targets="all-linear", rank=2, in_place=True)
+    # `blip2_custom_opt/language_projection`, numbered on (`_1`) where the
+    # session built a BLIP-2 before.
     paths = [p for p, _ in lora_layers(model)]
-    assert "blip2_custom_opt/language_projection" in paths
+    assert any(
+        p.startswith("blip2_custom_opt") and p.endswith("/language_projection")
+        for p in paths
+    )
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(model(inputs, training=False)), before
     )
