@@ -102,6 +102,11 @@ def test_merge(mode):
             TypeError,
             "loftq_iter",
         ),
+        (
+            {"init": "loftq", "loftq_mode": "int8", "use_dora": True},
+            ValueError,
+            "use_dora",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -166,4 +171,19 @@ def test_keras_file_round_trip(tmp_path):
     x = _inputs()
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(reloaded(x)), keras.ops.convert_to_numpy(lora(x))
+    )
+
+
+def test_in_place():
+    model = _mlp()
+    x = _inputs()
+    reference = keras.ops.convert_to_numpy(model(x))
+    lora = kl.apply_lora(
+        model, targets=["d1"], rank=4, init="loftq", loftq_mode="int8", in_place=True
+    )
+    assert lora is model
+    assert model.get_layer("d1").quantization_mode == "int8"
+    # int8 base and activations: close to the float model, not equal.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(x)), reference, atol=0.1
     )
