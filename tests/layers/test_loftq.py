@@ -187,3 +187,25 @@ def test_in_place():
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(model(x)), reference, atol=0.1
     )
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_factors_follow_the_scale(use_rslora):
+    # Q + s·A·B fits W whatever the scale s (PEFT's factors assume s = 1).
+    keras.utils.set_random_seed(0)
+    model = _mlp()
+    lora = kl.apply_lora(
+        model,
+        targets=["d1"],
+        rank=4,
+        alpha=16,
+        use_rslora=use_rslora,
+        init="loftq",
+        loftq_mode="int4",
+    )
+    w = keras.ops.convert_to_numpy(model.get_layer("d1").kernel)
+    q = keras.ops.convert_to_numpy(
+        quantized.dequantized_kernel(lora.get_layer("d1").layer)
+    )
+    merged = keras.ops.convert_to_numpy(kl.merge_lora(lora).get_layer("d1").kernel)
+    assert np.linalg.norm(w - merged) < np.linalg.norm(w - q)
