@@ -133,8 +133,10 @@ def siglip():
     return model, {"images": _images(16), "token_ids": _tokens()}
 
 
-def clip():
-    vision = models.CLIPVisionEncoder(
+def _image_text(prefix, backbone_class):
+    """A tiny CLIP-like backbone: `<prefix>VisionEncoder` and
+    `<prefix>TextEncoder` of the same sizes under `backbone_class`."""
+    vision = getattr(models, f"{prefix}VisionEncoder")(
         patch_size=8,
         hidden_dim=16,
         num_layers=1,
@@ -142,7 +144,7 @@ def clip():
         intermediate_dim=32,
         image_shape=(16, 16, 3),
     )
-    text = models.CLIPTextEncoder(
+    text = getattr(models, f"{prefix}TextEncoder")(
         vocabulary_size=64,
         embedding_dim=16,
         hidden_dim=16,
@@ -151,8 +153,12 @@ def clip():
         intermediate_dim=32,
         max_sequence_length=8,
     )
-    model = models.CLIPBackbone(vision, text, projection_dim=16)
+    model = getattr(models, backbone_class)(vision, text, projection_dim=16)
     return model, {"images": _images(16), "token_ids": _tokens()}
+
+
+def clip():
+    return _image_text("CLIP", "CLIPBackbone")
 
 
 def sam():
@@ -800,25 +806,7 @@ def retinanet():
 
 
 def metaclip2():
-    vision = models.MetaCLIP2VisionEncoder(
-        patch_size=8,
-        hidden_dim=16,
-        num_layers=1,
-        num_heads=2,
-        intermediate_dim=32,
-        image_shape=(16, 16, 3),
-    )
-    text = models.MetaCLIP2TextEncoder(
-        vocabulary_size=64,
-        embedding_dim=16,
-        hidden_dim=16,
-        num_layers=1,
-        num_heads=2,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
-    model = models.MetaCLIP2Backbone(vision, text, projection_dim=16)
-    return model, inputs_for(model)
+    return _image_text("MetaCLIP2", "MetaCLIP2Backbone")
 
 
 def sd3():
