@@ -6,7 +6,7 @@ layer computes row `i` of its batch with adapter `names[index[i]]`, or its
 base alone where the index is `-1`, outside `[0, len(names))`, or names an
 adapter the layer lacks. The layer's active adapters play no part then.
 
-Two strategies compute the same sum `base + s_k·(x·A_k)·B_k` per row:
+Three strategies compute the same sum `base + s_k·(x·A_k)·B_k` per row:
 
 - `"concat"`: one product of `x` with the concatenated `A`s
   (`[A_1, …, A_n]`, rank `Σ r_k`), times a per-row mask that holds each
@@ -15,15 +15,25 @@ Two strategies compute the same sum `base + s_k·(x·A_k)·B_k` per row:
 - `"gather"`: every row gathers its own `A` and `B` (ranks zero-padded to
   the largest, the scale folded into `A`) from a stack with one extra
   all-zero slot, then two batched products.
+- `"grouped"`: the same stacks, with the rows grouped by adapter so that
+  each adapter's `A` and `B` are used once per call, not copied per row:
+  on JAX, the positions sorted by adapter and two `jax.lax.ragged_dot`s,
+  then the inverse permutation; on eager torch, the positions sorted and
+  one rank-`r` product pair per adapter present in the batch (inside
+  `torch.compile` or a symbolic trace, per-row batched products); on
+  TensorFlow, whose XLA cannot compile group sizes that depend on the
+  data, each row's product reads its own `A` and `B` inside one fused
+  multiply-reduce, without a `(batch, in, r)` copy. It applies to
+  `LoRADense` and to `LoRAEinsumDense` with the standard factoring (a
+  matrix product on flattened axes); other layer types use `"gather"`.
 
 An index outside `[0, n)` (`-1` included) selects nothing: its mask row is
-all zeros (`"concat"`), and `"gather"` reads the all-zero slot for it, never
-another slot. Such a row gets the base output: no tenant ever reads
-another's adapter through a bad index.
+all zeros (`"concat"`), and `"gather"` and `"grouped"` read the all-zero
+slot for it, never another slot. Such a row gets the base output: no
+tenant ever reads another's adapter through a bad index.
 
-`"auto"` (the default) picks per layer, from static shapes: `"concat"` for
-one position per row (an MLP's rows), `"gather"` for sequences (tokens per
-row, or unknown), as measured in `benchmarks/serving.py`. Layer types
+`"auto"` (the default) picks per layer, from the backend and static
+shapes, as measured in `benchmarks/serving.py` (see `_auto`). Layer types
 without `_routed_gather` (convolutions), and training with dropout, use
 `"concat"`.
 
@@ -42,7 +52,7 @@ from keras import ops
 
 from keras_lora.layers import hot_path
 
-STRATEGIES = ("auto", "concat", "gather")
+STRATEGIES = ("auto", "concat", "gather", "grouped")
 
 _STATE = threading.local()
 
@@ -169,8 +179,14 @@ def routed_updates(layer, inputs, base, training, route):
     gather = callable(getattr(layer, "_routed_gather", None))
     strategy = route.strategy
     if strategy == "auto":
-        strategy = "concat" if _positions_per_row(layer, inputs) == 1 else "gather"
-    if strategy == "gather" and gather and not dropping:
+        strategy = _auto(layer, inputs)
+    if dropping or not gather:
+        strategy = "concat"
+    if strategy == "grouped" and _flat_inputs(layer) is None:
+        strategy = "gather"
+    if strategy == "grouped":
+        update = _grouped_update(layer, inputs, members, index, dtype)
+    elif strategy == "gather":
         update = _gather_update(layer, inputs, members, index, dtype, training)
     else:
         update = _concat_update(layer, inputs, members, index, dtype, training)
@@ -226,7 +242,11 @@ def _padded(x, rank, width, axis):
     return ops.pad(x, pad)
 
 
-def _gather_update(layer, inputs, members, index, dtype, training):
+def _stacks(members, index, dtype):
+    """`(a_stack, b_stack, safe)`: every slot's `A` (scale folded in) and
+    `B`, ranks zero-padded to the largest, with one all-zero slot after the
+    last; `safe` is `index` with every value outside the held slots sent to
+    that zero slot."""
     slots = max(k for k, _ in members) + 2  # one zero slot after the last
     width = max(a.rank for _, a in members)
     a_shape = tuple(members[0][1].a.shape[:-1]) + (width,)
@@ -244,11 +264,120 @@ def _gather_update(layer, inputs, members, index, dtype, training):
         a = a * (scale if _is_number(scale) else ops.cast(scale, dtype))
         a_list.append(_padded(a, adapter.rank, width, -1))
         b_list.append(_padded(hot_path.read(adapter.b, dtype), adapter.rank, width, 0))
-    # An index outside the held slots reads the last, all-zero slot.
     zero_slot = slots - 1
     valid = ops.logical_and(ops.greater_equal(index, 0), ops.less(index, zero_slot))
     safe = ops.where(valid, index, ops.full_like(index, zero_slot))
-    return layer._routed_gather(inputs, ops.stack(a_list), ops.stack(b_list), safe)
+    return ops.stack(a_list), ops.stack(b_list), safe
+
+
+def _gather_update(layer, inputs, members, index, dtype, training):
+    a_stack, b_stack, safe = _stacks(members, index, dtype)
+    return layer._routed_gather(inputs, a_stack, b_stack, safe)
+
+
+def _auto(layer, inputs):
+    """The strategy `"auto"` takes for `layer` (`docs/serving.md`, Cost):
+    per backend, the fastest in `benchmarks/serving.py`."""
+    one_position = _positions_per_row(layer, inputs) == 1
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return "grouped"
+    if backend == "tensorflow":
+        return "grouped" if one_position else "gather"
+    return "concat" if one_position else "gather"
+
+
+def _flat_inputs(layer):
+    """How many trailing input axes `layer`'s update flattens into one
+    matrix product `x·A·B` (`"grouped"`), or `None`."""
+    from keras_lora.layers.dense import LoRADense
+
+    if isinstance(layer, LoRADense):
+        return 1
+    if type(layer).__name__ == "LoRAEinsumDense":
+        return getattr(layer, "_flat_inputs", None)
+    return None
+
+
+def _grouped_update(layer, inputs, members, index, dtype):
+    a_stack, b_stack, safe = _stacks(members, index, dtype)
+    slots, width = int(a_stack.shape[0]), int(a_stack.shape[-1])
+    n_in = _flat_inputs(layer)
+    fan_in = int(np.prod(a_stack.shape[1:-1]))
+    out_dims = [int(d) for d in b_stack.shape[2:]]
+    fan_out = int(np.prod(out_dims))
+    lead = hot_path.leading_shape(inputs, n_in)
+    x = hot_path.reshape(inputs, (-1, fan_in))
+    a = hot_path.reshape(a_stack, (slots, fan_in, width))
+    b = hot_path.reshape(b_stack, (slots, width, fan_out))
+    positions = _positions_per_row(layer, inputs)
+    y = _GROUPED[keras.backend.backend()](x, a, b, safe, positions)
+    return hot_path.reshape(y, lead + out_dims)
+
+
+def _position_slots(x, index):
+    """Each position's slot: `index` repeated over a row's positions."""
+    positions = ops.shape(x)[0] // ops.shape(index)[0]
+    return ops.reshape(
+        ops.broadcast_to(ops.expand_dims(index, -1), (ops.shape(index)[0], positions)),
+        (-1,),
+    )
+
+
+def _grouped_jax(x, a, b, index, positions):
+    import jax
+    import jax.numpy as jnp
+
+    slots = a.shape[0]
+    rows = _position_slots(x, index)
+    order = jnp.argsort(rows, stable=True)
+    sizes = jnp.bincount(rows, length=slots).astype("int32")
+    h = jax.lax.ragged_dot(x[order], a, sizes)
+    y = jax.lax.ragged_dot(h, b, sizes)
+    return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+
+
+def _grouped_torch(x, a, b, index, positions):
+    import torch
+
+    rows = _position_slots(x, index).long()
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        # Group sizes are data: per-position batched products instead.
+        h = torch.bmm(x[:, None, :], a[rows])
+        return torch.bmm(h, b[rows])[:, 0]
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=a.shape[0]).tolist()
+    xs = x[order]
+    ys = x.new_zeros((x.shape[0], b.shape[-1]))
+    start = 0
+    for k, count in enumerate(counts[:-1]):  # the last slot is all zeros
+        if count:
+            end = start + count
+            ys[start:end] = torch.matmul(torch.matmul(xs[start:end], a[k]), b[k])
+            start = end
+    return torch.empty_like(ys).index_copy_(0, order, ys)
+
+
+def _grouped_tensorflow(x, a, b, index, positions):
+    import tensorflow as tf
+
+    a_rows = tf.gather(tf.transpose(a, (0, 2, 1)), index)  # (batch, r, in)
+    b_rows = tf.gather(b, index)  # (batch, r, out)
+    if positions == 1:
+        # Each row's products read its own A and B inside one fused
+        # multiply-reduce (under XLA, no `(batch, in, r)` copy).
+        h = tf.reduce_sum(x[:, None, :] * a_rows, -1)
+        return tf.reduce_sum(h[:, :, None] * b_rows, 1)
+    rows = tf.reshape(x, (tf.shape(index)[0], -1, x.shape[-1]))
+    h = tf.einsum("bpi,bri->bpr", rows, a_rows)
+    return tf.reshape(tf.einsum("bpr,bro->bpo", h, b_rows), (-1, b.shape[-1]))
+
+
+_GROUPED = {
+    "jax": _grouped_jax,
+    "torch": _grouped_torch,
+    "tensorflow": _grouped_tensorflow,
+}
 
 
 def _dora_rows(layer, out, doras, index, dtype):

@@ -65,7 +65,8 @@ class MixedAdapters(keras.layers.Layer):
     Args:
         model: a model with LoRA layers.
         names: the adapter names `adapter_index` indexes.
-        strategy: `"auto"`, `"concat"` or `"gather"` (see `layers.mixed`).
+        strategy: `"auto"`, `"concat"`, `"gather"` or `"grouped"` (see
+            `layers.mixed`).
 
     Call arguments:
         inputs: `model`'s inputs.
@@ -408,9 +409,12 @@ def mixed_adapter_model(model, names, strategy="auto"):
         names: list of adapter names; `adapter_index` indexes it.
         strategy: `"concat"` (one product with the concatenated `A`s, a
             per-row mask, one with the `B`s), `"gather"` (each row gathers
-            its own `A`, `B`), or `"auto"` (the default: per layer, concat
-            for one position per row, gather for sequences, as measured);
-            see `docs/serving.md`.
+            its own `A`, `B`), `"grouped"` (rows grouped by adapter, one
+            rank-`r` product per group: `jax.lax.ragged_dot` on JAX, a loop
+            over the adapters present on eager torch, a fused per-row
+            multiply-reduce on TensorFlow), or `"auto"` (the default: per
+            backend and layer, the fastest as measured); see
+            `docs/serving.md`.
 
     Returns:
         A `keras.Model`.

@@ -18,7 +18,7 @@ from keras_lora.layers import LoRADense, LoRALayer
 from keras_lora.layers.mixed import routing
 from keras_lora.model.walk import iter_layers
 
-STRATEGIES = ["auto", "concat", "gather"]
+STRATEGIES = ["auto", "concat", "gather", "grouped"]
 ATOL = 1e-5
 
 
@@ -121,8 +121,9 @@ def test_convolutions(strategy):
     np.testing.assert_allclose(numpy(served([images, index])), want, atol=ATOL)
 
 
+@pytest.mark.parametrize("strategy", ["auto", "grouped"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_kerashub_backbone_in_place(name):
+def test_kerashub_backbone_in_place(name, strategy):
     model = kl.apply_lora(backbone(name), rank=2, in_place=True)
     kl.add_adapter(model, "b", rank=3, alpha=6.0)
     kl.add_adapter(model, "c", rank=2, use_dora=True)
@@ -130,7 +131,7 @@ def test_kerashub_backbone_in_place(name):
     names = ["default", "b", "c"]
     inputs = backbone_inputs(model, batch=4)
     index = np.array([1, 2, -1, 0], "int32")
-    served = kl.mixed_adapter_model(model, names)
+    served = kl.mixed_adapter_model(model, names, strategy=strategy)
     want = reference_rows(model, names, inputs, index)
     got = numpy(served({**inputs, "adapter_index": index}))
     np.testing.assert_allclose(got, want, atol=ATOL)
@@ -176,9 +177,10 @@ def count_traces(served, feeds):
 @pytest.mark.skipif(
     keras.backend.backend() == "torch", reason="torch runs eagerly: nothing traces"
 )
-def test_one_traced_function_serves_any_mix():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_traced_function_serves_any_mix(strategy):
     model = mixed_mlp()
-    served = kl.mixed_adapter_model(model, NAMES)
+    served = kl.mixed_adapter_model(model, NAMES, strategy=strategy)
     rng = np.random.default_rng(4)
     mixes = [INDEX, np.zeros(9, "int32"), np.full(9, -1, "int32"), INDEX[::-1]]
     feeds = [(X, np.ascontiguousarray(m)) for m in mixes]
@@ -188,6 +190,39 @@ def test_one_traced_function_serves_any_mix():
     for (x, index), got in zip(feeds, outputs, strict=True):
         want = reference_rows(model, NAMES, x, index)
         np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_grouped_in_a_graph_with_unknown_batch_and_length():
+    """`"grouped"` sizes its groups from the data inside one compiled
+    function: TensorFlow with the batch and sequence length unknown at trace
+    time, `jax.jit`, and `torch.compile` (where group sizes cannot be data)."""
+    model = attention_model()
+    names = ["default", "b", "c"]
+    served = kl.mixed_adapter_model(model, names, strategy="grouped")
+    rng = np.random.default_rng(6)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        spec = (tf.TensorSpec((None, None), "int32"), tf.TensorSpec((None,), "int32"))
+        forward = tf.function(lambda x, i: served([x, i]), input_signature=spec)
+    elif backend == "jax":
+        import jax
+
+        forward = jax.jit(lambda x, i: served([x, i]))
+    else:
+        import torch
+
+        forward = torch.compile(lambda x, i: served([x, i]), backend="eager")
+    for batch, index in ((5, [2, 0, -1, 1, 2]), (3, [1, 1, 0])):
+        tokens = rng.integers(0, 20, size=(batch, 5)).astype("int32")
+        index = np.array(index, "int32")
+        if backend == "torch":
+            got = forward(*(ops.convert_to_tensor(v) for v in (tokens, index)))
+        else:
+            got = forward(tokens, index)
+        want = reference_rows(model, names, tokens, index)
+        np.testing.assert_allclose(numpy(got), want, atol=ATOL)
 
 
 BAD = np.array([4, 5, -2, 2**31 - 1, -(2**31), 0, 1, -1, 3], "int32")

@@ -58,7 +58,8 @@ def reference(task, adapter):
         kl.set_adapter(task, active)
 
 
-def test_each_row_generates_with_its_own_adapter(task, monkeypatch):
+@pytest.mark.parametrize("strategy", ["auto", "concat", "gather", "grouped"])
+def test_each_row_generates_with_its_own_adapter(task, monkeypatch, strategy):
     references = {name: reference(task, name) for name in [*NAMES, None]}
     # Every adapter changes what is generated: a wrong routing shows.
     texts = [tuple(references[name]) for name in references]
@@ -72,7 +73,7 @@ def test_each_row_generates_with_its_own_adapter(task, monkeypatch):
         return own(self, *args, **kwargs)
 
     monkeypatch.setattr(keras_hub.models.GPT2CausalLM, "generate_step", counted)
-    served = kl.mixed_adapter_model(task, NAMES)
+    served = kl.mixed_adapter_model(task, NAMES, strategy=strategy)
     for mix in (["a", None, "default", "b"], ["b", "b", "__base__", "a"]):
         got = served.generate(PROMPTS, adapter_names=mix, max_length=MAX_LENGTH)
         key = [None if name == "__base__" else name for name in mix]
