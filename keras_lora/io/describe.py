@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from keras_lora.io import keras_lora_format, kerashub_format, peft_format
+from keras_lora.io.extra_records import ExtraRecord
 from keras_lora.io.formats import find_reader
 from keras_lora.io.peft_config import read_config
 
@@ -70,6 +71,7 @@ def describe(path):
 
 def _keras_lora(path):
     records = keras_lora_format.read(path, None, None, [], strict=True)
+    records = [r for r in records if not isinstance(r, ExtraRecord)]
     return [
         _row(
             r.key,
@@ -117,7 +119,7 @@ def _peft(path):
                 _variant(
                     options["use_rslora"],
                     options["use_dora"],
-                    options["init"],
+                    init,
                     options["dropout"],
                 ),
                 "-",

@@ -12,11 +12,12 @@ import warnings
 import keras
 import numpy as np
 
+from keras_lora.io.extra_records import install_extras, plan_extras, split
 from keras_lora.io.records import kernel_digest, layer_factoring
 from keras_lora.io.report import report
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.checks import caller_stacklevel
-from keras_lora.model.surgery import put_adapters
+from keras_lora.model.surgery import put_adapters, shared_biases_message
 from keras_lora.model.tracking import functional_subclass
 from keras_lora.model.walk import check_built, iter_layers, lora_layers
 
@@ -54,9 +55,14 @@ def install(
             (`apply_lora(..., in_place=True)` on the records' layers) and
             load into it; a failure undoes the conversion.
 
+    A file's extra trained weights (`extra_records`: whole layers, biases)
+    load with the adapters and train again as they did; on a plain model
+    the whole layers are copied with the rest (`put_adapters`).
+
     Raises:
         ValueError: on anything that does not fit; nothing was changed.
     """
+    records, extras = split(records)
     by_path = dict(layers)
     lora = [p for p, _ in lora_layers(model, layers)]
     paths = [r.path for r in records]
@@ -86,15 +92,30 @@ def install(
             f"{source} has no adapter for any layer of model '{model.name}'; "
             "nothing was loaded."
         )
+    extras = _known_extras(model, by_path, extras, strict, source)
     for record in known:
         check_layer(by_path[record.path], record, model, source)
     if not lora:
         for record in known:
             _check_base_kernel(by_path[record.path], record, source)
         return _apply_then_assign(
-            model, layers, by_path, known, source, adapter_name or "default", in_place
+            model,
+            layers,
+            by_path,
+            known,
+            source,
+            adapter_name or "default",
+            in_place,
+            extras,
         )
     if adapter_name is not None:
+        if extras:
+            raise ValueError(
+                f"{source} holds trained layers or biases besides its adapters "
+                f"({sorted(r.path for r in extras)}), which are the model's "
+                "own weights, not one named adapter's; load it without "
+                "`adapter_name`. Nothing was loaded."
+            )
         _into_named_adapter(model, by_path, known, source, adapter_name)
         return model
     covered = {r.path for r in known}
@@ -105,8 +126,22 @@ def install(
     )
     for record in known:
         _check_variant(by_path[record.path], record, model, source)
-    _assign(_plan(model, by_path, known, source), by_path, known, source)
+    plan = _plan(model, by_path, known, source)
+    extra_plan = plan_extras(by_path, extras, source)
+    _assign(plan, by_path, known, source)
+    install_extras(by_path, extras, extra_plan)
     return model
+
+
+def _known_extras(model, by_path, extras, strict, source):
+    """The extra records whose layer `model` has; the others are reported."""
+    known = [r for r in extras if r.path in by_path]
+    report(
+        [f"{r.key!r} -> layer '{r.path}'" for r in extras if r.path not in by_path],
+        strict,
+        f"{source} has trained layers or biases for layers model '{model.name}' lacks",
+    )
+    return known
 
 
 def check_layer(layer, record, model, source):
@@ -287,14 +322,21 @@ def _into_named_adapter(model, by_path, records, source, name):
             by_path[path].set_active_adapters(active)
 
 
-def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
+def _apply_then_assign(
+    model, layers, by_path, records, source, name, in_place, extras=()
+):
     """`load_adapter` on a model without LoRA layers: puts a LoRA layer on
     exactly the records' layers, each with its own record's rank, alpha,
     scale rule, variant and factoring (`put_adapters`: in `model` itself if
     `in_place`, else in a copy), and loads the records. The shapes are
     checked against the new layers before the swap is kept: on any failure
-    `model` is as it was."""
+    `model` is as it was. The layers of `extras` that train whole are
+    copied in a copy (the biases are the shared base layers' own: they need
+    `in_place`)."""
     check_built(model, "load_adapter")
+    biases = sorted(r.path for r in extras if r.kind == "bias")
+    if biases and not in_place:
+        raise ValueError(shared_biases_message("load_adapter", biases, source))
     options = {
         id(by_path[r.path]): _common_options(by_path, [r], source) for r in records
     }
@@ -305,19 +347,28 @@ def _apply_then_assign(model, layers, by_path, records, source, name, in_place):
     def check(converted):
         converted_layers = dict(iter_layers(converted))
         plan = _plan(converted, converted_layers, records, source)
-        planned.append((converted_layers, plan))
+        extra_plan = plan_extras(converted_layers, extras, source)
+        planned.append((converted_layers, plan, extra_plan))
 
+    wrapped = {id(by_path[r.path]) for r in extras if r.kind == "module"} & set(options)
+    if wrapped:
+        raise ValueError(
+            f"{source} adapts layers it also trains whole: "
+            f"{sorted(r.path for r in extras if id(by_path[r.path]) in wrapped)}."
+        )
     lora_model = put_adapters(
         model,
         set(options),
         lambda layer: lora_class_for(layer)(
             layer, adapter_name=name, **options[id(layer)]
         ),
+        trainable={id(by_path[r.path]) for r in extras if r.kind == "module"},
         in_place=in_place,
         check=check,
     )
-    ((converted_layers, plan),) = planned
+    ((converted_layers, plan, extra_plan),) = planned
     _assign(plan, converted_layers, records, source, warn_scale=False)
+    install_extras(converted_layers, extras, extra_plan)
     return lora_model
 
 

@@ -26,6 +26,16 @@ its residual came from: loading recomputes the residual from the base
 model's kernel and refuses a different kernel. The top level records
 `"adapter_name"`, the name of the adapter the file holds.
 
+Extra trained weights (format version 4; written only when the model has
+them): the layers that train whole besides the adapters
+(`apply_lora(..., trainable=...)`, PEFT's `modules_to_save`) and the
+trained biases (`apply_lora(..., bias=...)`), see
+`keras_lora.io.extra_records`. Each weight is the tensor
+`"<layer path>/<variable name>"` (`"head/kernel"`, `"head/bias"`,
+`"encoder/dense_1/bias"`, `"ln/beta"`) in Keras layout, and the top level
+records `"extra": {"<layer path>": {"kind": "module" | "bias", "type":
+"Dense", "weights": ["kernel", "bias"]}}`.
+
 EinsumDense factoring (format version 3; written only when a layer uses
 the standard factoring): each EinsumDense layer entry records
 `"factoring"`, `"standard"` or `"keras"`. An EinsumDense entry without it
@@ -43,6 +53,7 @@ import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
 from keras_lora.config import LEGACY_FACTORING
+from keras_lora.io.extra_records import collect_extras, make_extra
 from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.records import make_record
 from keras_lora.io.report import report
@@ -53,7 +64,7 @@ from keras_lora.version import __version__
 NAME = "keras_lora"
 DESCRIPTION = "adapter file"
 METADATA_KEY = "keras_lora"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 SUFFIXES = ("/lora_a", "/lora_b", "/lora_magnitude")
 LORA_TYPES_BY_NAME = {t.__name__: t for t in LORA_LAYER_TYPES.values()}
 
@@ -103,9 +114,24 @@ def save(model, records, path, name_map=None, hf_class=None):
         if record.factoring is not None:
             entry["factoring"] = record.factoring
         layers[record.path] = entry
+    extra = {}
+    for record in collect_extras(model):
+        for name, array in record.arrays.items():
+            key = f"{record.path}/{name}"
+            if key in tensors:
+                raise ValueError(
+                    f"save_adapter(format='keras_lora'): the weight '{key}' of "
+                    "a trained layer has the name of an adapter tensor."
+                )
+            tensors[key] = array
+        extra[record.path] = {
+            "kind": record.kind,
+            "type": record.layer_type,
+            "weights": list(record.arrays),
+        }
     names = {record.adapter_name for record in records}
     info = {
-        "format_version": _version(layers),
+        "format_version": 4 if extra else _version(layers),
         "adapter_name": names.pop() if len(names) == 1 else None,
         "package_version": __version__,
         "keras_version": keras.__version__,
@@ -118,6 +144,8 @@ def save(model, records, path, name_map=None, hf_class=None):
         "sha256": _digest(tensors),
         "layers": layers,
     }
+    if extra:
+        info["extra"] = extra
     metadata = {METADATA_KEY: json.dumps(info, sort_keys=True)}
     with atomic_output(path) as tmp:
         safetensors.numpy.save_file(tensors, str(tmp), metadata=metadata)
@@ -140,10 +168,20 @@ def read(path, name_map, model, layers, strict):
     source = f"adapter file '{path}'"
     tensors, info = _read_file(path)
     layer_info = info["layers"]
+    extra_info = info.get("extra") or {}
+    if not isinstance(extra_info, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("weights"), list)
+        for e in extra_info.values()
+    ):
+        raise ValueError(f"'{path}': corrupt metadata for its extra weights.")
+    extra_keys = {
+        f"{stored}/{name}" for stored, e in extra_info.items() for name in e["weights"]
+    }
     unknown = [
         key
         for key in tensors
-        if not key.endswith(SUFFIXES) or key.rsplit("/", 1)[0] not in layer_info
+        if key not in extra_keys
+        and (not key.endswith(SUFFIXES) or key.rsplit("/", 1)[0] not in layer_info)
     ]
     report(
         [repr(k) for k in unknown],
@@ -188,6 +226,23 @@ def read(path, name_map, model, layers, strict):
                 else None,
                 base_type=entry.get("base_type"),
                 base_sha256=entry.get("base_sha256"),
+            )
+        )
+    for stored, entry in extra_info.items():
+        missing = [n for n in entry["weights"] if f"{stored}/{n}" not in tensors]
+        if missing:
+            raise ValueError(
+                f"'{path}' is corrupt: layer '{stored}' lacks its {missing} tensors."
+            )
+        target = lookup(name_map, stored) or stored
+        records.append(
+            make_extra(
+                source,
+                stored,
+                resolve_layer(target, layers) or target,
+                entry.get("kind"),
+                {n: tensors[f"{stored}/{n}"] for n in entry["weights"]},
+                entry.get("type"),
             )
         )
     return records

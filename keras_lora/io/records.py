@@ -24,6 +24,7 @@ from keras_lora.config import (
 )
 from keras_lora.layers import LoRALayer, lora_class_for
 from keras_lora.layers.checks import caller_stacklevel
+from keras_lora.model.extra_trainables import extra_weights
 from keras_lora.model.walk import require_lora_layers
 
 
@@ -262,12 +263,15 @@ def _record(path, layer, name):
 
 
 def _warn_unsaved_trainables(model, layers):
-    lora_ids = {id(v) for _, layer in layers for v in layer.weights}
-    extra = sorted({v.path for v in model.trainable_weights if id(v) not in lora_ids})
-    if extra:
+    """Warns about trainable weights no adapter file holds: besides the
+    adapters, a file holds whole trainable layers and trainable biases
+    (`extra_weights`), not a part of a layer."""
+    _, unsaved = extra_weights(model)
+    if unsaved:
         warnings.warn(
-            "save_adapter saves LoRA weights only; these trainable weights "
-            f"are not in the adapter: {extra}. Save them separately (or the "
-            "whole model with `model.save`).",
+            "save_adapter saves LoRA weights, and the layers and biases that "
+            "train whole besides them; these trainable weights are neither: "
+            f"{sorted(unsaved)}. Save them separately (or the whole model "
+            "with `model.save`).",
             stacklevel=caller_stacklevel(),
         )

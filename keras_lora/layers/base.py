@@ -16,7 +16,7 @@ import warnings
 import keras
 from keras import ops
 
-from keras_lora.config import DEFAULT_NAME, validate_factoring
+from keras_lora.config import DEFAULT_NAME, validate_factoring, validate_flag
 from keras_lora.layers import checks, hot_path, mixed, quantized, quantized_product
 from keras_lora.layers.drop_in import DropIn
 from keras_lora.layers.merging import Merging
@@ -58,6 +58,9 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         factoring: how `A·B` covers the kernel (`LoRAEinsumDense`); the
             other types have one factoring.
         hotswap: the scale is a variable (set by `prepare_hotswap`).
+        train_bias: whether the base layer's bias trains with the adapters
+            (PEFT's `bias="lora_only"`); its kernel stays frozen. See
+            `train_bias`.
         **kwargs: base `Layer` arguments; `name` and `dtype` default to the
             wrapped layer's.
 
@@ -90,6 +93,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         active_adapters=None,
         factoring=None,
         hotswap=False,
+        train_bias=False,
         **kwargs,
     ):
         restoring = kwargs.pop("_restoring", False)
@@ -112,6 +116,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
             "_restoring": bool(restoring),
             "_factoring": factoring,
             "_quantized_view": quantized.without_epilogue(layer),
+            "_train_bias": False,
         }
         for key, value in state.items():
             object.__setattr__(self, key, value)
@@ -120,6 +125,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         if any(spec.dropout for spec in specs):
             self.seed_generator = keras.random.SeedGenerator()
         self.layer.trainable = False
+        self.train_bias = train_bias
         if self.layer.built:
             self._build_adapters()
 
@@ -160,6 +166,29 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         # weights stay frozen whatever a user or a parent model sets.
         self._trainable = bool(value)
         self._sync_trainable()
+
+    @property
+    def train_bias(self):
+        """Whether the base layer's bias trains (while this layer is
+        `trainable`). Every other base weight stays frozen; a base without
+        a bias has nothing to train."""
+        return self._train_bias
+
+    @train_bias.setter
+    def train_bias(self, value):
+        object.__setattr__(self, "_train_bias", validate_flag(value, "train_bias"))
+        self._sync_trainable()
+
+    def _sync_trainable(self):
+        # The one place the base's bias is frozen or not: it follows
+        # `trainable` where `train_bias` is set (the base layer itself stays
+        # `trainable=False`, so setting it never thaws the kernel).
+        super()._sync_trainable()
+        if "_train_bias" not in self.__dict__:
+            return  # still in `__init__`
+        bias = getattr(self.layer, "bias", None)
+        if isinstance(bias, keras.Variable):
+            bias.trainable = self._trainable and self._train_bias
 
     @property
     def factoring(self):
@@ -423,6 +452,8 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
             config["adapters"] = [adapter.config() for adapter in adapters[1:]]
         if self._active != [adapters[0].name]:
             config["active_adapters"] = list(self._active)
+        if self._train_bias:
+            config["train_bias"] = True
         return config
 
     @classmethod

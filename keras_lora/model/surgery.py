@@ -37,6 +37,7 @@ from keras_lora.layers import lora_class_for
 from keras_lora.layers.checks import caller_stacklevel
 from keras_lora.model import loftq, same_class
 from keras_lora.model.containers import copy_layer, copy_model
+from keras_lora.model.extra_trainables import train_biases, validate_bias
 from keras_lora.model.in_place import apply_in_place, bypassing_owner, holders_of
 from keras_lora.model.quantized_bases import check_quantized_weights, lean_quantized
 from keras_lora.model.remat import check_blocks_for_targets, enable_remat
@@ -50,6 +51,7 @@ from keras_lora.model.targets import (
 from keras_lora.model.tracking import (
     copy_loses_class,
     owners,
+    refresh_compiled,
     restore_trainable_state,
     trainable_state,
 )
@@ -75,6 +77,7 @@ def apply_lora(
     alpha_pattern=None,
     loftq_mode=None,
     loftq_iter=None,
+    bias="none",
     **layer_kwargs,
 ):
     """Returns a copy of `model` with LoRA layers on the selected layers.
@@ -101,8 +104,9 @@ def apply_lora(
         alpha: positive number or `None` (`alpha = rank`).
         exclude: layers never to adapt, in the same forms as `targets`.
         trainable: layers to keep fully trainable next to the adapters (a
-            new head, say), in the same forms. They are copied (in place:
-            left in the model, trainable).
+            new head, say; PEFT's `modules_to_save`), in the same forms.
+            They are copied (in place: left in the model, trainable), and
+            `save_adapter` saves their weights with the adapters.
         in_place: if true, change `model` itself and return it: each target
             is swapped for its LoRA layer inside the layer that holds it, no
             layer is rebuilt or copied, and the model keeps its class, its
@@ -135,6 +139,12 @@ def apply_lora(
             `keras_lora.model.loftq`); `model` keeps its float layers.
         loftq_iter: with `init="loftq"`, the alternations of quantization
             and SVD, an int >= 1 (default 1).
+        bias: which biases train with the adapters, PEFT's `bias`:
+            `"none"` (default), `"lora_only"` (the bias of each adapted
+            layer; its kernel stays frozen) or `"all"` (every layer's `bias`
+            and every normalization's `beta`). `save_adapter` saves them.
+            The biases are the base layers' own, which a copy shares with
+            `model`: anything but `"none"` needs `in_place=True`.
         **layer_kwargs: passed on to each LoRA layer's constructor.
 
     Returns:
@@ -163,6 +173,9 @@ def apply_lora(
     alpha_pattern = validate_pattern(alpha_pattern, "alpha_pattern", validate_alpha)
     in_place = validate_flag(in_place, "in_place")
     remat = validate_flag(remat, "remat")
+    bias = validate_bias(bias)
+    if bias != "none" and not in_place:
+        raise ValueError(shared_biases_message("apply_lora", bias))
     if not in_place and copy_loses_class(model):
         raise ValueError(
             f"apply_lora: '{model.name}' is a {type(model).__name__}, a "
@@ -223,18 +236,26 @@ def apply_lora(
         make,
         trainable=to_copy,
         in_place=in_place,
+        bias=bias,
     )
     return _finish(lora_model, remat)
 
 
 def put_adapters(
-    model, targets, make_wrapper, trainable=frozenset(), in_place=False, check=None
+    model,
+    targets,
+    make_wrapper,
+    trainable=frozenset(),
+    in_place=False,
+    check=None,
+    bias="none",
 ):
     """The one way adapters go into a model (`apply_lora`, `load_adapter`):
     each layer in `targets` (ids) is swapped for `make_wrapper(layer)`
     inside the layers that hold it (`apply_in_place`), in `model` itself if
     `in_place`, else in `copy_for_lora(model, ...)`. Every other weight is
-    frozen but those of the layers in `trainable` (ids; copied in a copy).
+    frozen but those of the layers in `trainable` (ids; copied in a copy)
+    and the biases `bias` selects (`extra_trainables.train_biases`).
     `check(lora_model)`, if given, runs once every layer is swapped; if it
     (or anything) raises, nothing is changed. Returns the LoRA model, its
     int8/int4 layers on the lean quantized product."""
@@ -246,6 +267,9 @@ def put_adapters(
             lora_model, keep = copy_for_lora(model, targets, trainable)
         swaps = [(p, lay) for p, lay in iter_layers(lora_model) if id(lay) in targets]
         apply_in_place(lora_model, swaps, keep, make_wrapper, check=check)
+        if bias != "none":
+            train_biases(lora_model, bias)
+            refresh_compiled(lora_model)
     except Exception:
         restore_trainable_state(saved_flags)
         raise
@@ -256,6 +280,23 @@ def put_adapters(
     # Every int8/int4 layer (not only the adapted ones) on the lean quantized
     # product: no float kernel kept for the backward pass.
     return lean_quantized(lora_model)
+
+
+def shared_biases_message(function, what, source=None):
+    """Why biases cannot train in a copy, for `function`'s error: `what` is
+    `apply_lora`'s `bias` or the layers whose biases a file (`source`)
+    holds."""
+    trains = (
+        f"bias={what!r} trains"
+        if source is None
+        else f"{source} holds trained biases of layers {what}, which are"
+    )
+    return (
+        f"{function}: {trains} the biases of the base layers, which a copy "
+        "shares with the original model (training or loading the copy would "
+        "change the original). Pass `in_place=True` to convert the model "
+        "itself."
+    )
 
 
 def copy_for_lora(model, targets, to_copy):
