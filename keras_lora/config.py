@@ -13,9 +13,12 @@ import re
 
 import numpy as np
 
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 # Inits that rewrite the frozen kernel into a residual.
 BASE_CHANGING_INITS = ("pissa", "olora")
+# Inits whose factors fit one quantized base (LoftQ: `Q + s·A·B ≈ W`):
+# the kernel is not rewritten, but the adapter is right on that base only.
+QUANTIZED_BASE_INITS = ("loftq",)
 DEFAULT_NAME = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

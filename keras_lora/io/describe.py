@@ -94,6 +94,7 @@ def _peft(path):
     options = read_config(directory)
     rank = options.pop("rank")
     options.pop("base_model_class", None)
+    init = "loftq" if options.pop("loftq") else options["init"]
     if options.pop("target_parameters", None):
         raise ValueError(
             f"PEFT adapter '{directory}' adapts parameters (`target_parameters`, "

@@ -12,6 +12,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_lora.config import BASE_CHANGING_INITS, QUANTIZED_BASE_INITS
 from keras_lora.io.extra_records import install_extras, plan_extras, split
 from keras_lora.io.records import kernel_digest, layer_factoring
 from keras_lora.io.report import report
@@ -174,13 +175,16 @@ def check_layer(layer, record, model, source):
 
 
 def _check_variant(layer, record, model, source):
-    """Raises unless `layer`'s active adapter is the variant `record` is."""
+    """Raises unless `layer`'s active adapter is the variant `record` is,
+    on the base kernel the record's adapter is right on."""
     own = layer.get_adapter(layer.active_adapters[0])
     if own.use_dora != record.use_dora or own.init != record.init:
         if own.use_dora == record.use_dora and not (
-            own.changes_base or record.init in ("pissa", "olora")
+            own.changes_base or record.init in BASE_CHANGING_INITS
         ):
-            return  # default vs gaussian: only the starting point differs
+            # default, gaussian or LoftQ: only the starting point differs
+            # (a LoftQ record's base is checked below).
+            return _check_base_kernel(layer, record, source)
         raise ValueError(
             f"{source} holds a {_variant(record.init, record.use_dora)} "
             f"adapter for '{record.path}', but that layer of model "
@@ -188,24 +192,37 @@ def _check_variant(layer, record, model, source):
             "layer; nothing was loaded. Load into the base model, or into a "
             "LoRA layer of the same variant."
         )
-    if own.changes_base:
-        _check_base_kernel(layer, record, source)
+    _check_base_kernel(layer, record, source)
 
 
 def _check_base_kernel(layer, record, source):
-    """Raises if a PiSSA/OLoRA `record` was trained on another base kernel:
-    loading recomputes its residual from this one."""
-    if record.base_sha256 is not None and kernel_digest(layer) != record.base_sha256:
-        raise ValueError(
-            f"{source}: layer '{record.path}' uses init={record.init!r}, "
+    """Raises if `record` records the digest of a base kernel (PiSSA/OLoRA:
+    its residual is recomputed from the base; LoftQ: it was fit to one
+    quantized base) and `layer`'s base kernel differs."""
+    if record.base_sha256 is None or kernel_digest(layer) == record.base_sha256:
+        return
+    if record.init in QUANTIZED_BASE_INITS:
+        why = (
+            "was fit to the quantization error of one quantized base kernel "
+            "(Q + s·A·B ≈ W), but this model's base kernel is not that Q (a "
+            "float model, or one quantized again); load it into the model "
+            "`apply_lora(..., init='loftq')` made, saved with `model.save`, "
+            "or into its quantized base"
+        )
+    else:
+        why = (
             "whose residual kernel comes from the base kernel, but this "
             "model's base kernel differs from the one the adapter was "
-            "trained on; nothing was loaded."
+            "trained on"
         )
+    raise ValueError(
+        f"{source}: layer '{record.path}' uses init={record.init!r}, {why}; "
+        "nothing was loaded."
+    )
 
 
 def _variant(init, use_dora):
-    name = {"pissa": "PiSSA", "olora": "OLoRA"}.get(init, "plain")
+    name = {"pissa": "PiSSA", "olora": "OLoRA", "loftq": "LoftQ"}.get(init, "plain")
     return f"{name}{'+DoRA' if use_dora else ''}"
 
 

@@ -67,10 +67,11 @@ NEUTRAL_FIELDS = {
     "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA",
 }
-# `init_lora_weights` values that only choose a starting point for A and B.
-# The others (pissa, olora, loftq, corda, lora_ga) also rewrite the base
+# `init_lora_weights` values whose files hold plain A and B: a starting
+# point, or LoftQ's (read with a warning: the base must be PEFT's LoftQ
+# base). The others (pissa, olora, corda, lora_ga) also rewrite the base
 # weights, so the adapter alone does not reproduce the fine-tuned model.
-PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "loftq")
 
 
 def read_config(directory):
@@ -78,6 +79,7 @@ def read_config(directory):
 
     Returns:
         A dict with `rank`, `alpha`, `use_rslora`, `dropout`, `init`,
+        `loftq` (whether PEFT initialised it with LoftQ),
         `use_dora`, `rank_pattern` and `alpha_pattern` (per-module ranks and
         alphas, `{regex: value}`), each checked by `keras_lora.config`, and
         `base_model_class`, the `transformers` class the adapter was saved
@@ -124,6 +126,8 @@ def read_config(directory):
     _refuse_what_cannot_load(config, path)
     init = config.get("init_lora_weights", True)
     options["init"] = "gaussian" if init == "gaussian" else "default"
+    # LoftQ's A and B are plain weights that fit PEFT's LoftQ base only.
+    options["loftq"] = init == "loftq"
     mapping = config.get("auto_mapping")
     saved_for = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     options["base_model_class"] = saved_for if isinstance(saved_for, str) else None

@@ -29,12 +29,13 @@ places that handle `name_map=None`.
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
-from keras_lora.config import pattern_value
+from keras_lora.config import QUANTIZED_BASE_INITS, pattern_value
 from keras_lora.io import hub_mapping, hub_peft, peft_layout, peft_moe
 from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.io.names import lookup, resolve_layer
@@ -43,6 +44,7 @@ from keras_lora.io.records import make_record
 from keras_lora.io.report import report
 from keras_lora.io.safetensors_io import read_safetensors
 from keras_lora.layers import lora_class_for
+from keras_lora.layers.checks import caller_stacklevel
 
 NAME = "peft"
 DESCRIPTION = "PEFT adapter"
@@ -77,6 +79,15 @@ def check(model, records, directory, name_map, hf_class=None):
                 "for. Save in the 'keras_lora' format, or export the merged "
                 "model (`merge_lora`)."
             )
+    loftq = sorted(r.path for r in records if r.init in QUANTIZED_BASE_INITS)
+    if loftq:
+        warnings.warn(
+            f"{FUNCTION}: layers {loftq} use init='loftq': their adapters fit "
+            "this model's quantized base Q, not the float weights. A PEFT file "
+            "does not record that base; as PEFT's own LoftQ workflow does, ship "
+            "the base Q with it (the float weights are not the base it needs).",
+            stacklevel=caller_stacklevel(),
+        )
     variants = {(r.dropout, r.init, r.use_dora) for r in records}
     if len(variants) > 1:
         raise ValueError(
@@ -234,6 +245,15 @@ def read(directory, name_map, model, layers, strict):
     directory = Path(directory)
     source = f"PEFT adapter '{directory}'"
     options = read_config(directory)
+    if options.pop("loftq"):
+        warnings.warn(
+            f"'{directory}' was initialised with LoftQ (init_lora_weights="
+            "'loftq'): its A and B are plain LoRA weights, but they fit the "
+            "LoftQ base PEFT saved next to them (the quantized weights Q), not "
+            "the original float model. Load it into a model built from that "
+            "base.",
+            stacklevel=caller_stacklevel(),
+        )
     rank = options.pop("rank")
     patterns = options.pop("rank_pattern"), options.pop("alpha_pattern")
     pairs, magnitudes = _group_tensors(directory, options["use_dora"], strict)

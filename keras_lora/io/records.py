@@ -41,8 +41,9 @@ class LayerRecord:
         magnitude: DoRA's magnitude vector, or `None`.
         base_type: the base layer's class name (e.g. `"Dense"`), or `None`
             when the source does not record it.
-        base_sha256: for `init="pissa"`/`"olora"`, the digest of the base
-            kernel the residual was computed from (`kernel_digest`), if known.
+        base_sha256: for `init="pissa"`/`"olora"`/`"loftq"`, the digest of
+            the base kernel the adapter is right on (`kernel_digest`), if
+            known.
         factoring: for an `EinsumDense` base, how its kernel is split into
             `A·B` (`"standard"` or `"keras"`); `None` for other layer types.
         adapter_name: the adapter's name in the model it came from, if any.
@@ -157,14 +158,34 @@ def _check_record(record, rank):
 
 
 def kernel_digest(layer):
-    """SHA-256 of the bytes of a LoRA layer's base kernel (or of a plain
-    layer's kernel): what a PiSSA/OLoRA adapter's residual was computed from."""
-    if isinstance(layer, LoRALayer):
-        kernel = layer.base_kernel
-    else:
-        kernel = getattr(layer, lora_class_for(layer).kernel_attr)
-    kernel = np.ascontiguousarray(keras.ops.convert_to_numpy(kernel))
-    return hashlib.sha256(kernel.tobytes()).hexdigest()
+    """SHA-256 of a base kernel as stored: what a PiSSA/OLoRA residual was
+    computed from, or the quantized base a LoftQ adapter was fit to.
+
+    `layer` is a LoRA layer (its base is digested) or a plain layer. A float
+    kernel gives the digest of its bytes; a quantized base, the digest of
+    its stored codes and scales (every weight but the bias, by name), so
+    that the same quantized base digests the same on every backend.
+    """
+    base = layer.layer if isinstance(layer, LoRALayer) else layer
+    if getattr(base, "quantization_mode", None) is None:
+        if isinstance(layer, LoRALayer):
+            kernel = layer.base_kernel
+        else:
+            kernel = getattr(layer, lora_class_for(layer).kernel_attr)
+        return hashlib.sha256(_bytes(kernel)).hexdigest()
+    bias = getattr(base, "bias", None)
+    stored = sorted(
+        (v.path.rsplit("/", 1)[-1], v) for v in base.weights if v is not bias
+    )
+    digest = hashlib.sha256()
+    for name, variable in stored:
+        digest.update(name.encode())
+        digest.update(_bytes(variable))
+    return digest.hexdigest()
+
+
+def _bytes(tensor):
+    return np.ascontiguousarray(keras.ops.convert_to_numpy(tensor)).tobytes()
 
 
 def layer_factoring(layer):
@@ -254,7 +275,7 @@ def _record(path, layer, name):
         base_type=(
             getattr(type(layer.layer), "float_class", None) or type(layer.layer)
         ).__name__,
-        base_sha256=kernel_digest(layer) if spec.changes_base else None,
+        base_sha256=kernel_digest(layer) if spec.pins_base else None,
         factoring=layer_factoring(layer),
         adapter_name=name,
         lora_type=type(layer).__name__,

@@ -6,6 +6,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_lora.config import QUANTIZED_BASE_INITS
 from keras_lora.layers import quantized
 
 
@@ -48,6 +49,13 @@ def check_variant(layer, spec, specs):
     """Raises if adapter `spec`'s variant options cannot apply to `layer`
     next to the adapters `specs`."""
     quantized = getattr(layer, "quantization_mode", None) is not None
+    if not quantized and spec.init in QUANTIZED_BASE_INITS:
+        raise ValueError(
+            f"Layer '{layer.name}' is a float layer: adapter '{spec.name}' "
+            f"cannot use init={spec.init!r}, whose factors fit a quantized "
+            "base. Make LoftQ adapters with `apply_lora(float_model, "
+            "init='loftq', loftq_mode=...)`, which quantizes the targets."
+        )
     if quantized and (spec.use_dora or spec.changes_base):
         option = "use_dora=True" if spec.use_dora else f"init={spec.init!r}"
         raise ValueError(

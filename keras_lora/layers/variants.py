@@ -32,6 +32,7 @@ from keras_lora.config import (  # noqa: F401  (re-exported for older imports)
     BASE_CHANGING_INITS,
     DEFAULT_NAME,
     INITS,
+    QUANTIZED_BASE_INITS,
     validate_adapter_name,
     validate_alpha,
     validate_dropout,
@@ -129,6 +130,12 @@ class Adapter:
     @property
     def changes_base(self):
         return self.init in BASE_CHANGING_INITS
+
+    @property
+    def pins_base(self):
+        """Whether the adapter is right on one base kernel only (PiSSA/OLoRA
+        residuals, LoftQ's quantized base): adapter files record its digest."""
+        return self.changes_base or self.init in QUANTIZED_BASE_INITS
 
     @property
     def variables(self):

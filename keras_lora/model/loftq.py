@@ -140,7 +140,9 @@ def make_loftq_wrapper(layer, lora_cls, options, layer_kwargs, mode, iters):
     scale = scale_for(rank, alpha, layer_kwargs.get("use_rslora", False))
     source, _, a, b = loftq_factors(layer, kernel, rank, scale, mode, iters, layout)
     base = quantize_layer(_scratch(layer, weights=True), source, mode)
-    wrapper = lora_cls(base, **options, **layer_kwargs)
+    # `init="loftq"` marks the adapter as fit to this base: adapter files
+    # record the base's digest, and refuse to load on another base.
+    wrapper = lora_cls(base, **options, **layer_kwargs, init="loftq")
     adapter = next(iter(wrapper._adapters.values()))
     dtype = keras.backend.standardize_dtype(adapter.a.dtype)
     adapter.a.assign(a.reshape(a_shape).astype(dtype))

@@ -1,13 +1,18 @@
 """LoftQ (`apply_lora(init="loftq")`): a quantized base plus adapters that
 make up for its quantization error (`keras_lora.model.loftq`)."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
+import safetensors
 
 import keras_lora as kl
+from keras_lora.io.records import kernel_digest
 from keras_lora.layers import quantized
 from keras_lora.model.loftq import error_ratio
+from keras_lora.model.walk import lora_layers
 
 MODES = ("int8", "int4", "nf4")
 
@@ -209,3 +214,139 @@ def test_factors_follow_the_scale(use_rslora):
     )
     merged = keras.ops.convert_to_numpy(kl.merge_lora(lora).get_layer("d1").kernel)
     assert np.linalg.norm(w - merged) < np.linalg.norm(w - q)
+
+
+# ----- adapter files: a LoftQ adapter is right on its quantized base only --
+
+
+def _trained_loftq(mode="int4", iters=3):
+    """A float model and its LoftQ copy, the adapters moved off their init."""
+    keras.utils.set_random_seed(0)
+    model = _mlp()
+    lora = kl.apply_lora(
+        model,
+        targets=["d1", "d2"],
+        rank=4,
+        init="loftq",
+        loftq_mode=mode,
+        loftq_iter=iters,
+    )
+    rng = np.random.default_rng(2)
+    for name in ("d1", "d2"):
+        b = lora.get_layer(name).lora_b
+        b.assign(b + rng.standard_normal(b.shape).astype("float32") * 0.05)
+    return model, lora
+
+
+def _out(model):
+    return keras.ops.convert_to_numpy(model(_inputs()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_adapter_file_records_loftq_and_its_base(tmp_path, mode):
+    _, lora = _trained_loftq(mode)
+    path = tmp_path / "loftq.safetensors"
+    kl.save_adapter(lora, path)
+    with safetensors.safe_open(str(path), "np") as f:
+        entries = json.loads(f.metadata()["keras_lora"])["layers"]
+    assert {e["init"] for e in entries.values()} == {"loftq"}
+    assert {e["base_sha256"] for e in entries.values()} == {
+        kernel_digest(lora.get_layer(name)) for name in ("d1", "d2")
+    }
+
+
+def test_adapter_file_loads_on_the_same_loftq_base(tmp_path):
+    model, lora = _trained_loftq()
+    path = tmp_path / "loftq.safetensors"
+    kl.save_adapter(lora, path)
+    # The same LoftQ conversion of the same float model: the same base Q
+    # (quantization and SVD are deterministic), so the file loads exactly.
+    keras.utils.set_random_seed(1)
+    again = kl.apply_lora(
+        model,
+        targets=["d1", "d2"],
+        rank=4,
+        init="loftq",
+        loftq_mode="int4",
+        loftq_iter=3,
+    )
+    kl.load_adapter(again, path)
+    np.testing.assert_array_equal(_out(again), _out(lora))
+    # And the model reloaded from its `.keras` file.
+    saved = str(tmp_path / "loftq.keras")
+    lora.save(saved)
+    reloaded = keras.models.load_model(saved)
+    for name in ("d1", "d2"):
+        assert reloaded.get_layer(name).get_adapter("default").init == "loftq"
+    kl.load_adapter(reloaded, path)
+    np.testing.assert_array_equal(_out(reloaded), _out(lora))
+
+
+def test_adapter_file_refused_on_another_base(tmp_path):
+    model, lora = _trained_loftq()
+    path = tmp_path / "loftq.safetensors"
+    kl.save_adapter(lora, path)
+    before = _out(model)
+    # The float model: its kernel is W, not Q.
+    with pytest.raises(ValueError, match="init='loftq'.*quantized base"):
+        kl.load_adapter(model, path)
+    assert not lora_layers(model)
+    np.testing.assert_array_equal(_out(model), before)
+    # A plain int4 quantization of W, with or without LoRA layers: another Q
+    # (after 3 alternations the base is quantized from W - s·A·B).
+    plain = _mlp()
+    plain.set_weights(model.get_weights())
+    plain.quantize("int4")
+    with pytest.raises(ValueError, match="init='loftq'.*quantized base"):
+        kl.load_adapter(plain, path)
+    plain_lora = kl.apply_lora(plain, targets=["d1", "d2"], rank=4)
+    kernel_before = [keras.ops.convert_to_numpy(v) for v in plain_lora.weights]
+    with pytest.raises(ValueError, match="init='loftq'.*quantized base"):
+        kl.load_adapter(plain_lora, path)
+    for variable, value in zip(plain_lora.weights, kernel_before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+
+
+def test_peft_file_warns_that_the_base_must_travel_with_it(tmp_path):
+    _, lora = _trained_loftq()
+    with pytest.warns(UserWarning, match="init='loftq'"):
+        kl.save_adapter(lora, tmp_path / "peft", format="peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # As PEFT's own LoftQ workflow writes it: plain weights, a plain init.
+    assert config["init_lora_weights"] is True
+
+
+def test_peft_loftq_config_reads_as_plain_weights_with_a_warning(tmp_path):
+    _, lora = _trained_loftq()
+    directory = tmp_path / "peft"
+    with pytest.warns(UserWarning):
+        kl.save_adapter(lora, directory, format="peft")
+    # What PEFT writes when its LoftQ config is kept on save.
+    config_path = directory / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(
+        init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1}
+    )
+    config_path.write_text(json.dumps(config))
+    # The base PEFT saved would be Q's float weights; the weights load as is.
+    target = _mlp()
+    with pytest.warns(UserWarning, match="LoftQ base"):
+        loaded = kl.load_adapter(target, directory)
+    for name in ("d1", "d2"):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(loaded.get_layer(name).lora_b),
+            keras.ops.convert_to_numpy(lora.get_layer(name).lora_b),
+        )
+
+
+def test_one_iteration_base_is_the_plain_quantization(tmp_path):
+    # With loftq_iter=1 the base is quantized from W itself: the plain
+    # quantization of the float model is the same Q, and the file loads.
+    model, lora = _trained_loftq(iters=1)
+    path = tmp_path / "loftq.safetensors"
+    kl.save_adapter(lora, path)
+    plain = _mlp()
+    plain.set_weights(model.get_weights())
+    plain.quantize("int4")
+    loaded = kl.load_adapter(plain, path)
+    np.testing.assert_array_equal(_out(loaded), _out(lora))
