@@ -45,6 +45,16 @@ def from_core_lora(model, in_place=False):
     """
     check_is_model(model, "from_core_lora")
     in_place = validate_flag(in_place, "in_place")
+    dora = [p for p, layer in iter_layers(model) if getattr(layer, "dora_enabled", 0)]
+    if dora:
+        # Keras core's DoRA (open PRs keras#23382-23385) is not released;
+        # docs/api.md#keras-core-dora-the-plan has the variables it will read.
+        raise ValueError(
+            f"from_core_lora: layers {dora} use Keras core's DoRA "
+            "(`dora_enabled`), which no released Keras has and keras_lora does "
+            "not read yet; nothing was changed. Merge it into the kernels "
+            "(or use `kl.apply_lora(..., use_dora=True)` on the base model)."
+        )
     targets = [
         (path, layer)
         for path, layer in iter_layers(model)

@@ -115,3 +115,16 @@ def test_projection_inside_multi_head_attention(in_place):
     assert list(layers) == ["mha/query"]
     assert (layers["mha/query"].rank, layers["mha/query"].scale) == (2, 3.0)
     np.testing.assert_allclose(to_numpy(converted(x)), out, atol=ATOL)
+
+
+def test_core_dora_layers_are_refused_until_keras_releases_them():
+    # Keras core's DoRA (open PRs keras#23382-23385) marks a layer with
+    # `dora_enabled`; no released Keras sets it, so this stands in for one.
+    inputs = keras.Input((8,))
+    core = keras.layers.Dense(4, name="core")
+    model = keras.Model(inputs, core(inputs))
+    core.enable_lora(rank=2)
+    core.dora_enabled = True
+    with pytest.raises(ValueError, match=r"\['core'\].*Keras core's DoRA"):
+        kl.from_core_lora(model)
+    assert core.lora_enabled and model.get_layer("core") is core
