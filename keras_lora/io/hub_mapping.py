@@ -45,6 +45,7 @@ import math
 import sys
 import textwrap
 
+import keras
 import numpy as np
 
 from keras_lora.io import peft_moe
@@ -100,7 +101,16 @@ class HubCorrespondence:
     """
 
     def __init__(
-        self, model_type, hf_model_type, hf_class, base_prefix, kernels, names
+        self,
+        model_type,
+        hf_model_type,
+        hf_class,
+        base_prefix,
+        kernels,
+        names,
+        ports=(),
+        params=None,
+        ndims=None,
     ):
         self.model_type = model_type
         self.hf_model_type = hf_model_type
@@ -108,6 +118,12 @@ class HubCorrespondence:
         self.base_prefix = base_prefix
         self._kernels = kernels  # id(variable) -> (variable, KernelMap)
         self._names = names  # weight key -> {class name: module name or None}
+        # Every `port_weight` call: (variable, weight key, hook).
+        self._ports = list(ports)
+        # {class name: rename(weight key) -> parameter name or None}
+        self._params = params or {}
+        # {class name: {parameter name: its number of axes}}
+        self._ndims = ndims or {}
 
     def kernel_map(self, layer):
         """The `KernelMap` of a LoRA layer's (or a plain layer's) kernel, or `None`."""
@@ -129,6 +145,83 @@ class HubCorrespondence:
     def maps(self):
         """All `KernelMap`s, in the converter's order."""
         return [entry[1] for entry in self._kernels.values()]
+
+    def ports(self, variable=None, key=None):
+        """The converter's `(variable, weight key, hook)` calls, all or
+        those of one Keras variable or one weight key."""
+        return [
+            port
+            for port in self._ports
+            if (variable is None or port[0] is variable)
+            and (key is None or port[1] == key)
+        ]
+
+    def param_name(self, key, cls_name=None):
+        """The parameter name of weight `key` in `cls_name` (default:
+        `hf_class`), or `None` where that class has no such parameter."""
+        rename = self._params.get(cls_name or self.hf_class)
+        return None if rename is None else rename(key)
+
+    def keys_for_param(self, param):
+        """The weight keys that are parameter `param` in any class this
+        correspondence knows (`hf_class` first)."""
+        return [
+            key
+            for key in dict.fromkeys(port[1] for port in self._ports)
+            if any(rename(key) == param for rename in self._params.values())
+        ]
+
+    def hf_weight(self, key):
+        """The Hugging Face weight `key` as a NumPy array, put together from
+        the Keras variables the converter fills from it (their current
+        values), by inverting the converter's hooks; `None` where a hook
+        does more than move entries or the variables do not cover it."""
+        ports = self.ports(key=key)
+        values = [
+            (np.asarray(keras.ops.convert_to_numpy(v)), hook) for v, _, hook in ports
+        ]
+        size = sum(value.size for value, _ in values)
+        param = self.param_name(key)
+        ndim = self._ndims.get(self.hf_class, {}).get(param)
+        for shape in self._hf_shapes(ports, size, ndim):
+            weight = np.zeros(size, values[0][0].dtype)
+            filled = np.zeros(size, bool)
+            for (value, hook), (variable, _, _) in zip(values, ports, strict=True):
+                moved = _moved_index(hook, shape, tuple(variable.shape))
+                if moved is None or filled[moved.reshape(-1)].any():
+                    break
+                weight[moved.reshape(-1)] = value.reshape(-1)
+                filled[moved.reshape(-1)] = True
+            else:
+                if filled.all():
+                    return weight.reshape(shape)
+        return None
+
+    def _hf_shapes(self, ports, size, ndim):
+        """The shapes weight of `ports` may have in the checkpoint: the
+        kernel map's, the variable's (or reversed), or flat; of `ndim` axes
+        (the class's parameter's), where known."""
+        shapes = []
+        for variable, _, _ in ports:
+            kernel = self._kernels.get(id(variable))
+            if kernel is not None and kernel[0] is variable:
+                m = kernel[1]
+                shapes.append(
+                    (m.in_features, m.out_features)
+                    if m.fan_in_fan_out
+                    else (m.out_features, m.in_features)
+                )
+        if len(ports) == 1:
+            shape = tuple(ports[0][0].shape)
+            shapes += [shape, shape[::-1]]
+        shapes.append((size,))
+        return list(
+            dict.fromkeys(
+                s
+                for s in shapes
+                if math.prod(s) == size and (ndim is None or len(s) == ndim)
+            )
+        )
 
 
 def hub_correspondence(model, hf_class=None, also=()):
@@ -202,12 +295,25 @@ def hub_correspondence(model, hf_class=None, also=()):
     keys = [m.key for m in (entry[1] for entry in kernels.values())]
     num_layers = getattr(backbone, "num_layers", None)
     names = {key: {} for key in keys}
+    params, ndims = {}, {}
     for cls_name in dict.fromkeys(wanted):
         renamed = _hf_module_names(hf_model_type, cls_name, num_layers)
         for key in keys:
             names[key][cls_name] = renamed(key)
+        params[cls_name] = _hf_param_names(hf_model_type, cls_name, num_layers)
+        ndims[cls_name] = _hf_names(hf_model_type, cls_name, num_layers)[2]
     base_prefix = _hf_class(cls_name=hf_class).base_model_prefix
-    hub = HubCorrespondence(name, hf_model_type, hf_class, base_prefix, kernels, names)
+    hub = HubCorrespondence(
+        name,
+        hf_model_type,
+        hf_class,
+        base_prefix,
+        kernels,
+        names,
+        ports=loader.calls,
+        params=params,
+        ndims=ndims,
+    )
     hub.experts = recording.maps  # id(variable) -> peft_moe.ExpertsMap
     return hub
 
@@ -317,11 +423,33 @@ def hf_class_module(cls_name):
     return _hf_class(cls_name).__module__
 
 
-@functools.lru_cache(maxsize=16)
 def _hf_module_names(hf_model_type, cls_name, num_layers):
-    """`rename(key) -> module name or None`: how `transformers` renames a
-    checkpoint weight key for `cls_name` (built on the meta device, at the
-    default config but for its number of layers)."""
+    """`rename(key) -> module name or None`: the module whose `weight`
+    checkpoint weight key is, in `cls_name` (`_hf_names`)."""
+    rename_param, modules, _ = _hf_names(hf_model_type, cls_name, num_layers)
+
+    def rename(key):
+        name = rename_param(key)
+        module = None if name is None else name.removesuffix(".weight")
+        return module if module in modules else None
+
+    return rename
+
+
+def _hf_param_names(hf_model_type, cls_name, num_layers):
+    """`rename(key) -> parameter name or None`: the parameter (or buffer)
+    checkpoint weight `key` is in `cls_name` (`_hf_names`)."""
+    return _hf_names(hf_model_type, cls_name, num_layers)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _hf_names(hf_model_type, cls_name, num_layers):
+    """`(rename, modules, ndims)`: `rename(key) -> parameter name or None`,
+    how `transformers` renames a checkpoint weight key for `cls_name` (built
+    on the meta device, at the default config but for its number of
+    layers), the names of that class's modules, and `{parameter name: its
+    number of axes}` (the sizes are the default config's, the axes are
+    not)."""
     import torch
     import transformers
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -339,19 +467,18 @@ def _hf_module_names(hf_model_type, cls_name, num_layers):
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    state = dict.fromkeys(model.state_dict(), True)
+    state = {name: tensor.ndim for name, tensor in model.state_dict().items()}
     modules = {name for name, _ in model.named_modules()}
 
     def rename(key):
         name, converted = rename_source_key(
             key, renamings, converters, model.base_model_prefix, state
         )
-        module = name.removesuffix(".weight")
-        if converted is not None or name not in state or module not in modules:
+        if converted is not None or name not in state:
             return None  # split or fused by `transformers`, or not in this class
-        return module
+        return name
 
-    return rename
+    return rename, modules, state
 
 
 @functools.cache

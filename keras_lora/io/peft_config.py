@@ -11,6 +11,7 @@ from keras_lora.config import (
     validate_pattern,
     validate_rank,
 )
+from keras_lora.model.extra_trainables import validate_bias
 
 CONFIG_NAME = "adapter_config.json"
 # PEFT's default `lora_alpha`, for a config that leaves it out.
@@ -50,12 +51,12 @@ HONOURED_FIELDS = {
     "rank_pattern",
     "alpha_pattern",
     "target_parameters",
+    "modules_to_save",
+    "bias",
 }
 # Fields keras_lora cannot represent unless they have their neutral value.
 NEUTRAL_FIELDS = {
-    "bias": "trained biases",
     "lora_bias": "a bias on lora_B",
-    "modules_to_save": "fully trained extra modules",
     "layer_replication": "replicated layers",
     "megatron_config": "Megatron parallel layers",
     "trainable_token_indices": "trainable token embeddings",
@@ -123,6 +124,10 @@ def read_config(directory):
         raise type(e)(f"'{path}': {e}") from None
     if options["alpha"] is None:
         options["alpha"] = float(DEFAULT_ALPHA)
+    # Extra trained weights (keras_lora.io.peft_extras): the modules that
+    # train whole, and which biases train.
+    options["modules_to_save"] = _modules_to_save(config, path)
+    options["bias"] = _bias(config, path)
     _refuse_what_cannot_load(config, path)
     init = config.get("init_lora_weights", True)
     options["init"] = "gaussian" if init == "gaussian" else "default"
@@ -141,6 +146,26 @@ def read_config(directory):
     return options
 
 
+def _modules_to_save(config, path):
+    modules = config.get("modules_to_save") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise TypeError(
+            f"'{path}': `modules_to_save` must be a list of module names. "
+            f"Received: modules_to_save={modules!r}"
+        )
+    return modules
+
+
+def _bias(config, path):
+    bias = config.get("bias")
+    if bias is None:
+        return "none"
+    try:
+        return validate_bias(bias)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"'{path}': {e}") from None
+
+
 def _pattern(config, field, validate):
     """`{regex: value}` of a `rank_pattern`/`alpha_pattern` field, validated."""
     return validate_pattern(config.get(field) or {}, field, validate)
@@ -156,8 +181,6 @@ def _refuse_what_cannot_load(config, path):
         )
     for field, meaning in NEUTRAL_FIELDS.items():
         value = config.get(field)
-        if field == "bias" and value in (None, "none"):
-            continue
         if not _neutral(value):
             problems.append(f"{field}={value!r} ({meaning})")
     known = IGNORED_FIELDS | HONOURED_FIELDS | set(NEUTRAL_FIELDS)
@@ -173,8 +196,19 @@ def _refuse_what_cannot_load(config, path):
         )
 
 
-def make_config(rank, alpha, use_rslora, dropout, init, use_dora, modules):
-    """The `adapter_config.json` contents for one plain LoRA adapter."""
+def make_config(
+    rank,
+    alpha,
+    use_rslora,
+    dropout,
+    init,
+    use_dora,
+    modules,
+    modules_to_save=None,
+    bias="none",
+):
+    """The `adapter_config.json` contents for one plain LoRA adapter, with
+    the modules that train whole (`modules_to_save`) and PEFT's `bias`."""
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -187,10 +221,10 @@ def make_config(rank, alpha, use_rslora, dropout, init, use_dora, modules):
         "target_modules": modules,
         "lora_dropout": dropout,
         "fan_in_fan_out": False,
-        "bias": "none",
+        "bias": bias,
         "init_lora_weights": "gaussian" if init == "gaussian" else True,
         "use_dora": use_dora,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},

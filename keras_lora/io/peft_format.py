@@ -36,7 +36,8 @@ import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
 from keras_lora.config import QUANTIZED_BASE_INITS, pattern_value
-from keras_lora.io import hub_mapping, hub_peft, peft_layout, peft_moe
+from keras_lora.io import hub_mapping, hub_peft, peft_extras, peft_layout, peft_moe
+from keras_lora.io.extra_records import collect_extras
 from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.io.names import lookup, resolve_layer
 from keras_lora.io.peft_config import CONFIG_NAME, make_config, read_config
@@ -139,8 +140,9 @@ def save(model, records, directory, name_map=None, hf_class=None):
     records as PEFT does (`auto_mapping.base_model_class`).
     """
     hub = hub_correspondence(model, hf_class) if name_map is None else None
+    extras = collect_extras(model)
     if hub is not None:
-        return _save_by_hub(hub, records, directory)
+        return _save_by_hub(hub, records, directory, extras)
     if hf_class is not None:
         raise ValueError(
             f"{FUNCTION}: `hf_class` names the `transformers` class of a "
@@ -154,6 +156,9 @@ def save(model, records, directory, name_map=None, hf_class=None):
             + f" Received: hf_class={hf_class!r}"
         )
     _check_by_name(records, name_map)
+    extra_tensors, modules_to_save = peft_extras.to_peft_by_name(
+        extras, lambda record: module_for_layer(name_map, record), FUNCTION
+    )
     tensors, modules = {}, []
     for record in records:
         module = module_for_layer(name_map, record)
@@ -174,7 +179,10 @@ def save(model, records, directory, name_map=None, hf_class=None):
         first.init,
         first.use_dora,
         modules,
+        modules_to_save,
+        peft_extras.bias_mode(extras),
     )
+    tensors.update({f"{PREFIX}{key}": array for key, array in extra_tensors.items()})
     # Per-layer ranks and alphas: the most common pair as r/lora_alpha and
     # an exact pattern for each other module, as for a KerasHub model.
     config.update(
@@ -188,7 +196,7 @@ def save(model, records, directory, name_map=None, hf_class=None):
     return _write(directory, tensors, config)
 
 
-def _save_by_hub(hub, records, directory):
+def _save_by_hub(hub, records, directory, extras=()):
     experts = [r for r in records if peft_moe.is_experts(r.layer)]
     others = [r for r in records if not peft_moe.is_experts(r.layer)]
     modules, fan_in_fan_out = (
@@ -203,6 +211,8 @@ def _save_by_hub(hub, records, directory):
     wrapped, params = peft_moe.to_peft(hub, experts, FUNCTION) if experts else ({}, [])
     tensors.update({f"{PREFIX}{key}": array for key, array in wrapped.items()})
     ranks = [hub_peft.ModuleRank(*p) for p in params]
+    extra_tensors, modules_to_save = peft_extras.to_peft_by_hub(hub, extras, FUNCTION)
+    tensors.update({f"{PREFIX}{key}": array for key, array in extra_tensors.items()})
     first = records[0]
     config = make_config(
         1,
@@ -212,6 +222,8 @@ def _save_by_hub(hub, records, directory):
         first.init,
         False,
         [m.name for m in modules],
+        modules_to_save,
+        peft_extras.bias_mode(extras),
     )
     config.update(
         hub_peft.config_fields(modules + ranks), fan_in_fan_out=fan_in_fan_out
@@ -256,7 +268,14 @@ def read(directory, name_map, model, layers, strict):
         )
     rank = options.pop("rank")
     patterns = options.pop("rank_pattern"), options.pop("alpha_pattern")
-    pairs, magnitudes = _group_tensors(directory, options["use_dora"], strict)
+    extra_tensors = {}
+    pairs, magnitudes = _group_tensors(
+        directory, options["use_dora"], strict, extra_tensors
+    )
+    found, unknown = peft_extras.split_extra_keys(
+        extra_tensors, options.pop("modules_to_save"), options.pop("bias")
+    )
+    _report_unknown(directory, [f"{PREFIX}{key}" for key in unknown], strict)
     saved_for = options.pop("base_model_class")
     target_parameters = options.pop("target_parameters")
     hub = None
@@ -267,6 +286,17 @@ def read(directory, name_map, model, layers, strict):
         records = _read_by_hub(
             hub, directory, pairs, rank, patterns, options, layers, strict
         )
+        extras, unmapped = peft_extras.from_peft_by_hub(
+            hub, found, extra_tensors, layers, source
+        )
+        report(
+            [repr(f"{PREFIX}{key}") for key in unmapped],
+            strict,
+            f"PEFT adapter '{directory}' has trained modules or biases with no "
+            f"counterpart in KerasHub's `transformers` converter for "
+            f"'{hub.model_type}'",
+        )
+        records += extras
         report(
             [repr(m) for m in unknown],
             strict,
@@ -325,15 +355,23 @@ def read(directory, name_map, model, layers, strict):
                 **_module_options(options, patterns, module),
             )
         )
+    extras, unmapped_extras = peft_extras.from_peft_by_name(
+        found,
+        extra_tensors,
+        lambda module: layer_for_module(name_map, module, layers),
+        by_path,
+        source,
+    )
+    unmapped += unmapped_extras
     if unmapped:
         report(
             [repr(m) for m in sorted(unmapped)],
             strict,
             f"PEFT modules that map to no Keras layer (PEFT modules: "
-            f"{sorted(pairs)}; Keras layers: {[p for p, _ in layers]}; "
-            "pass `name_map`)",
+            f"{sorted(set(pairs) | {m for m, _, _ in found.values()})}; Keras "
+            f"layers: {[p for p, _ in layers]}; pass `name_map`)",
         )
-    return records
+    return records + extras
 
 
 def _read_by_hub(hub, directory, pairs, rank, patterns, options, layers, strict):
@@ -406,8 +444,10 @@ def layer_for_module(name_map, module, layers):
     return None
 
 
-def _group_tensors(directory, use_dora, strict):
-    """`({module: {tensor name: array}}, {module: magnitude})` of the file."""
+def _group_tensors(directory, use_dora, strict, extras=None):
+    """`({module: {tensor name: array}}, {module: magnitude})` of the file.
+    With `extras` (a dict), the other tensors under `base_model.model.` go
+    there, keyed without it, for `peft_extras` to sort out."""
     pairs, unknown, magnitudes = {}, [], {}
     for key, array in _read_weights(directory).items():
         dora = MAGNITUDE.match(key) if use_dora else None
@@ -415,18 +455,25 @@ def _group_tensors(directory, use_dora, strict):
             magnitudes[dora["module"]] = array
             continue
         match = KEY.match(key)
-        if match is None:
+        if match is None and extras is not None and key.startswith(PREFIX):
+            extras[key[len(PREFIX) :]] = array
+        elif match is None:
             unknown.append(key)
-            continue
-        pairs.setdefault(match["module"], {})[match["name"]] = array
+        else:
+            pairs.setdefault(match["module"], {})[match["name"]] = array
+    _report_unknown(directory, unknown, strict)
+    return pairs, magnitudes
+
+
+def _report_unknown(directory, keys, strict):
     report(
-        [repr(k) for k in sorted(unknown)],
+        [repr(k) for k in sorted(keys)],
         strict,
         f"PEFT adapter '{directory}' has tensors that are no LoRA A/B weight "
         "(keras_lora reads `base_model.model.<module>.lora_A.weight`, "
-        "`.lora_B.weight`, `.lora_embedding_A` and `.lora_embedding_B`)",
+        "`.lora_B.weight`, `.lora_embedding_A` and `.lora_embedding_B`), nor "
+        "a module in its `modules_to_save`, nor a bias its `bias` saves",
     )
-    return pairs, magnitudes
 
 
 def _peft_pair(module, pair, rank, rank_pattern, directory):

@@ -264,8 +264,8 @@ def write_peft_dir(directory, config_changes=(), tensors=None):
         ({"use_dora": True}, "DoRA adapters .* without a magnitude"),
         ({"peft_type": "IA3"}, "peft_type='IA3'"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
-        ({"bias": "all"}, "bias='all'"),
-        ({"modules_to_save": ["4"]}, "modules_to_save"),
+        # bias and modules_to_save are read (tests/io/test_peft_modules_to_save.py)
+        ({"bias": "lora"}, "`bias` must be one of"),
         ({"rank_pattern": {"0": 4}}, "rank_pattern"),
         ({"some_future_field": 3}, "some_future_field=3"),
         ({"r": 0}, "`r` must be a positive integer"),
