@@ -35,11 +35,14 @@ from keras_lora.model.walk import check_is_model, iter_layers
 def save_adapter(
     model, path, format="keras_lora", name_map=None, adapter=None, hf_class=None
 ):
-    """Saves the LoRA weights of `model`, and nothing else, to `path`.
+    """Saves the LoRA weights of `model`, and what trains with them, to `path`.
 
-    Only `lora_a` and `lora_b` of every LoRA layer are written, with what is
-    needed to apply them again (rank, alpha, scale rule, layer types). Base
-    weights are never written, so the file is small. The output is written
+    `lora_a` and `lora_b` of every LoRA layer are written, with what is
+    needed to apply them again (rank, alpha, scale rule, layer types), and
+    the weights that train next to them: the layers that train whole
+    (`apply_lora(trainable=...)`, PEFT's `modules_to_save`) and the trained
+    biases (`apply_lora(bias=...)`). Frozen base weights are never written,
+    so the file is small. The output is written
     beside `path` and renamed into place when complete: an interrupted save
     leaves any earlier file intact.
 
@@ -108,6 +111,9 @@ def load_adapter(
     model. On a
     model that has LoRA layers, the weights load into them and `model`
     itself is returned; their alpha and scale rule are set to the adapter's.
+    Layers and biases the file holds besides the adapters (see
+    `save_adapter`) are assigned and train again; trained biases load into a
+    model without LoRA layers only with `in_place=True` (a copy shares them).
 
     Everything is checked before anything is assigned: a failed load leaves
     `model` as it was.
