@@ -48,20 +48,30 @@ def check_base_layer(cls, layer):
 def check_variant(layer, spec, specs):
     """Raises if adapter `spec`'s variant options cannot apply to `layer`
     next to the adapters `specs`."""
-    quantized = getattr(layer, "quantization_mode", None) is not None
-    if not quantized and spec.init in QUANTIZED_BASE_INITS:
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is None and spec.init in QUANTIZED_BASE_INITS:
         raise ValueError(
             f"Layer '{layer.name}' is a float layer: adapter '{spec.name}' "
             f"cannot use init={spec.init!r}, whose factors fit a quantized "
             "base. Make LoftQ adapters with `apply_lora(float_model, "
             "init='loftq', loftq_mode=...)`, which quantizes the targets."
         )
-    if quantized and (spec.use_dora or spec.changes_base):
-        option = "use_dora=True" if spec.use_dora else f"init={spec.init!r}"
+    if mode is not None and spec.changes_base:
         raise ValueError(
-            f"Layer '{layer.name}' is quantized: adapter '{spec.name}' "
-            f"cannot use {option} there (DoRA and PiSSA/OLoRA need the "
-            "float kernel). Use them on a float base."
+            f"Layer '{layer.name}' is quantized ({mode!r}): adapter "
+            f"'{spec.name}' cannot use init={spec.init!r} there (PiSSA/OLoRA "
+            "rewrite the frozen kernel, which a quantized base cannot hold "
+            "in float). Use them on a float base; DoRA (use_dora=True) "
+            "works on quantized Dense and EinsumDense bases."
+        )
+    dora_bases = (keras.layers.Dense, keras.layers.EinsumDense)
+    if mode is not None and spec.use_dora and not isinstance(layer, dora_bases):
+        raise ValueError(
+            f"Layer '{layer.name}' is a quantized ({mode!r}) "
+            f"{type(layer).__name__}: adapter '{spec.name}' cannot use "
+            "use_dora=True there. DoRA over a quantized base (QDoRA) is "
+            "supported on Dense and EinsumDense layers; use DoRA on a float "
+            "base for this layer type."
         )
     changing = [s.name for s in specs if s.changes_base]
     if len(changing) > 1:

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lora.layers import variants
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.hot_path import low_rank, matmul, scalar, value
 from keras_lora.layers.mixed import scale_rows
@@ -56,6 +57,17 @@ class LoRADense(LoRALayer):
     def adapter_shapes(self):
         input_dim, units = self.layer.kernel.shape
         return (input_dim, self.rank), (self.rank, units)
+
+    def _add_updates(self, inputs, base, training, adapters):
+        # QDoRA: the norm's dequantization waits for the base product.
+        with variants.norm_anchor(self, base):
+            return super()._add_updates(inputs, base, training, adapters)
+
+    def _dora_factor(self, adapter, frozen=None):
+        # A quantized base: the norm from its dequantized kernel (QDoRA).
+        if variants.uses_quantized_norm(self, adapter, frozen):
+            return variants.quantized_dora_factor(self, adapter)
+        return super()._dora_factor(adapter, frozen)
 
     def _base_op(self, inputs, kernel):
         return matmul(inputs, value(kernel))

@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from keras_lora.config import LEGACY_FACTORING, validate_factoring
+from keras_lora.layers import variants
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.hot_path import (
     leading_shape,
@@ -318,6 +319,17 @@ class LoRAEinsumDense(LoRALayer):
             return scale_rows(y, rows)
         output, c_spec = equation.split("->")[0].split(",")
         return ops.einsum(f"{output},{output[0]}{c_spec}->{output}", y, rows)
+
+    def _add_updates(self, inputs, base, training, adapters):
+        # QDoRA: the norm's dequantization waits for the base product.
+        with variants.norm_anchor(self, base):
+            return super()._add_updates(inputs, base, training, adapters)
+
+    def _dora_factor(self, adapter, frozen=None):
+        # A quantized base: the norm from its dequantized kernel (QDoRA).
+        if variants.uses_quantized_norm(self, adapter, frozen):
+            return variants.quantized_dora_factor(self, adapter)
+        return super()._dora_factor(adapter, frozen)
 
     def _norm_axes(self):
         # DoRA's norm runs over the kernel axes that do not reach the output.

@@ -19,9 +19,15 @@ base. Each adapter has its own rank, alpha, scale rule and variant options:
   pass. The norm is computed without forming `W + s·A·B` (`dora_norm`):
   `‖W_j‖² + 2s·(Aᵀ W)_j·B_j + s²·B_jᵀ (AᵀA) B_j`, which reads the kernel
   but writes nothing kernel-sized (extra memory O(out·rank)).
+  Over a quantized base (QDoRA: int8, int4, NF4 `Dense`/`EinsumDense`),
+  `W` is the dequantized kernel, the one merging uses: each call
+  dequantizes it once, transiently, for `‖W_j‖²` and `AᵀW`
+  (`quantized_dora_factor`); no float copy of the kernel is kept.
 """
 
+import contextlib
 import functools
+import threading
 import weakref
 
 import keras
@@ -40,7 +46,7 @@ from keras_lora.config import (  # noqa: F401  (re-exported for older imports)
     validate_init,
     validate_rank,
 )
-from keras_lora.layers import factoring
+from keras_lora.layers import factoring, quantized, quantized_product
 
 
 class Adapter:
@@ -376,3 +382,65 @@ def dora_factor(frozen, adapter, layout, norm_axes):
     frozen = ops.stop_gradient(ops.cast(frozen, "float32"))
     norm = dora_norm(frozen, a, b, adapter.scale, layout, norm_axes, kernel)
     return ops.divide(ops.cast(adapter.magnitude, "float32"), ops.stop_gradient(norm))
+
+
+# The base product of the QDoRA call in progress, per thread and layer.
+_ANCHOR = threading.local()
+
+
+@contextlib.contextmanager
+def norm_anchor(layer, base):
+    """Within it, `quantized_dora_factor(layer, ...)` ties its
+    dequantization to `base` (the call's base product), in this thread."""
+    anchors = _ANCHOR.__dict__.setdefault("by_layer", {})
+    key, previous = id(layer), anchors.get(id(layer))
+    anchors[key] = base
+    try:
+        yield
+    finally:
+        if previous is None:
+            anchors.pop(key, None)
+        else:
+            anchors[key] = previous
+
+
+def quantized_dora_factor(layer, adapter, anchor=None):
+    """`m / ‖W + s·A·B‖` of a DoRA `adapter` on the LoRA `layer` whose base
+    is quantized (QDoRA), `W` being the dequantized kernel (the one
+    `quantized.dequantized_kernel` gives, which merging uses).
+
+    The norm is `dora_norm`'s factored form, which writes nothing
+    kernel-sized but reads `W`: the kernel is dequantized once per call,
+    transiently, tied (`quantized_product.tie`) to `anchor` (the call's
+    base product `x·W_q`, see `norm_anchor`; by default `A`), so that the
+    compiler runs it after the base product's own dequantization is
+    freed, and can neither keep it nor hoist it. No float copy of the
+    kernel outlives the call.
+
+    On torch, `‖W_j‖²` is computed once and cached against the codes
+    tensor's version counter (as a float kernel's, `_SQUARED_NORMS`).
+    """
+    base = layer.layer
+    a = ops.stop_gradient(ops.cast(adapter.a, "float32"))
+    b = ops.stop_gradient(ops.cast(adapter.b, "float32"))
+    params = quantized.kernel_params(base)
+    key = params[0] if keras.backend.backend() == "torch" else None
+    layout, axes = layer.kernel_layout(), layer._norm_axes()
+    if anchor is None:
+        anchor = getattr(_ANCHOR, "by_layer", {}).get(id(layer), a)
+    anchor = ops.stop_gradient(anchor)
+    params = quantized_product.tie(anchor, params)
+    frozen = quantized.dequantized_kernel(base, params, "float32")
+    norm = dora_norm(frozen, a, b, adapter.scale, layout, axes, key)
+    norm = ops.stop_gradient(norm)
+    return ops.divide(ops.cast(adapter.magnitude, "float32"), norm)
+
+
+def uses_quantized_norm(layer, adapter, frozen):
+    """Whether `layer._dora_factor(adapter, frozen)` takes QDoRA's norm:
+    a quantized (int8, int4, NF4) base, no kernel given, no residual."""
+    return (
+        frozen is None
+        and adapter.residual is None
+        and layer.quantization_mode in quantized_product.MODES
+    )

@@ -331,11 +331,11 @@ def test_dora_adapter_matches_real_peft_both_ways(tmp_path):
     np.testing.assert_allclose(to_numpy(back(x)), want, atol=1e-5)
 
 
-def test_quantized_bases_refuse_dora_and_pissa():
+def test_quantized_bases_refuse_pissa_and_olora():
+    # DoRA over quantized bases (QDoRA) is tested in test_qdora.py.
     model, _ = model_and_data("dense")
     model.get_layer("t").quantize("int8")
     for options, option in (
-        ({"use_dora": True}, "use_dora=True"),
         ({"init": "pissa"}, "init='pissa'"),
         ({"init": "olora"}, "init='olora'"),
     ):
