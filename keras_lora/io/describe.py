@@ -11,7 +11,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from keras_lora.io import keras_lora_format, kerashub_format, peft_format
+from keras_lora.io import keras_lora_format, kerashub_format, peft_extras, peft_format
 from keras_lora.io.extra_records import ExtraRecord
 from keras_lora.io.formats import find_reader
 from keras_lora.io.peft_config import read_config
@@ -102,8 +102,15 @@ def _peft(path):
             "apart; load it into its KerasHub model with `load_adapter`."
         )
     patterns = options.pop("rank_pattern"), options.pop("alpha_pattern")
+    extra = {}  # modules_to_save and biases: not adapters, no rows
     pairs, magnitudes = peft_format._group_tensors(
-        directory, options["use_dora"], strict=True
+        directory, options["use_dora"], True, extra
+    )
+    _, unknown = peft_extras.split_extra_keys(
+        extra, options["modules_to_save"], options["bias"]
+    )
+    peft_format._report_unknown(
+        directory, [peft_format.PREFIX + key for key in unknown], True
     )
     rows = []
     for module, pair in pairs.items():

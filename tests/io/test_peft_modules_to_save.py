@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_lora as kl
+from keras_lora.io.describe import describe
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -135,6 +136,9 @@ def test_peft_head_and_biases_load_by_name(tmp_path, bias):
     perturb_torch(twin)
     expected = run_torch(twin, X)
     twin.save_pretrained(tmp_path / "in")
+    # `keras-lora inspect` lists the adapters; the head and biases are none.
+    _, rows = describe(tmp_path / "in")
+    assert len(rows) == 2
     model = kl.load_adapter(keras_net(), tmp_path / "in", in_place=True)
     got = keras.ops.convert_to_numpy(model(X))
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
