@@ -20,7 +20,9 @@ TASKS = {
     "merge_scaling": "benchmarks.merging:merge_scaling_worker",
     "qlora_train": "benchmarks.qlora:qlora_train_worker",
     "remat_memory": "benchmarks.qlora:remat_memory_worker",
-    "qlora_rows": "benchmarks.qlora:rows_worker",
+    # `--quick` smoke runs: several `(task, args)` one after the other in one
+    # process (its figures are meaningless; the workers' code runs).
+    "in_one_process": "benchmarks.isolated:in_one_process_worker",
 }
 
 
@@ -72,6 +74,11 @@ def _parse(task, backend, returncode, stdout, stderr):
 
 def _project_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def in_one_process_worker(jobs):
+    """Every `(task, args)` of `jobs` in this one process, in order."""
+    return [task_function(task)(args) for task, args in jobs]
 
 
 def task_function(task):

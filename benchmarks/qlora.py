@@ -45,10 +45,8 @@ def row_name(mode, adapters):
     return f"{adapters} {mode}"
 
 
-def run(c, backend, quick):
-    """The QLoRA rows and the remat rows, each in a fresh process."""
-    from benchmarks.isolated import run_isolated
-
+def jobs(c):
+    """The `(task, args)` of the QLoRA rows, then of the two remat rows."""
     qlora_jobs = [
         ("qlora_train", dict(c["qlora"], mode=mode, adapters=adapters))
         for mode, adapters in QLORA_ROWS
@@ -56,11 +54,19 @@ def run(c, backend, quick):
     remat_jobs = [
         ("remat_memory", dict(c["remat"], remat=remat)) for remat in (False, True)
     ]
-    if quick:  # tiny models, timings meaningless: one process, to keep CI short
-        results = run_isolated(backend, "qlora_rows", qlora_jobs + remat_jobs)
-    else:  # one after the other: the rows time their steps
-        results = [run_isolated(backend, task, args) for task, args in qlora_jobs]
-        results += [run_isolated(backend, task, args) for task, args in remat_jobs]
+    return qlora_jobs + remat_jobs
+
+
+def run(c, backend):
+    """The QLoRA rows and the remat rows, each in a fresh process, one after
+    the other (the rows time their steps)."""
+    from benchmarks.isolated import run_isolated
+
+    return results_of([run_isolated(backend, task, args) for task, args in jobs(c)])
+
+
+def results_of(results):
+    """The section's figures from the workers' `results`, in `jobs` order."""
     rows = {
         row_name(mode, adapters): r
         for (mode, adapters), r in zip(QLORA_ROWS, results, strict=False)
@@ -170,13 +176,6 @@ def _train(model, batch, steps):
         "step_median_s": statistics.median(later) if later else None,
         "step_min_s": min(later) if later else None,
     }
-
-
-def rows_worker(jobs):
-    """`--quick` only: every `(task, args)` of `jobs` in this one process."""
-    from benchmarks.isolated import task_function
-
-    return [task_function(task)(args) for task, args in jobs]
 
 
 def qlora_train_worker(c):
@@ -388,7 +387,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     c = (QUICK if args.quick else FULL)["memory"]
-    result = run(c, args.backend, args.quick)
+    if args.quick:  # a smoke run: the rows in one process
+        from benchmarks.isolated import run_isolated
+
+        result = results_of(run_isolated(args.backend, "in_one_process", jobs(c)))
+    else:
+        result = run(c, args.backend)
     print(f"backend {args.backend}")
     print("\n".join(report_lines(result, c)))
     with open(args.out, "w") as f:

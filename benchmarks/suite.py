@@ -47,4 +47,5 @@ def run(quick, sections=SECTIONS, log=print):
         start = time.perf_counter()
         results["sections"][name] = steps[name]()
         results["seconds"][name] = round(time.perf_counter() - start, 1)
+        log(f"[{backend}] {name}: {results['seconds'][name]} s")
     return results
