@@ -296,3 +296,45 @@ def test_unsaved_module_key_is_reported(tmp_path):
     model = keras_net()
     with pytest.warns(UserWarning, match="base_model.model.head.weight"):
         kl.load_adapter(model, tmp_path / "in", in_place=True, strict=False)
+
+
+def test_head_the_converter_does_not_port_is_named(tmp_path):
+    """KerasHub's BERT converter ports no classifier head: saving one to
+    PEFT without `name_map` names it, and writes nothing."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "b")
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "b"))
+    task = keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=3, preprocessor=None
+    )
+    head = task.output_dense.name
+    kl.apply_lora(
+        task, targets=["query", "value"], trainable=[head], rank=2, in_place=True
+    )
+    perturb_keras(task)  # the head trained: a fresh head differs
+    with pytest.raises(ValueError, match=f"(?s)no counterpart.*'{head}/kernel'"):
+        kl.save_adapter(task, tmp_path / "out", format="peft")
+    assert not (tmp_path / "out").exists()
+    kl.save_adapter(task, tmp_path / "a.safetensors")  # the keras_lora format
+    loaded = kl.load_adapter(
+        keras_hub.models.BertTextClassifier(
+            backbone=keras_hub.models.Backbone.from_preset(str(tmp_path / "b")),
+            num_classes=3,
+            preprocessor=None,
+        ),
+        tmp_path / "a.safetensors",
+        in_place=True,
+    )
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded.output_dense.kernel),
+        keras.ops.convert_to_numpy(task.output_dense.kernel),
+    )
