@@ -23,7 +23,7 @@ from benchmarks.training import jit_compile
 from keras_lora.layers import LoRALayer
 from keras_lora.model.walk import iter_layers
 
-STRATEGIES = ("auto", "concat", "gather")
+STRATEGIES = ("auto", "concat", "gather", "grouped")
 
 
 def _with_adapters(model, count, rank, targets=None, in_place=False):

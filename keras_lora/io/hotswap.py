@@ -17,8 +17,21 @@ shapes) before anything is assigned. Then the factors, zero-padded to the
 capacity, DoRA's magnitude and the scale are assigned to the existing
 variables: no variable is created, no shape or Python value in a compiled
 function changes, so nothing is traced again.
+
+Swapping back and forth between a few tenants' files re-reads the same
+bytes. A keras_lora file that was read and checked against the model is
+remembered on the model, keyed by the file's identity as `os.stat` gives it
+(path, device, inode, size, `st_mtime_ns`, `st_ctime_ns`; the same before
+and after the read, or nothing is remembered) and by the adapter's
+variables: the next swap of the same unchanged file into the same adapter
+assigns the checked values without reading, hashing and validating again.
+Any write to the file changes its ctime (which no user call can set back),
+so a changed file is read, its SHA-256 checksum verified and every check
+run again, and a corrupt one refused. PEFT directories are always read.
 """
 
+import collections
+import os
 import warnings
 
 import keras
@@ -141,11 +154,24 @@ def hotswap_adapter(model, path, adapter_name=DEFAULT_NAME, name_map=None):
     check_is_model(model, "hotswap_adapter")
     adapter_name = validate_adapter_name(adapter_name)
     check_name_map(name_map)
-    reader = find_reader(path)
     layers = list(iter_layers(model))
     targets = _prepared_adapters(model, layers, adapter_name)
-    records, source = read_records(reader, path, name_map, model, layers, True)
-    plan, scales = _plan(model, dict(layers), targets, records, source, adapter_name)
+    key = _cache_key(path, adapter_name, name_map, targets)
+    cache = model.__dict__.setdefault("_keras_lora_hotswap", _Checked())
+    checked = cache.get(key)
+    if checked is None:
+        reader = find_reader(path)
+        records, source = read_records(reader, path, name_map, model, layers, True)
+        checked = _plan(model, dict(layers), targets, records, source, adapter_name)
+        if key is not None and key == _cache_key(path, adapter_name, name_map, targets):
+            cache.put(key, checked)
+    plan, scales, dropouts = checked
+    if dropouts:
+        warnings.warn(
+            "hotswap_adapter keeps the model's dropout (fixed when the train "
+            "step was traced); the file records another:\n  " + "\n  ".join(dropouts),
+            stacklevel=caller_stacklevel(),
+        )
     assign_all(plan)
     for adapter, scale, use_rslora in scales:
         adapter.set_scale(scale, use_rslora, assign=False)
@@ -271,13 +297,57 @@ def _plan(model, by_path, targets, records, source, name):
             f"hotswap_adapter: {source} does not fit adapter {name!r} of model "
             f"'{model.name}'; nothing was changed:\n  " + "\n  ".join(problems)
         )
-    if dropouts:
-        warnings.warn(
-            "hotswap_adapter keeps the model's dropout (fixed when the train "
-            "step was traced); the file records another:\n  " + "\n  ".join(dropouts),
-            stacklevel=caller_stacklevel(),
-        )
-    return plan, scales
+    return plan, scales, dropouts
+
+
+class _Checked:
+    """The last few swaps' checked `(plan, scales, dropouts)`, by
+    `_cache_key`; the oldest is dropped past `SIZE`."""
+
+    SIZE = 16
+
+    def __init__(self):
+        self.entries = collections.OrderedDict()
+
+    def get(self, key):
+        if key is None or key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        return self.entries[key]
+
+    def put(self, key, checked):
+        self.entries[key] = checked
+        while len(self.entries) > self.SIZE:
+            self.entries.popitem(last=False)
+
+
+def _cache_key(path, name, name_map, targets):
+    """What a checked swap depends on: the file as `os.stat` identifies it
+    (a write changes its ctime), the name map and the target adapters'
+    variables; `None` (never remembered) for directories and callables."""
+    if callable(name_map):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isfile(path):
+        return None
+    file_id = (
+        os.path.abspath(os.fspath(path)),
+        stat.st_dev,
+        stat.st_ino,
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ctime_ns,
+    )
+    names = None if name_map is None else repr(sorted(name_map.items(), key=repr))
+    adapters = tuple(
+        (p, id(a), id(a.a), id(a.b), id(a.magnitude), id(a.scale_variable))
+        + (tuple(a.a.shape), tuple(a.b.shape), a.use_dora, a.dropout)
+        for p, a in sorted(targets.items())
+    )
+    return file_id, name, names, adapters
 
 
 def _padded(variable, array, axis):

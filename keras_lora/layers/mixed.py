@@ -275,16 +275,20 @@ def _gather_update(layer, inputs, members, index, dtype, training):
     return layer._routed_gather(inputs, a_stack, b_stack, safe)
 
 
+# `"auto"`'s choice per backend: (one position per row, sequences), the
+# fastest of each row of `benchmarks/serving.py` (docs/serving.md, Cost).
+AUTO = {
+    "jax": ("concat", "gather"),
+    "tensorflow": ("grouped", "gather"),
+    "torch": ("grouped", "grouped"),
+}
+
+
 def _auto(layer, inputs):
-    """The strategy `"auto"` takes for `layer` (`docs/serving.md`, Cost):
-    per backend, the fastest in `benchmarks/serving.py`."""
+    """The strategy `"auto"` takes for `layer`, from `AUTO`."""
     one_position = _positions_per_row(layer, inputs) == 1
-    backend = keras.backend.backend()
-    if backend == "torch":
-        return "grouped"
-    if backend == "tensorflow":
-        return "grouped" if one_position else "gather"
-    return "concat" if one_position else "gather"
+    choice = AUTO.get(keras.backend.backend(), ("concat", "gather"))
+    return choice[0] if one_position else choice[1]
 
 
 def _flat_inputs(layer):
@@ -300,16 +304,19 @@ def _flat_inputs(layer):
 
 
 def _grouped_update(layer, inputs, members, index, dtype):
-    a_stack, b_stack, safe = _stacks(members, index, dtype)
-    slots, width = int(a_stack.shape[0]), int(a_stack.shape[-1])
     n_in = _flat_inputs(layer)
-    fan_in = int(np.prod(a_stack.shape[1:-1]))
-    out_dims = [int(d) for d in b_stack.shape[2:]]
-    fan_out = int(np.prod(out_dims))
+    a0, b0 = members[0][1].a, members[0][1].b
+    fan_in = int(np.prod(a0.shape[:-1]))
+    out_dims = [int(d) for d in b0.shape[1:]]
     lead = hot_path.leading_shape(inputs, n_in)
     x = hot_path.reshape(inputs, (-1, fan_in))
+    if keras.backend.backend() == "torch" and _torch_eager(x):
+        y = _grouped_torch_eager(x, members, index, dtype, fan_in)
+        return hot_path.reshape(y, lead + out_dims)
+    a_stack, b_stack, safe = _stacks(members, index, dtype)
+    slots, width = int(a_stack.shape[0]), int(a_stack.shape[-1])
     a = hot_path.reshape(a_stack, (slots, fan_in, width))
-    b = hot_path.reshape(b_stack, (slots, width, fan_out))
+    b = hot_path.reshape(b_stack, (slots, width, int(np.prod(out_dims))))
     positions = _positions_per_row(layer, inputs)
     y = _GROUPED[keras.backend.backend()](x, a, b, safe, positions)
     return hot_path.reshape(y, lead + out_dims)
@@ -324,10 +331,21 @@ def _position_slots(x, index):
     )
 
 
-def _grouped_jax(x, a, b, index, positions):
+def _grouped_jax(x, a, b, index, positions, ragged=None):
     import jax
     import jax.numpy as jnp
 
+    if ragged is None:
+        ragged = jax.default_backend() != "cpu"
+    if not ragged:
+        # XLA CPU expands `ragged_dot` into one masked product per group
+        # (11× one adapter at 64 adapters, docs/serving.md): each row's
+        # product reads its own A and B instead, indices known in bounds.
+        a_rows = a.at[index].get(mode="promise_in_bounds")
+        b_rows = b.at[index].get(mode="promise_in_bounds")
+        rows = jnp.reshape(x, (index.shape[0], -1, x.shape[-1]))
+        h = jnp.einsum("bpi,bir->bpr", rows, a_rows)
+        return jnp.reshape(jnp.einsum("bpr,bro->bpo", h, b_rows), (-1, b.shape[-1]))
     slots = a.shape[0]
     rows = _position_slots(x, index)
     order = jnp.argsort(rows, stable=True)
@@ -337,25 +355,86 @@ def _grouped_jax(x, a, b, index, positions):
     return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
 
 
+def _torch_eager(x):
+    """Whether torch runs `x` eagerly, where group sizes may be data."""
+    import torch
+
+    return not torch.compiler.is_compiling() and x.device.type != "meta"
+
+
 def _grouped_torch(x, a, b, index, positions):
+    # Inside `torch.compile` or a symbolic trace group sizes cannot be
+    # data: per-position batched products on the stacks instead.
     import torch
 
     rows = _position_slots(x, index).long()
-    if torch.compiler.is_compiling() or x.device.type == "meta":
-        # Group sizes are data: per-position batched products instead.
-        h = torch.bmm(x[:, None, :], a[rows])
-        return torch.bmm(h, b[rows])[:, 0]
+    h = torch.bmm(x[:, None, :], a[rows])
+    return torch.bmm(h, b[rows])[:, 0]
+
+
+def _grouped_torch_eager(x, members, index, dtype, fan_in):
+    """The positions grouped by adapter, each group padded to the largest
+    group's size, then two batched products over the adapters: `(groups,
+    size, in)·(groups, in, r)` and `·(groups, r, out)`. Group sizes are
+    data, known in eager torch; each adapter's `A` and `B` are read once."""
+    import torch
+
+    slots = max(k for k, _ in members) + 1  # rows of any other index: no update
+    valid = (index >= 0) & (index < slots)
+    safe = torch.where(valid, index, torch.full_like(index, slots))
+    rows = _position_slots(x, safe).long()
+    counts = torch.bincount(rows, minlength=slots + 1)
+    size = int(counts[:slots].max())
+    out = x.new_zeros((x.shape[0], int(np.prod(members[0][1].b.shape[1:]))))
+    if size == 0:
+        return out
     order = torch.argsort(rows, stable=True)
-    counts = torch.bincount(rows, minlength=a.shape[0]).tolist()
-    xs = x[order]
-    ys = x.new_zeros((x.shape[0], b.shape[-1]))
-    start = 0
-    for k, count in enumerate(counts[:-1]):  # the last slot is all zeros
-        if count:
-            end = start + count
-            ys[start:end] = torch.matmul(torch.matmul(xs[start:end], a[k]), b[k])
-            start = end
-    return torch.empty_like(ys).index_copy_(0, order, ys)
+    grouped = rows[order]
+    starts = torch.cumsum(counts, 0) - counts
+    within = torch.arange(len(order), device=x.device) - starts[grouped]
+    place = grouped * size + within
+    keep = grouped < slots
+    order, place = order[keep], place[keep]
+    padded = x.new_zeros((slots * size, fan_in))
+    padded[place] = x[order]
+    a, b, scales = _torch_stacks(members, slots, dtype, fan_in, x)
+    h = torch.bmm(padded.view(slots, size, fan_in), a) * scales
+    y = torch.bmm(h, b).view(slots * size, -1)
+    out[order] = y[place]
+    return out
+
+
+def _torch_stacks(members, slots, dtype, fan_in, like):
+    """`(A (slots, in, r), B (slots, r, out), scales (slots, 1, 1))`, ranks
+    zero-padded to the largest, zeros for slots this layer lacks."""
+    import torch
+
+    width = max(a.rank for _, a in members)
+    a_list, b_list, scales = [], [], []
+    by_slot = dict(members)
+    fan_out = int(np.prod(members[0][1].b.shape[1:]))
+    for k in range(slots):
+        adapter = by_slot.get(k)
+        if adapter is None:
+            a_list.append(like.new_zeros((fan_in, width)))
+            b_list.append(like.new_zeros((width, fan_out)))
+            scales.append(0.0)
+            continue
+        a = torch.reshape(hot_path.read(adapter.a, dtype), (fan_in, adapter.rank))
+        b = torch.reshape(hot_path.read(adapter.b, dtype), (adapter.rank, fan_out))
+        if adapter.rank < width:
+            a = torch.nn.functional.pad(a, (0, width - adapter.rank))
+            b = torch.nn.functional.pad(b, (0, 0, 0, width - adapter.rank))
+        a_list.append(a)
+        b_list.append(b)
+        scales.append(hot_path.scalar(adapter.scale, dtype))
+    if all(_is_number(s) for s in scales):
+        scales = torch.tensor(scales, dtype=like.dtype, device=like.device)
+    else:
+        scales = torch.stack(
+            [torch.as_tensor(s, dtype=like.dtype, device=like.device) for s in scales]
+        )
+    return torch.stack(a_list), torch.stack(b_list), scales.view(slots, 1, 1)
 
 
 def _grouped_tensorflow(x, a, b, index, positions):

@@ -4,6 +4,7 @@ fresh `load_adapter`; compiled predict and train steps are not traced again;
 a file that does not fit changes nothing."""
 
 import collections
+import os
 
 import keras
 import numpy as np
@@ -288,3 +289,65 @@ def test_ranks_and_alphas_may_differ_per_layer(tmp_path):
     model = prepared(base)
     kl.hotswap_adapter(model, tmp_path / "mixed.safetensors")
     np.testing.assert_allclose(to_numpy(model(X)), to_numpy(source(X)), atol=1e-6)
+
+
+def test_a_changed_file_is_read_and_checked_again(tmp_path, monkeypatch):
+    """A file swapped in before is not read again while unchanged; any write
+    to it (even one that keeps its size and sets its mtime back) makes the
+    next swap read it, verify its checksum and refuse it if corrupt."""
+    from keras_lora.io import hotswap as io_hotswap
+
+    base = mlp()
+    model = prepared(base)
+    a = adapter_file(base, tmp_path / "a.safetensors", 2, 2.0, seed=1)
+    b = adapter_file(base, tmp_path / "b.safetensors", 4, 8.0, seed=2)
+    reads = []
+    own_read = io_hotswap.read_records
+    monkeypatch.setattr(
+        io_hotswap,
+        "read_records",
+        lambda reader, path, *rest: reads.append(path) or own_read(reader, path, *rest),
+    )
+    for path, want in [("a", a), ("b", b), ("a", a), ("b", b)]:
+        kl.hotswap_adapter(model, tmp_path / f"{path}.safetensors")
+        np.testing.assert_allclose(to_numpy(model(X)), want, atol=1e-6, rtol=0)
+    assert [p.name for p in reads] == ["a.safetensors", "b.safetensors"]
+
+    # Same size, one tensor byte flipped, the old mtime set back.
+    path = tmp_path / "a.safetensors"
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="checksum"):
+        kl.hotswap_adapter(model, path)
+    assert snapshot(model) == before
+    assert [p.name for p in reads][-1] == "a.safetensors"
+
+    # Rewritten with another adapter: read again, its values assigned.
+    c = adapter_file(base, path, 8, 1.0, seed=3)
+    kl.hotswap_adapter(model, path)
+    np.testing.assert_allclose(to_numpy(model(X)), c, atol=1e-6, rtol=0)
+    assert len(reads) == 4
+
+
+def test_remembered_swaps_follow_the_adapter_variables(tmp_path):
+    """A remembered check belongs to the adapter's variables: after
+    `prepare_hotswap` pads further (new variables), the file is checked
+    against the new ones and fills them; a file that stopped fitting (the
+    model merged) is refused as before."""
+    base = mlp()
+    model = prepared(base, max_rank=4)
+    want = adapter_file(base, tmp_path / "a.safetensors", 4, 2.0)
+    kl.hotswap_adapter(model, tmp_path / "a.safetensors")
+    kl.prepare_hotswap(model, 8)
+    kl.hotswap_adapter(model, tmp_path / "a.safetensors")
+    np.testing.assert_allclose(to_numpy(model(X)), want, atol=1e-6, rtol=0)
+    ranks = {layer.get_adapter("default").rank for _, layer in lora_layers(model)}
+    assert ranks == {8}
+    kl.merge_lora(model, in_place=True)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        kl.hotswap_adapter(model, tmp_path / "a.safetensors")

@@ -225,6 +225,31 @@ def test_grouped_in_a_graph_with_unknown_batch_and_length():
         np.testing.assert_allclose(numpy(got), want, atol=ATOL)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's kernels")
+@pytest.mark.parametrize("positions", [1, 3])
+def test_jax_ragged_dot_and_per_row_kernels_agree(positions):
+    """`"grouped"` on JAX uses `ragged_dot` off CPU and per-row products on
+    CPU (where XLA expands `ragged_dot` densely); both, run here, give each
+    position its own slot's `x·A·B` (the last slot all zeros)."""
+    import jax
+
+    from keras_lora.layers.mixed import _grouped_jax
+
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(4, 6, 3)).astype("float32")
+    b = rng.normal(size=(4, 3, 5)).astype("float32")
+    a[-1], b[-1] = 0.0, 0.0
+    index = np.array([2, 0, 3, 1, 2, 0, 3], "int32")
+    x = rng.normal(size=(len(index) * positions, 6)).astype("float32")
+    slots = np.repeat(index, positions)
+    want = np.einsum("ni,nir,nro->no", x, a[slots], b[slots])
+    for ragged in (True, False):
+        got = jax.jit(_grouped_jax, static_argnums=(4, 5))(
+            x, a, b, index, positions, ragged
+        )
+        np.testing.assert_allclose(np.asarray(got), want, atol=ATOL)
+
+
 BAD = np.array([4, 5, -2, 2**31 - 1, -(2**31), 0, 1, -1, 3], "int32")
 
 
