@@ -145,8 +145,22 @@ def make_loftq_wrapper(layer, lora_cls, options, layer_kwargs, mode, iters):
     wrapper = lora_cls(base, **options, **layer_kwargs, init="loftq")
     adapter = next(iter(wrapper._adapters.values()))
     dtype = keras.backend.standardize_dtype(adapter.a.dtype)
-    adapter.a.assign(a.reshape(a_shape).astype(dtype))
-    adapter.b.assign(b.reshape(b_shape).astype(dtype))
+    a, b = a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
+    adapter.a.assign(a)
+    adapter.b.assign(b)
+    if adapter.magnitude is not None:
+        # QDoRA: m = ‖Q + s·A·B‖ per output unit (as PEFT's DoRA init after
+        # LoftQ), so that the output starts at Q + s·A·B, not at Q's norm.
+        q = quantized.dequantized_kernel(base)
+        q = ops.convert_to_numpy(q).astype(np.float64)
+        update = factoring.product(
+            a.astype(np.float64), b.astype(np.float64), scale, rank, q.shape, layout, np
+        )
+        norm = np.sqrt(np.sum(np.square(q + update), axis=wrapper._norm_axes()))
+        mag_dtype = keras.backend.standardize_dtype(adapter.magnitude.dtype)
+        adapter.magnitude.assign(
+            norm.reshape(adapter.magnitude.shape).astype(mag_dtype)
+        )
     return wrapper
 
 

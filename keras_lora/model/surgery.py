@@ -161,11 +161,6 @@ def apply_lora(
     init = layer_kwargs.get("init")
     loftq_mode, loftq_iter = loftq.validate_loftq(init, loftq_mode, loftq_iter)
     if loftq_mode is not None:
-        if layer_kwargs.get("use_dora"):
-            raise ValueError(
-                "init='loftq' gives a quantized base, and DoRA needs a float "
-                "kernel: `use_dora=True` cannot go with it."
-            )
         layer_kwargs = {k: v for k, v in layer_kwargs.items() if k != "init"}
     rank = validate_rank(rank)
     alpha = validate_alpha(alpha)

@@ -107,11 +107,6 @@ def test_merge(mode):
             TypeError,
             "loftq_iter",
         ),
-        (
-            {"init": "loftq", "loftq_mode": "int8", "use_dora": True},
-            ValueError,
-            "use_dora",
-        ),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -350,3 +345,31 @@ def test_one_iteration_base_is_the_plain_quantization(tmp_path):
     plain.quantize("int4")
     loaded = kl.load_adapter(plain, path)
     np.testing.assert_array_equal(_out(loaded), _out(lora))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_with_dora_starts_where_loftq_does(mode):
+    # QDoRA over the LoftQ base: m = ‖Q + s·A·B‖ per output unit, so the
+    # output starts at Q + s·A·B, the LoftQ model's, not at Q's norm.
+    keras.utils.set_random_seed(0)
+    model = _mlp()
+    x = _inputs()
+    options = dict(targets=["d1", "d2"], rank=4, init="loftq", loftq_mode=mode)
+    plain = kl.apply_lora(model, **options, loftq_iter=2)
+    dora = kl.apply_lora(model, **options, loftq_iter=2, use_dora=True)
+    for name in ("d1", "d2"):
+        assert dora.get_layer(name).use_dora
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(dora.get_layer(name).lora_a),
+            keras.ops.convert_to_numpy(plain.get_layer(name).lora_a),
+        )
+    want = keras.ops.convert_to_numpy(plain(x))
+    # m / ‖Q + s·A·B‖ is 1 up to float32 rounding of the norm (~1e-7 relative,
+    # the norm computed in float32 at call time, m in float64 here).
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(dora(x)), want, rtol=1e-5, atol=1e-5
+    )
+    trainable = sorted(v.path for v in dora.trainable_weights)
+    assert trainable == [
+        f"{n}/{v}" for n in ("d1", "d2") for v in ("lora_a", "lora_b", "lora_magnitude")
+    ]
