@@ -124,6 +124,7 @@ class HubCorrespondence:
         self._params = params or {}
         # {class name: {parameter name: its number of axes}}
         self._ndims = ndims or {}
+        self._by_param = None  # parameter name -> weight keys, when asked
 
     def kernel_map(self, layer):
         """The `KernelMap` of a LoRA layer's (or a plain layer's) kernel, or `None`."""
@@ -165,11 +166,16 @@ class HubCorrespondence:
     def keys_for_param(self, param):
         """The weight keys that are parameter `param` in any class this
         correspondence knows (`hf_class` first)."""
-        return [
-            key
-            for key in dict.fromkeys(port[1] for port in self._ports)
-            if any(rename(key) == param for rename in self._params.values())
-        ]
+        if self._by_param is None:
+            self._by_param = {}
+            for key in dict.fromkeys(port[1] for port in self._ports):
+                for rename in self._params.values():
+                    name = rename(key)
+                    if name is not None:
+                        keys = self._by_param.setdefault(name, [])
+                        if key not in keys:
+                            keys.append(key)
+        return list(self._by_param.get(param, []))
 
     def hf_weight(self, key):
         """The Hugging Face weight `key` as a NumPy array, put together from
