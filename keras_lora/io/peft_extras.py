@@ -52,6 +52,9 @@ TORCH_NAMES = {
     "moving_mean": "running_mean",
     "moving_variance": "running_var",
 }
+# torch buffers of a module to save that Keras layers have no weight for
+# (`BatchNorm`'s step counter).
+SKIPPED = ("num_batches_tracked",)
 # Layer types whose weights `TORCH_NAMES` and `torch_layout` name and lay
 # out as their torch counterparts do (`nn.Linear`, `nn.ConvNd`,
 # `nn.Embedding`, `nn.LayerNorm`, `nn.BatchNormNd`).
@@ -116,6 +119,11 @@ def to_peft_by_name(extras, module_for, function):
             tensors[f"{module}.{TORCH_NAMES[name]}"] = torch_layout(name, array)
         if record.kind == "module":
             modules.append(module)
+            if "moving_mean" in record.arrays:
+                # PEFT loads every entry of a saved module's state dict; a
+                # count of 0 is what a torch BatchNorm starts from, and is
+                # unused unless its momentum is None.
+                tensors[f"{module}.num_batches_tracked"] = np.array(0, np.int64)
     return tensors, modules
 
 
@@ -170,6 +178,8 @@ def split_extra_keys(tensors, modules_to_save, bias):
     found, unknown = {}, []
     for key in tensors:
         module, param = key.rsplit(".", 1) if "." in key else ("", key)
+        if param in SKIPPED and _saved_module(module, modules_to_save):
+            continue
         if key.endswith(BASE_BIAS) and bias != "none":
             found[key] = (key[: -len(BASE_BIAS)], "base_layer.bias", "bias")
             continue

@@ -338,3 +338,56 @@ def test_head_the_converter_does_not_port_is_named(tmp_path):
         keras.ops.convert_to_numpy(loaded.output_dense.kernel),
         keras.ops.convert_to_numpy(task.output_dense.kernel),
     )
+
+
+def test_batch_norm_module_by_name_map(tmp_path):
+    """A `BatchNormalization` in `modules_to_save`: its moving statistics
+    are torch's running ones, its step counter has no Keras weight."""
+
+    def torch_twin():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8),
+            torch.nn.BatchNorm1d(8, eps=1e-3),
+            torch.nn.Linear(8, 2),
+        )
+        with torch.no_grad():
+            net[1].running_mean.uniform_(-1, 1)
+            net[1].running_var.uniform_(0.5, 2)
+        return net.eval()
+
+    state = {k: v.detach().numpy() for k, v in torch_twin().state_dict().items()}
+
+    def keras_twin():
+        inputs = keras.Input((4,))
+        x = keras.layers.Dense(8, name="fc")(inputs)
+        x = keras.layers.BatchNormalization(epsilon=1e-3, name="bn")(x)
+        model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
+        for index, name in ((0, "fc"), (2, "out")):
+            weight, bias = state[f"{index}.weight"], state[f"{index}.bias"]
+            model.get_layer(name).set_weights([weight.T, bias])
+        model.get_layer("bn").set_weights(
+            [state[f"1.{n}"] for n in ("weight", "bias", "running_mean", "running_var")]
+        )
+        return model
+
+    names = {"0": "fc", "1": "bn", "2": "out"}
+    back = {v: k for k, v in names.items()}
+    twin = peft.get_peft_model(
+        torch_twin(), peft.LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"])
+    )
+    perturb_torch(twin)
+    with torch.no_grad():
+        twin.base_model.model[1].modules_to_save["default"].running_mean.add_(0.5)
+    expected = run_torch(twin.eval(), X)
+    twin.save_pretrained(tmp_path / "in")
+    model = kl.load_adapter(
+        keras_twin(), tmp_path / "in", name_map=names, in_place=True
+    )
+    got = keras.ops.convert_to_numpy(model(X, training=False))
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+    kl.save_adapter(model, tmp_path / "out", format="peft", name_map=back)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["1"]
+    loaded = peft.PeftModel.from_pretrained(torch_twin(), tmp_path / "out").eval()
+    np.testing.assert_allclose(run_torch(loaded, X), expected, atol=TOLERANCE, rtol=0)
