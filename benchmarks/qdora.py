@@ -1,7 +1,8 @@
 """QDoRA's memory: DoRA over int8, int4 and NF4 bases next to plain QLoRA.
 
 One `Dense(4096)` on 4096 inputs (a 64 MiB float32 kernel), quantized with
-Keras's `layer.quantize(mode)` (int8; int4: Keras's default block size) or
+Keras's `layer.quantize(mode)` (int8; int4: Keras's default block size,
+and per-channel, `int4/-1`) or
 `keras_lora.quantize_nf4` (block 64), rank-8 adapters with and without
 `use_dora=True`, batch 8. Per row:
 
@@ -21,7 +22,7 @@ import statistics
 import time
 
 MIB = 2**20
-MODES = ("float32", "int8", "int4", "nf4")
+MODES = ("float32", "int8", "int4/-1", "int4", "nf4")
 
 
 def build(mode, dora, units, rank=8):
@@ -34,6 +35,9 @@ def build(mode, dora, units, rank=8):
     model = keras.Model(inputs, outputs)
     if mode == "nf4":
         model = kl.quantize_nf4(model)
+    elif mode == "int4/-1":  # one scale per output unit
+        config = keras.quantizers.Int4QuantizationConfig(block_size=-1)
+        model.get_layer("t").quantize("int4", config=config)
     elif mode != "float32":
         model.get_layer("t").quantize(mode)
     return kl.apply_lora(model, rank=rank, use_dora=dora, targets=["t"])

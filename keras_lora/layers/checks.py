@@ -45,6 +45,10 @@ def check_base_layer(cls, layer):
         )
 
 
+# Quantization modes whose Dense/EinsumDense bases take DoRA (QDoRA).
+QDORA_MODES = ("int8", "int4", "nf4")
+
+
 def check_variant(layer, spec, specs):
     """Raises if adapter `spec`'s variant options cannot apply to `layer`
     next to the adapters `specs`."""
@@ -62,16 +66,17 @@ def check_variant(layer, spec, specs):
             f"'{spec.name}' cannot use init={spec.init!r} there (PiSSA/OLoRA "
             "rewrite the frozen kernel, which a quantized base cannot hold "
             "in float). Use them on a float base; DoRA (use_dora=True) "
-            "works on quantized Dense and EinsumDense bases."
+            "works on int8, int4 and NF4 Dense and EinsumDense bases."
         )
     dora_bases = (keras.layers.Dense, keras.layers.EinsumDense)
-    if mode is not None and spec.use_dora and not isinstance(layer, dora_bases):
+    qdora = isinstance(layer, dora_bases) and mode in QDORA_MODES
+    if mode is not None and spec.use_dora and not qdora:
         raise ValueError(
             f"Layer '{layer.name}' is a quantized ({mode!r}) "
             f"{type(layer).__name__}: adapter '{spec.name}' cannot use "
             "use_dora=True there. DoRA over a quantized base (QDoRA) is "
-            "supported on Dense and EinsumDense layers; use DoRA on a float "
-            "base for this layer type."
+            f"supported on Dense and EinsumDense layers in modes "
+            f"{list(QDORA_MODES)}; use DoRA on a float base otherwise."
         )
     changing = [s.name for s in specs if s.changes_base]
     if len(changing) > 1:

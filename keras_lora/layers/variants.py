@@ -384,6 +384,60 @@ def dora_factor(frozen, adapter, layout, norm_axes):
     return ops.divide(ops.cast(adapter.magnitude, "float32"), ops.stop_gradient(norm))
 
 
+# Rows of a per-channel quantized Dense kernel dequantized at a time by
+# QDoRA's norm: at most this many bytes of float32 (see `_per_channel_norm`).
+norm_chunk = 8 * 2**20
+
+
+def _per_channel_dense(base, params):
+    """Whether `base` is a `Dense` whose kernel is `codes / scale`, one
+    scale per output unit (int8, per-channel int4): its product multiplies
+    the integer codes and never forms a float kernel."""
+    if isinstance(base, keras.layers.EinsumDense) or len(params) != 2:
+        return False
+    return base.quantization_mode in ("int8", "int4")
+
+
+def _per_channel_norm(base, params, a, b, scale, anchor):
+    """`‖W + scale·A·B‖` per output unit of a per-channel `Dense` base
+    (`W = Q / s`, one `s` per column), reading `Q` in chunks of rows.
+
+    `‖W_j‖² = Σ_chunks ‖Q_j‖² / s_j²` and `(AᵀW)_j = Σ_chunks (A_kᵀQ_k)_j /
+    s_j`: each chunk's codes are tied to both of the previous chunk's sums,
+    so that one chunk of float rows (`norm_chunk` bytes) is alive at a
+    time.
+    """
+    codes, s = params
+    adjust = getattr(base, "_adjust_scale_for_dequant", None)
+    if adjust is not None:
+        s = adjust(s)
+    s = ops.reshape(ops.cast(s, "float32"), (-1,))
+    rows, units = int(a.shape[0]), int(b.shape[-1])
+    columns = getattr(base, "_int4_unpacked_column_size", None) or units
+    step = max(1, norm_chunk // (4 * units))
+    squared = cross = None
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        (part,) = quantized_product.tie(anchor, (codes[start:stop],))
+        if squared is not None:  # both of the previous chunk's reads done
+            (part,) = quantized_product.tie(squared, (part,))
+        if base.quantization_mode == "int4":
+            part = quantized.unpack_int4(part, columns, axis=-1)
+        part = ops.cast(part, "float32")
+        sq = ops.sum(ops.multiply(part, part), axis=0)
+        aq = ops.matmul(ops.transpose(a[start:stop]), part)
+        squared = sq if squared is None else ops.add(squared, sq)
+        cross = aq if cross is None else ops.add(cross, aq)
+        anchor = cross
+    w_squared = ops.divide(squared, ops.multiply(s, s))
+    aw = ops.divide(cross, s)
+    cross_term = ops.sum(ops.multiply(aw, b), axis=0)
+    gram = ops.matmul(ops.transpose(a), a)
+    square = ops.sum(ops.multiply(ops.matmul(gram, b), b), axis=0)
+    total = w_squared + (2.0 * scale) * cross_term + (scale * scale) * square
+    return ops.sqrt(ops.maximum(total, 0.0))
+
+
 # The base product of the QDoRA call in progress, per thread and layer.
 _ANCHOR = threading.local()
 
@@ -429,9 +483,12 @@ def quantized_dora_factor(layer, adapter, anchor=None):
     if anchor is None:
         anchor = getattr(_ANCHOR, "by_layer", {}).get(id(layer), a)
     anchor = ops.stop_gradient(anchor)
-    params = quantized_product.tie(anchor, params)
-    frozen = quantized.dequantized_kernel(base, params, "float32")
-    norm = dora_norm(frozen, a, b, adapter.scale, layout, axes, key)
+    if _per_channel_dense(base, params):
+        norm = _per_channel_norm(base, params, a, b, adapter.scale, anchor)
+    else:
+        params = quantized_product.tie(anchor, params)
+        frozen = quantized.dequantized_kernel(base, params, "float32")
+        norm = dora_norm(frozen, a, b, adapter.scale, layout, axes, key)
     norm = ops.stop_gradient(norm)
     return ops.divide(ops.cast(adapter.magnitude, "float32"), norm)
 

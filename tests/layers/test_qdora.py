@@ -19,7 +19,7 @@ import pytest
 from conftest import to_numpy
 
 import keras_lora as kl
-from keras_lora.layers import quantized
+from keras_lora.layers import quantized, variants
 
 RTOL = 1e-5
 MODES = ["int8", "int4", "int4/-1", "nf4"]
@@ -134,8 +134,13 @@ def test_init_equals_the_quantized_base(mode):
     np.testing.assert_allclose(to_numpy(lora(x)), expected, rtol=RTOL, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [variants.norm_chunk, 256])
 @pytest.mark.parametrize("name", TARGETS)
-def test_output_is_the_dora_formula_on_the_dequantized_kernel(mode, name):
+def test_output_is_the_dora_formula_on_the_dequantized_kernel(
+    mode, name, chunk, monkeypatch
+):
+    # 256 bytes: a per-channel Dense's norm reads its codes 4 rows at a time
+    monkeypatch.setattr(variants, "norm_chunk", chunk)
     lora = randomize(qdora(mode))
     layer = lora.get_layer(name)
     x = data(1) if name == "d1" else np.abs(data(1))  # e1 sees relu outputs
@@ -226,7 +231,7 @@ def test_keras_file_round_trip_is_exact(tmp_path, mode):
     np.testing.assert_array_equal(to_numpy(reloaded(x)), to_numpy(lora(x)))
 
 
-def test_pissa_olora_stay_refused_and_dora_on_a_quantized_embedding_too():
+def test_pissa_olora_stay_refused_and_dora_off_qdora_bases_too():
     model = quantize(float_model(), "int8")
     for init in ("pissa", "olora"):
         with pytest.raises(ValueError, match=f"quantized.*cannot use init='{init}'"):
@@ -236,24 +241,31 @@ def test_pissa_olora_stay_refused_and_dora_on_a_quantized_embedding_too():
     embedding.quantize("int8")
     with pytest.raises(ValueError, match="QDoRA.*Dense and EinsumDense"):
         kl.LoRAEmbedding(embedding, rank=2, use_dora=True)
+    dense = keras.layers.Dense(4)  # float8: Keras's training mode, not QDoRA's
+    dense.build((None, 3))
+    dense.quantize("float8")
+    with pytest.raises(ValueError, match=r"QDoRA.*\['int8', 'int4', 'nf4'\]"):
+        kl.LoRADense(dense, rank=2, use_dora=True)
+    assert kl.LoRADense(dense, rank=2).quantization_mode == "float8"
 
 
 @pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="XLA's memory analysis: JAX only"
 )
 @pytest.mark.parametrize("mode", MODES)
-def test_norm_adds_no_kernel_sized_temporary_beyond_the_base_product(mode):
+def test_norm_adds_no_kernel_sized_temporary_beyond_the_base_product(mode, monkeypatch):
     """The compiled gradient's temporaries (XLA's own count) of QDoRA
     against plain QLoRA on a `Dense(512)`, 1 MiB of float32 kernel:
     sub-channel int4 and NF4 products dequantize the kernel themselves,
     and the norm's dequantization (tied after the base product) reuses
-    that memory, so QDoRA adds O(out·r). Keras's per-channel products
-    (int8, `int4/-1`) multiply the integer codes and never form a float
-    kernel: there the norm's dequantization is one float kernel more
-    (see docs/quantized.md)."""
+    that memory. Keras's per-channel products (int8, `int4/-1`) multiply
+    the integer codes and never form a float kernel: there the norm reads
+    the codes `norm_chunk` bytes of float rows at a time (64 KiB here, 16
+    chunks). Either way QDoRA adds O(out·r) plus, per-channel, one chunk."""
     import jax
 
     units, rank = 512, 8
+    monkeypatch.setattr(variants, "norm_chunk", 64 * 2**10)
 
     def temp_bytes(dora):
         inputs = keras.Input((units,))
@@ -273,8 +285,7 @@ def test_norm_adds_no_kernel_sized_temporary_beyond_the_base_product(mode):
 
     extra = temp_bytes(True) - temp_bytes(False)
     small = 16 * 4 * units * (rank + 1)  # a few (rank + 1, out) float32 tensors
-    kernel = 4 * units * units
-    allowed = small + (kernel if mode in ("int8", "int4/-1") else 0)
+    allowed = small + (variants.norm_chunk if mode in ("int8", "int4/-1") else 0)
     assert extra <= allowed, (extra, allowed)
 
 
