@@ -17,14 +17,14 @@ X = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
 Y = np.random.default_rng(1).normal(size=(16, 2)).astype("float32")
 
 
-def make_model():
+def make_model(head="head"):
     """input -> d1 -> ln -> d2 -> head, the same weights every call."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4,))
     x = keras.layers.Dense(8, name="d1")(inputs)
     x = keras.layers.LayerNormalization(name="ln")(x)
     x = keras.layers.Dense(8, name="d2")(x)
-    outputs = keras.layers.Dense(2, name="head")(x)
+    outputs = keras.layers.Dense(2, name=head)(x)
     return keras.Model(inputs, outputs, name="net")
 
 
@@ -205,3 +205,17 @@ def test_extra_weights_that_do_not_fit_are_refused(tmp_path):
     # A file with extras loads as the model's own weights, not a named adapter.
     with pytest.raises(ValueError, match="without `adapter_name`"):
         kl.load_adapter(model, tmp_path / "a.safetensors", adapter_name="two")
+
+
+def test_extras_for_layers_the_model_lacks_follow_strict(tmp_path):
+    model = kl.apply_lora(
+        make_model(), targets=["d1"], rank=2, trainable=["head"], in_place=True
+    )
+    kl.save_adapter(model, tmp_path / "a.safetensors")
+    other = make_model(head="top")
+    with pytest.raises(ValueError, match="(?s)trained layers or biases.*'head'"):
+        kl.load_adapter(other, tmp_path / "a.safetensors", in_place=True)
+    assert not any(isinstance(lay, kl.LoRALayer) for _, lay in iter_layers(other))
+    with pytest.warns(UserWarning, match="'head'"):
+        kl.load_adapter(other, tmp_path / "a.safetensors", in_place=True, strict=False)
+    assert trainable_paths(other) == ["d1/lora_a", "d1/lora_b"]
