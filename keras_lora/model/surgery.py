@@ -78,6 +78,7 @@ def apply_lora(
     loftq_mode=None,
     loftq_iter=None,
     bias="none",
+    train=None,
     **layer_kwargs,
 ):
     """Returns a copy of `model` with LoRA layers on the selected layers.
@@ -107,6 +108,7 @@ def apply_lora(
             new head, say; PEFT's `modules_to_save`), in the same forms.
             They are copied (in place: left in the model, trainable), and
             `save_adapter` saves their weights with the adapters.
+        train: another spelling of `trainable` (pass one of the two).
         in_place: if true, change `model` itself and return it: each target
             is swapped for its LoRA layer inside the layer that holds it, no
             layer is rebuilt or copied, and the model keeps its class, its
@@ -158,6 +160,14 @@ def apply_lora(
         TypeError, ValueError: on bad arguments, with `model` unchanged.
     """
     check_built(model, "apply_lora")
+    if train is not None:
+        if trainable is not None:
+            raise ValueError(
+                "apply_lora: `train` and `trainable` are two spellings of the "
+                "layers that train whole (PEFT's modules_to_save); pass one. "
+                f"Received: train={train!r}, trainable={trainable!r}"
+            )
+        trainable = train
     init = layer_kwargs.get("init")
     loftq_mode, loftq_iter = loftq.validate_loftq(init, loftq_mode, loftq_iter)
     if loftq_mode is not None:

@@ -219,3 +219,15 @@ def test_extras_for_layers_the_model_lacks_follow_strict(tmp_path):
     with pytest.warns(UserWarning, match="'head'"):
         kl.load_adapter(other, tmp_path / "a.safetensors", in_place=True, strict=False)
     assert trainable_paths(other) == ["d1/lora_a", "d1/lora_b"]
+
+
+def test_train_is_the_same_as_trainable():
+    # The PEFT-gap issue spells it `train=`: the same layers train whole.
+    spelled = kl.apply_lora(make_model(), targets=["d1"], rank=2, train=["head"])
+    named = kl.apply_lora(make_model(), targets=["d1"], rank=2, trainable=["head"])
+    assert trainable_paths(spelled) == trainable_paths(named)
+    assert "head/kernel" in trainable_paths(spelled)
+    model = make_model()
+    with pytest.raises(ValueError, match="`train` and `trainable`"):
+        kl.apply_lora(model, targets=["d1"], train=["head"], trainable=["head"])
+    assert not any(isinstance(lay, kl.LoRALayer) for _, lay in iter_layers(model))
