@@ -59,6 +59,8 @@ class LoRADense(LoRALayer):
         return (input_dim, self.rank), (self.rank, units)
 
     def _add_updates(self, inputs, base, training, adapters):
+        if self.quantization_mode is None:  # the float path, untouched
+            return super()._add_updates(inputs, base, training, adapters)
         # QDoRA: the norm's dequantization waits for the base product.
         with variants.norm_anchor(self, base):
             return super()._add_updates(inputs, base, training, adapters)
