@@ -25,6 +25,7 @@ import re
 import keras
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.model.extra_trainables import variable_name
 from keras_lora.model.tracking import (
     PLAIN_GRAPHS,
     attributes,
@@ -361,8 +362,10 @@ def apply_in_place(model, targets, keep, make_wrapper, check=None):
 def layout(model):
     """Where `model`'s LoRA layers are, and which other layers train: a
     dict of `"lora_layers"` (index in the walk, path, class, config) and
-    `"trainable"` (walk indices of trainable leaf layers)."""
-    lora, trainable = [], []
+    `"trainable"` (walk indices of trainable leaf layers) and `"partly"`
+    (`[index, names]` of those whose trainable variables are only some of
+    theirs: a normalization whose offset trains, `bias="all"`)."""
+    lora, trainable, partly = [], [], []
     for index, (path, layer) in enumerate(iter_layers(model)):
         if isinstance(layer, LoRALayer):
             config = layer.get_config()
@@ -377,9 +380,14 @@ def layout(model):
             )
         elif layer.trainable and layer.weights and not children(layer):
             trainable.append(index)
+            capable = list(layer._trainable_variables)
+            trained = [variable_name(v) for v in capable if v.trainable]
+            if len(trained) < len(capable):
+                partly.append([index, trained])
     return {
         "lora_layers": lora,
         "trainable": trainable,
+        "partly": partly,
         "inputs_quantizers": _inputs_quantizers(model),
     }
 
@@ -439,7 +447,12 @@ def apply_layout(model, record):
             config = upgrade(config)
         return cls(base, _restoring=True, **config)
 
-    return apply_in_place(model, targets, keep, make_wrapper)
+    apply_in_place(model, targets, keep, make_wrapper)
+    for index, names in record.get("partly", ()):  # absent before format 4
+        if index < len(layers):
+            for variable in layers[index][1]._trainable_variables:
+                variable.trainable = variable_name(variable) in names
+    return model
 
 
 def _get(owner, step):

@@ -6,9 +6,11 @@ import json
 import warnings
 
 import keras
+import keras_hub
 import numpy as np
 import pytest
 import safetensors
+import tiny_kerashub
 
 import keras_lora as kl
 from keras_lora.model.walk import iter_layers
@@ -231,3 +233,18 @@ def test_train_is_the_same_as_trainable():
     with pytest.raises(ValueError, match="`train` and `trainable`"):
         kl.apply_lora(model, targets=["d1"], train=["head"], trainable=["head"])
     assert not any(isinstance(lay, kl.LoRALayer) for _, lay in iter_layers(model))
+
+
+def test_keras_file_keeps_which_variables_train(tmp_path):
+    # bias="all" on a KerasHub task: LayerNormalization's beta trains, its
+    # gamma does not; a `.keras` round trip keeps that (keras_lora's record
+    # of the task), instead of thawing the whole layer.
+    backbone = tiny_kerashub.backbone("gpt2")
+    lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    kl.apply_lora(lm, targets=["query", "value"], rank=2, bias="all", in_place=True)
+    want = trainable_paths(lm)
+    assert any(p.endswith("/beta") for p in want)
+    assert not any(p.endswith("/gamma") for p in want)
+    path = str(tmp_path / "lm.keras")
+    lm.save(path)
+    assert trainable_paths(keras.models.load_model(path)) == want
