@@ -159,10 +159,19 @@ def report_lines(h):
         f"the swap's own assignment alone: {own['median_ms']:.3f} "
         f"ms median ({own['min_ms']:.3f} min) (swap / own assignment "
         f"{h['own_ratio_min']:.2f}, min)",
+    ] + _first_read_lines(h)
+
+
+def _first_read_lines(h):
+    """The `first read` row's line (results of older runs have none)."""
+    first = h["rows"].get("first read")
+    if first is None:
+        return [""]
+    return [
         f"first read of a file (read, checksum, validation, assign): "
-        f"{rows['first read']['median_ms']:.3f} ms median "
-        f"({rows['first read']['min_ms']:.3f} min); ratio to raw assign "
-        f"{h['first_ratio_median']:.2f} median, {h['first_ratio_min']:.2f} min",
+        f"{first['median_ms']:.3f} ms median ({first['min_ms']:.3f} min); "
+        f"ratio to raw assign {h['first_ratio_median']:.2f} median, "
+        f"{h['first_ratio_min']:.2f} min",
         "",
     ]
 

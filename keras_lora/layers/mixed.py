@@ -15,15 +15,16 @@ Three strategies compute the same sum `base + s_k·(x·A_k)·B_k` per row:
 - `"gather"`: every row gathers its own `A` and `B` (ranks zero-padded to
   the largest, the scale folded into `A`) from a stack with one extra
   all-zero slot, then two batched products.
-- `"grouped"`: the same stacks, with the rows grouped by adapter so that
-  each adapter's `A` and `B` are used once per call, not copied per row:
-  on JAX, the positions sorted by adapter and two `jax.lax.ragged_dot`s,
-  then the inverse permutation; on eager torch, the positions sorted and
-  one rank-`r` product pair per adapter present in the batch (inside
-  `torch.compile` or a symbolic trace, per-row batched products); on
-  TensorFlow, whose XLA cannot compile group sizes that depend on the
-  data, each row's product reads its own `A` and `B` inside one fused
-  multiply-reduce, without a `(batch, in, r)` copy. It applies to
+- `"grouped"`: the rows grouped by adapter, so that each adapter's `A`
+  and `B` serve its rows without a per-row copy: on JAX, the positions
+  sorted by adapter and two `jax.lax.ragged_dot`s, then the inverse
+  permutation (on CPU, where XLA expands `ragged_dot` into a masked
+  product per group, per-row products instead); on eager torch, the
+  positions sorted, each group padded to the largest, and two `bmm`s over
+  the adapters (inside `torch.compile` or a symbolic trace, per-position
+  `bmm`s); on TensorFlow, whose XLA cannot compile group sizes that depend
+  on the data, each row's products read its own `A` and `B` inside one
+  fused multiply-reduce, without a `(batch, in, r)` product. It applies to
   `LoRADense` and to `LoRAEinsumDense` with the standard factoring (a
   matrix product on flattened axes); other layer types use `"gather"`.
 
@@ -32,8 +33,9 @@ all zeros (`"concat"`), and `"gather"` and `"grouped"` read the all-zero
 slot for it, never another slot. Such a row gets the base output: no
 tenant ever reads another's adapter through a bad index.
 
-`"auto"` (the default) picks per layer, from the backend and static
-shapes, as measured in `benchmarks/serving.py` (see `_auto`). Layer types
+`"auto"` (the default) picks per layer, from static shapes, the adapters'
+total rank and the backend, as measured in `benchmarks/serving.py` (see
+`_auto`). Layer types
 without `_routed_gather` (convolutions), and training with dropout, use
 `"concat"`.
 
@@ -179,7 +181,7 @@ def routed_updates(layer, inputs, base, training, route):
     gather = callable(getattr(layer, "_routed_gather", None))
     strategy = route.strategy
     if strategy == "auto":
-        strategy = _auto(layer, inputs)
+        strategy = _auto(layer, inputs, members)
     if dropping or not gather:
         strategy = "concat"
     if strategy == "grouped" and _flat_inputs(layer) is None:
@@ -275,20 +277,23 @@ def _gather_update(layer, inputs, members, index, dtype, training):
     return layer._routed_gather(inputs, a_stack, b_stack, safe)
 
 
-# `"auto"`'s choice per backend: (one position per row, sequences), the
-# fastest of each row of `benchmarks/serving.py` (docs/serving.md, Cost).
-AUTO = {
-    "jax": ("concat", "gather"),
-    "tensorflow": ("grouped", "gather"),
-    "torch": ("grouped", "grouped"),
-}
+# `"auto"` (docs/serving.md, Cost: the rows of `benchmarks/serving.py`):
+# rows that are sequences take `"gather"` on every backend; rows of one
+# position take `"concat"` while the adapters' ranks add up to at most
+# `CONCAT_MAX_RANK` (8 adapters of rank 8: concat was fastest everywhere),
+# above it `AUTO_MANY[backend]` (64 of rank 8: grouped on TensorFlow and
+# torch; on JAX's CPU, concat).
+CONCAT_MAX_RANK = 128
+AUTO_MANY = {"jax": "concat", "tensorflow": "grouped", "torch": "grouped"}
 
 
-def _auto(layer, inputs):
-    """The strategy `"auto"` takes for `layer`, from `AUTO`."""
-    one_position = _positions_per_row(layer, inputs) == 1
-    choice = AUTO.get(keras.backend.backend(), ("concat", "gather"))
-    return choice[0] if one_position else choice[1]
+def _auto(layer, inputs, members):
+    """The strategy `"auto"` takes for `layer`."""
+    if _positions_per_row(layer, inputs) != 1:
+        return "gather"
+    if sum(a.rank for _, a in members) <= CONCAT_MAX_RANK:
+        return "concat"
+    return AUTO_MANY.get(keras.backend.backend(), "concat")
 
 
 def _flat_inputs(layer):

@@ -410,11 +410,12 @@ def mixed_adapter_model(model, names, strategy="auto"):
         strategy: `"concat"` (one product with the concatenated `A`s, a
             per-row mask, one with the `B`s), `"gather"` (each row gathers
             its own `A`, `B`), `"grouped"` (rows grouped by adapter, one
-            rank-`r` product per group: `jax.lax.ragged_dot` on JAX, a loop
-            over the adapters present on eager torch, a fused per-row
-            multiply-reduce on TensorFlow), or `"auto"` (the default: per
-            backend and layer, the fastest as measured); see
-            `docs/serving.md`.
+            rank-`r` product per group: `jax.lax.ragged_dot` on JAX off
+            CPU, padded groups and two `bmm`s on eager torch, a fused
+            per-row multiply-reduce on TensorFlow), or `"auto"` (the
+            default: per layer, gather for sequences, concat for one
+            position up to a total rank of 128, above it grouped on
+            TensorFlow and torch, as measured); see `docs/serving.md`.
 
     Returns:
         A `keras.Model`.
