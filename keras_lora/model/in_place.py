@@ -12,11 +12,10 @@ change is logged, and `Undo.rollback` puts everything back.
 in (`apply_lora` in place or on a copy, `load_adapter`, `from_core_lora`,
 a `.keras` load) ends there.
 
-`layout` records where a model's or a layer's LoRA layers are (walk index,
-path, class, config) and which other layers train; `apply_layout` puts
-them back by the same swap: a KerasHub task's `.keras` file keeps its
-backbone's layout (`same_class.InPlaceLoRA`), a `LoRAContainer` (a block
-with LoRA layers inside, in a plain graph) its block's.
+`layout` records where a model's LoRA layers are and which other weights
+train; `apply_layout` puts them back by the same swap (a KerasHub task's
+`.keras` file keeps its backbone's, `same_class.InPlaceLoRA`; a
+`LoRAContainer`, a block with LoRA layers inside, its block's).
 """
 
 import inspect
@@ -303,10 +302,8 @@ def _take_over_nodes(base, wrapper, graphs, undo):
 
 
 def hold_in_containers(model, undo):
-    """In a plain Functional or Sequential graph (whose config lists its
-    layers), a layer with LoRA layers inside (a `MultiHeadAttention`, a
-    custom block) is held by a `LoRAContainer`, which records where the
-    adapters are so that a `.keras` file brings them back."""
+    """In a plain Functional or Sequential graph, a layer with LoRA layers
+    inside is held by a `LoRAContainer` (which a `.keras` file restores)."""
     graphs = [o for o in owners(model) if type(o) in PLAIN_GRAPHS]
     holds_lora = Reaches(lambda layer: isinstance(layer, LoRALayer))
     for graph in graphs:
@@ -354,17 +351,14 @@ def apply_in_place(model, targets, keep, make_wrapper, check=None):
 
 
 # ---------------------------------------------------------------------------
-# The one record of where a model's (or a layer's) LoRA layers are, written
-# into `.keras` files (`InPlaceLoRA` for a task, `LoRAContainer` for a block
-# in a graph), and its reader, which puts them back by the one swap above.
+# The one record of where a model's LoRA layers are, and its reader.
 
 
 def layout(model):
-    """Where `model`'s LoRA layers are, and which other layers train: a
-    dict of `"lora_layers"` (index in the walk, path, class, config) and
-    `"trainable"` (walk indices of trainable leaf layers) and `"partly"`
-    (`[index, names]` of those whose trainable variables are only some of
-    theirs: a normalization whose offset trains, `bias="all"`)."""
+    """Where `model`'s LoRA layers are, and what else trains: a dict of
+    `"lora_layers"` (walk index, path, class, config), `"trainable"` (walk
+    indices of trainable leaf layers) and `"partly"` (`[index, names]` of
+    those that train only some variables: a norm's beta, `bias="all"`)."""
     lora, trainable, partly = [], [], []
     for index, (path, layer) in enumerate(iter_layers(model)):
         if isinstance(layer, LoRALayer):
@@ -394,11 +388,8 @@ def layout(model):
 
 def _inputs_quantizers(model):
     """`[walk index, serialized inputs quantizer or None]` of each quantized
-    layer (a LoRA layer's base). A KerasHub backbone's config keeps only
-    each layer's quantized policy, not its quantization config, and Keras
-    3.15 builds an int4 `ReversibleEmbedding` without a config with an
-    input quantizer that `quantize("int4")` does not give it: its logits
-    would change on load."""
+    layer: a backbone's config keeps no quantization config, and Keras 3.15
+    rebuilds an int4 `ReversibleEmbedding` with another input quantizer."""
     found = []
     for index, (_, layer) in enumerate(iter_layers(model)):
         base = layer.layer if isinstance(layer, LoRALayer) else layer
@@ -484,9 +475,8 @@ def _resolve(container, specs):
 
 
 def _apply_path_specs(container, specs):
-    """The reader of the record `LoRAContainer` wrote before `layout`
-    (attribute paths, in older `.keras` files): the same swap as every
-    other route. Raises AttributeError, KeyError or IndexError while the
+    """The reader of older `LoRAContainer` records (attribute paths), by
+    the same swap; raises AttributeError, KeyError or IndexError while the
     paths are not there yet (the held layer not built)."""
     targets, configs, frozen = [], {}, set()
     for spec, _, _, _, base in _resolve(container, specs):
@@ -533,12 +523,11 @@ class LoRAContainer(keras.layers.Wrapper):
     """Holds, in a model's graph, a layer with LoRA layers inside it.
 
     `apply_lora` puts one around a layer of a Functional or Sequential
-    model (a `MultiHeadAttention`, a custom block, a subclassed model used
-    as a layer) when it adapts sublayers inside it. It calls the held layer
-    unchanged, is transparent to `iter_layers` paths, forwards attribute
-    reads it does not have to the held layer, and records where the
-    adapters are so that a `.keras` round trip restores them.
-    `merge_lora` replaces it by the plain, merged layer.
+    model (a `MultiHeadAttention`, a custom block) when it adapts sublayers
+    inside it. It calls the held layer unchanged, is transparent to
+    `iter_layers` paths, reads missing attributes from the held layer, and
+    records where the adapters are for `.keras` files. `merge_lora`
+    replaces it by the plain, merged layer.
 
     Args:
         layer: the (rebuilt) layer holding LoRA layers.
@@ -553,8 +542,7 @@ class LoRAContainer(keras.layers.Wrapper):
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(layer, **kwargs)
-        # Given adapters (from a config) are placed at the first call, once
-        # the held layer has built its sublayers.
+        # Adapters from a config are placed at the first call (sublayers built).
         set_attribute(self, "_pending", adapters)
         set_attribute(self, "adapters", layout(layer) if adapters is None else adapters)
         self.supports_masking = layer.supports_masking
@@ -562,9 +550,8 @@ class LoRAContainer(keras.layers.Wrapper):
             self.built = True
 
     def __getattr__(self, name):
-        # Only reached when normal lookup fails (and, on torch, after
-        # `torch.nn.Module`'s own lookup): public attributes read through to
-        # the held layer (`container.num_heads`, say).
+        # After normal lookup (and torch.nn.Module's) fails: public
+        # attributes read through to the held layer (`container.num_heads`).
         parent = getattr(super(), "__getattr__", None)
         if parent is not None:
             try:
