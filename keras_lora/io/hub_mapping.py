@@ -30,7 +30,8 @@ of the installed `transformers` (version 5 loads ViT's
 `vit.encoder.layer.0.attention.attention.query` into
 `vit.layers.0.attention.q_proj`). A key becomes a module name the way
 `transformers` renames it when it loads a checkpoint into the class
-(`_hf_module_names`); which class is `hf_class` (`default_hf_class`). The
+(`keras_lora.io.hf_classes`); which class is `hf_class`
+(`hf_classes.default_hf_class`). The
 `transformers` model type of a converter is read from KerasHub's own choice
 of converter (`_model_types`). Which kernels a layer has, and how they
 factor, the layer's LoRA type says (`LoRALayer.kernel_variable`,
@@ -48,7 +49,7 @@ import textwrap
 import keras
 import numpy as np
 
-from keras_lora.io import peft_moe
+from keras_lora.io import hf_classes, peft_moe
 from keras_lora.layers import lora_class_for
 from keras_lora.model.walk import iter_layers
 
@@ -271,8 +272,8 @@ def hub_correspondence(model, hf_class=None, also=()):
         return None
     hf_config = _transformers_config(backbone)
     hf_model_type = hf_config.get("model_type") or _model_types().get(name, [None])[0]
-    classes = hf_classes(hf_model_type, name)
-    default = default_hf_class(hf_model_type, backbone, task)
+    classes = hf_classes.hf_classes(hf_model_type, name)
+    default = hf_classes.default_hf_class(hf_model_type, backbone, task)
     if hf_class is None:
         hf_class = default
     elif hf_class not in classes:
@@ -303,12 +304,12 @@ def hub_correspondence(model, hf_class=None, also=()):
     names = {key: {} for key in keys}
     params, ndims = {}, {}
     for cls_name in dict.fromkeys(wanted):
-        renamed = _hf_module_names(hf_model_type, cls_name, num_layers)
+        renamed = hf_classes.module_names(hf_model_type, cls_name, num_layers)
         for key in keys:
             names[key][cls_name] = renamed(key)
-        params[cls_name] = _hf_param_names(hf_model_type, cls_name, num_layers)
-        ndims[cls_name] = _hf_names(hf_model_type, cls_name, num_layers)[2]
-    base_prefix = _hf_class(cls_name=hf_class).base_model_prefix
+        params[cls_name] = hf_classes.param_names(hf_model_type, cls_name, num_layers)
+        ndims[cls_name] = hf_classes.param_ndims(hf_model_type, cls_name, num_layers)
+    base_prefix = hf_classes.hf_class(hf_class).base_model_prefix
     hub = HubCorrespondence(
         name,
         hf_model_type,
@@ -332,159 +333,6 @@ def _record_head(converter, task, loader, hf_config):
         converter.convert_head(task, loader, hf_config)
     except Exception:
         del loader.calls[recorded:]
-
-
-def hf_classes(hf_model_type, name="this"):
-    """The `transformers` classes of `hf_model_type`, base model first."""
-    transformers = _transformers(name)
-    from transformers.models.auto import modeling_auto
-
-    found = []
-    mappings = [modeling_auto.MODEL_MAPPING_NAMES] + [
-        mapping
-        for attr, mapping in sorted(vars(modeling_auto).items())
-        if attr.startswith("MODEL_FOR_") and attr.endswith("_MAPPING_NAMES")
-    ]
-    for mapping in mappings:
-        value = mapping.get(hf_model_type) if isinstance(mapping, dict) else None
-        for cls_name in value if isinstance(value, (list, tuple)) else [value]:
-            if cls_name and hasattr(transformers, cls_name):
-                found.append(cls_name)
-    if not found:
-        raise ValueError(
-            f"The installed `transformers` has no model class for KerasHub's "
-            f"'{name}' converter (model type {hf_model_type!r}). Pass "
-            "`name_map` to name the PEFT modules yourself."
-        )
-    return list(dict.fromkeys(found))
-
-
-# KerasHub task kind -> the `transformers` auto mapping of its counterpart.
-_TASK_MAPPINGS = (
-    ("CausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    ("CausalLM", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),  # PaliGemma
-    ("ImageClassifier", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-    ("TextClassifier", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    ("MaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
-)
-
-
-def default_hf_class(hf_model_type, backbone, task=None):
-    """The `transformers` class a KerasHub model's adapter is saved for.
-
-    A task's counterpart (`LlamaForCausalLM` for a `Llama3CausalLM`,
-    `ViTForImageClassification` for a `ViTImageClassifier`; a causal LM
-    `transformers` files as image-text-to-text only, e.g. PaliGemma's, is
-    `PaliGemmaForConditionalGeneration`); for a bare
-    backbone, the causal LM class when KerasHub has a causal LM for it (the
-    model one generates with), else the base model class (`ViTModel`).
-    """
-    import keras_hub
-    from transformers.models.auto import modeling_auto
-
-    if task is not None:
-        kinds = [k for k, _ in _TASK_MAPPINGS if _is_task(type(task), k)]
-    else:
-        kinds = [
-            "CausalLM"
-            for cls in vars(keras_hub.models).values()
-            if _is_task(cls, "CausalLM")
-            and issubclass(type(backbone), getattr(cls, "backbone_cls", None) or ())
-        ][:1]
-    for kind, mapping in _TASK_MAPPINGS:
-        if kind in kinds:
-            cls_name = getattr(modeling_auto, mapping).get(hf_model_type)
-            if cls_name:
-                return cls_name
-    return modeling_auto.MODEL_MAPPING_NAMES[hf_model_type]
-
-
-def _is_task(cls, kind):
-    return isinstance(cls, type) and any(c.__name__ == kind for c in cls.__mro__)
-
-
-def _transformers(name):
-    try:
-        import torch  # noqa: F401
-        import transformers
-    except ImportError:
-        raise ValueError(
-            "Saving or loading a PEFT adapter of a KerasHub model without "
-            "`name_map` names the modules as the installed `transformers` "
-            f"does for KerasHub's '{name}' converter; install `transformers` "
-            "and `torch`, or pass `name_map`."
-        ) from None
-    return transformers
-
-
-def _hf_class(cls_name):
-    import transformers
-
-    return getattr(transformers, cls_name)
-
-
-def hf_class_module(cls_name):
-    """The module of `transformers` class `cls_name` (PEFT's
-    `auto_mapping.parent_library`)."""
-    return _hf_class(cls_name).__module__
-
-
-def _hf_module_names(hf_model_type, cls_name, num_layers):
-    """`rename(key) -> module name or None`: the module whose `weight`
-    checkpoint weight key is, in `cls_name` (`_hf_names`)."""
-    rename_param, modules, _ = _hf_names(hf_model_type, cls_name, num_layers)
-
-    def rename(key):
-        name = rename_param(key)
-        module = None if name is None else name.removesuffix(".weight")
-        return module if module in modules else None
-
-    return rename
-
-
-def _hf_param_names(hf_model_type, cls_name, num_layers):
-    """`rename(key) -> parameter name or None`: the parameter (or buffer)
-    checkpoint weight `key` is in `cls_name` (`_hf_names`)."""
-    return _hf_names(hf_model_type, cls_name, num_layers)[0]
-
-
-@functools.lru_cache(maxsize=16)
-def _hf_names(hf_model_type, cls_name, num_layers):
-    """`(rename, modules, ndims)`: `rename(key) -> parameter name or None`,
-    how `transformers` renames a checkpoint weight key for `cls_name` (built
-    on the meta device, at the default config but for its number of
-    layers), the names of that class's modules, and `{parameter name: its
-    number of axes}` (the sizes are the default config's, the axes are
-    not)."""
-    import torch
-    import transformers
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (
-        WeightConverter,
-        WeightRenaming,
-        rename_source_key,
-    )
-
-    config = transformers.AutoConfig.for_model(hf_model_type)
-    if num_layers:
-        config.num_hidden_layers = int(num_layers)
-    with torch.device("meta"):
-        model = _hf_class(cls_name)._from_config(config)
-    conversions = get_model_conversion_mapping(model)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    state = {name: tensor.ndim for name, tensor in model.state_dict().items()}
-    modules = {name for name, _ in model.named_modules()}
-
-    def rename(key):
-        name, converted = rename_source_key(
-            key, renamings, converters, model.base_model_prefix, state
-        )
-        if converted is not None or name not in state:
-            return None  # split or fused by `transformers`, or not in this class
-        return name
-
-    return rename, modules, state
 
 
 @functools.cache

@@ -36,7 +36,13 @@ import safetensors.numpy
 
 from keras_lora.atomic import atomic_output
 from keras_lora.config import QUANTIZED_BASE_INITS, pattern_value
-from keras_lora.io import hub_mapping, hub_peft, peft_extras, peft_layout, peft_moe
+from keras_lora.io import (
+    hf_classes,
+    hub_peft,
+    peft_extras,
+    peft_layout,
+    peft_moe,
+)
 from keras_lora.io.extra_records import collect_extras
 from keras_lora.io.hub_mapping import hub_correspondence
 from keras_lora.io.names import lookup, resolve_layer
@@ -136,7 +142,7 @@ def save(model, records, directory, name_map=None, hf_class=None):
 
     Without `name_map`, a KerasHub model's modules are named, and its
     factors laid out, as in its `transformers` twin of class `hf_class`
-    (default: `hub_mapping.default_hf_class`), which `adapter_config.json`
+    (default: `hf_classes.default_hf_class`), which `adapter_config.json`
     records as PEFT does (`auto_mapping.base_model_class`).
     """
     hub = hub_correspondence(model, hf_class) if name_map is None else None
@@ -231,7 +237,7 @@ def _save_by_hub(hub, records, directory, extras=()):
     config["target_parameters"] = sorted(p[0] for p in params) or None
     config["auto_mapping"] = {
         "base_model_class": hub.hf_class,
-        "parent_library": hub_mapping.hf_class_module(hub.hf_class),
+        "parent_library": hf_classes.hf_class_module(hub.hf_class),
     }
     return _write(directory, tensors, config)
 
