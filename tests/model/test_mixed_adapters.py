@@ -342,10 +342,11 @@ def changed(before, after):
     return [not np.array_equal(b, a) for b, a in zip(before, after, strict=True)]
 
 
-def test_training_updates_each_adapter_from_its_own_rows_only():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_training_updates_each_adapter_from_its_own_rows_only(strategy):
     model = mixed_mlp()
     kl.set_adapter(model, NAMES)  # all routed adapters trainable
-    served = kl.mixed_adapter_model(model, NAMES)
+    served = kl.mixed_adapter_model(model, NAMES, strategy=strategy)
     served.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     y = np.random.default_rng(5).normal(size=(9, 3)).astype("float32")
     base = [ops.convert_to_numpy(v) for v in model.non_trainable_weights]
