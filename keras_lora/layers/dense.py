@@ -97,6 +97,9 @@ class LoRADense(LoRALayer):
     def _routed_scale_rows(self, y, rows):
         return scale_rows(y, rows)
 
+    def _routed_flat_inputs(self):
+        return 1  # `x·A·B` over the last input axis (the "grouped" strategy)
+
     def to_dense(self, check_finite=True):
         """Returns a plain `Dense` with this layer's config, name and the
         merged kernel `W + scale·A·B`."""

@@ -301,6 +301,10 @@ class LoRAEinsumDense(LoRALayer):
         first, second = self._equations
         return first.split("->")[1].index(second.split(",")[1][0])
 
+    def _routed_flat_inputs(self):
+        # Trailing input axes `x·A·B` flattens ("grouped"); None: Keras's.
+        return self._flat_inputs
+
     def _routed_gather(self, inputs, a_stack, b_stack, index):
         # The gathered factors get the input's batch axis as a leading axis.
         first, second = self._equations

@@ -42,7 +42,8 @@ without `_routed_gather` (convolutions), and training with dropout, use
 DoRA rows are scaled by their own `m/‖W + s·A·B‖` (`1` for the other rows).
 Each layer type supplies the products through three hooks: `_routed_first`
 (`x·A`), `_routed_second` (`h·B`) and `_routed_gather` (both, per row);
-`_routed_rank_axis` says where the rank axis of `x·A` is.
+`_routed_rank_axis` says where the rank axis of `x·A` is, and
+`_routed_flat_inputs` how many input axes `"grouped"` flattens.
 """
 
 import contextlib
@@ -298,14 +299,10 @@ def _auto(layer, inputs, members):
 
 def _flat_inputs(layer):
     """How many trailing input axes `layer`'s update flattens into one
-    matrix product `x·A·B` (`"grouped"`), or `None`."""
-    from keras_lora.layers.dense import LoRADense
-
-    if isinstance(layer, LoRADense):
-        return 1
-    if type(layer).__name__ == "LoRAEinsumDense":
-        return getattr(layer, "_flat_inputs", None)
-    return None
+    matrix product `x·A·B` (`"grouped"`), or `None` (no such form: the
+    layer type has no `_routed_flat_inputs`, or returns `None`)."""
+    flat = getattr(layer, "_routed_flat_inputs", None)
+    return None if flat is None else flat()
 
 
 def _grouped_update(layer, inputs, members, index, dtype):
