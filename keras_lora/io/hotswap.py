@@ -38,8 +38,9 @@ import keras
 import numpy as np
 
 from keras_lora.config import DEFAULT_NAME, validate_adapter_name, validate_rank
+from keras_lora.io.extra_records import ExtraRecord
 from keras_lora.io.formats import check_path, find_reader, read_records
-from keras_lora.io.install import check_layer
+from keras_lora.io.install import check_base_kernel, check_layer
 from keras_lora.io.names import check_name_map
 from keras_lora.layers.checks import caller_stacklevel
 from keras_lora.layers.variants import scale_for
@@ -241,6 +242,14 @@ def _prepared_adapters(model, layers, name):
 def _plan(model, by_path, targets, records, source, name):
     """`([(variable, value)], [(adapter, scale, use_rslora)])` for the swap;
     raises, having changed nothing, on anything that does not fit."""
+    extras = sorted(r.path for r in records if isinstance(r, ExtraRecord))
+    if extras:
+        raise ValueError(
+            f"hotswap_adapter: {source} also holds trained layers or biases "
+            f"({extras}: `trainable`/`bias` in `apply_lora`), which a swap of "
+            "the adapters' factors cannot carry. Load it with `load_adapter`. "
+            "Nothing was changed."
+        )
     paths = [r.path for r in records]
     missing = sorted(set(targets) - set(paths))
     extra = sorted(set(paths) - set(targets))
@@ -257,6 +266,11 @@ def _plan(model, by_path, targets, records, source, name):
         adapter = targets[record.path]
         check_layer(by_path[record.path], record, model, source)
         where = f"layer '{record.path}'"
+        try:  # a LoftQ adapter fits one quantized base only
+            check_base_kernel(by_path[record.path], record, source)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
         if record.init in ("pissa", "olora") or adapter.changes_base:
             init = record.init if record.init in ("pissa", "olora") else adapter.init
             problems.append(

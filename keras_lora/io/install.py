@@ -98,7 +98,7 @@ def install(
         check_layer(by_path[record.path], record, model, source)
     if not lora:
         for record in known:
-            _check_base_kernel(by_path[record.path], record, source)
+            check_base_kernel(by_path[record.path], record, source)
         return _apply_then_assign(
             model,
             layers,
@@ -184,7 +184,7 @@ def _check_variant(layer, record, model, source):
         ):
             # default, gaussian or LoftQ: only the starting point differs
             # (a LoftQ record's base is checked below).
-            return _check_base_kernel(layer, record, source)
+            return check_base_kernel(layer, record, source)
         raise ValueError(
             f"{source} holds a {_variant(record.init, record.use_dora)} "
             f"adapter for '{record.path}', but that layer of model "
@@ -192,10 +192,10 @@ def _check_variant(layer, record, model, source):
             "layer; nothing was loaded. Load into the base model, or into a "
             "LoRA layer of the same variant."
         )
-    _check_base_kernel(layer, record, source)
+    check_base_kernel(layer, record, source)
 
 
-def _check_base_kernel(layer, record, source):
+def check_base_kernel(layer, record, source):
     """Raises if `record` records the digest of a base kernel (PiSSA/OLoRA:
     its residual is recomputed from the base; LoftQ: it was fit to one
     quantized base) and `layer`'s base kernel differs."""

@@ -224,12 +224,37 @@ def bad_cases(base, tmp_path):
             ),
             "pissa",
         ),
+        # Fit to another (quantized) base: the file's base digest differs.
+        "loftq-on-another-base": (
+            lambda: save(
+                "loftq.safetensors",
+                kl.apply_lora(
+                    base, rank=2, init="loftq", loftq_mode="int8", loftq_iter=2
+                ),
+            ),
+            "init='loftq'",
+        ),
+        # A trained head travels with `load_adapter`, not with a swap.
+        "trained-head": (
+            lambda: save(
+                "head.safetensors", kl.apply_lora(base, rank=2, trainable=["head"])
+            ),
+            "trained layers or biases",
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["rank-above-capacity", "fewer-layers", "wrong-shapes", "dora-into-plain", "pissa"],
+    [
+        "rank-above-capacity",
+        "fewer-layers",
+        "wrong-shapes",
+        "dora-into-plain",
+        "pissa",
+        "loftq-on-another-base",
+        "trained-head",
+    ],
 )
 def test_a_file_that_does_not_fit_changes_nothing(case, tmp_path):
     base = mlp()
