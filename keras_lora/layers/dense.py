@@ -10,7 +10,7 @@ from keras_lora.layers.mixed import scale_rows
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
-class LoRADense(LoRALayer):
+class LoRADense(variants.QuantizedDoRA, LoRALayer):
     """A frozen `Dense` plus a trainable low-rank update.
 
     `output = activation(dot(input, kernel) + bias + scale * dot(dot(input, A), B))`
@@ -57,19 +57,6 @@ class LoRADense(LoRALayer):
     def adapter_shapes(self):
         input_dim, units = self.layer.kernel.shape
         return (input_dim, self.rank), (self.rank, units)
-
-    def _add_updates(self, inputs, base, training, adapters):
-        if self.quantization_mode is None:  # the float path, untouched
-            return super()._add_updates(inputs, base, training, adapters)
-        # QDoRA: the norm's dequantization waits for the base product.
-        with variants.norm_anchor(self, base):
-            return super()._add_updates(inputs, base, training, adapters)
-
-    def _dora_factor(self, adapter, frozen=None):
-        # A quantized base: the norm from its dequantized kernel (QDoRA).
-        if variants.uses_quantized_norm(self, adapter, frozen):
-            return variants.quantized_dora_factor(self, adapter)
-        return super()._dora_factor(adapter, frozen)
 
     def _base_op(self, inputs, kernel):
         return matmul(inputs, value(kernel))

@@ -122,7 +122,7 @@ def _is_matmul(equation):
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
-class LoRAEinsumDense(LoRALayer):
+class LoRAEinsumDense(variants.QuantizedDoRA, LoRALayer):
     """A frozen `EinsumDense` plus a trainable low-rank update.
 
     `output = einsum(equation, input, kernel + scale·A·B) + bias`, computed
@@ -323,19 +323,6 @@ class LoRAEinsumDense(LoRALayer):
             return scale_rows(y, rows)
         output, c_spec = equation.split("->")[0].split(",")
         return ops.einsum(f"{output},{output[0]}{c_spec}->{output}", y, rows)
-
-    def _add_updates(self, inputs, base, training, adapters):
-        if self.quantization_mode is None:  # the float path, untouched
-            return super()._add_updates(inputs, base, training, adapters)
-        # QDoRA: the norm's dequantization waits for the base product.
-        with variants.norm_anchor(self, base):
-            return super()._add_updates(inputs, base, training, adapters)
-
-    def _dora_factor(self, adapter, frozen=None):
-        # A quantized base: the norm from its dequantized kernel (QDoRA).
-        if variants.uses_quantized_norm(self, adapter, frozen):
-            return variants.quantized_dora_factor(self, adapter)
-        return super()._dora_factor(adapter, frozen)
 
     def _norm_axes(self):
         # DoRA's norm runs over the kernel axes that do not reach the output.

@@ -493,6 +493,24 @@ def quantized_dora_factor(layer, adapter, anchor=None):
     return ops.divide(ops.cast(adapter.magnitude, "float32"), norm)
 
 
+class QuantizedDoRA:
+    """The QDoRA hooks of the LoRA layer types whose quantized bases take
+    DoRA (`LoRADense`, `LoRAEinsumDense`): over a quantized base, the norm
+    comes from the dequantized kernel (`quantized_dora_factor`), tied after
+    the call's base product (`norm_anchor`); a float base is untouched."""
+
+    def _add_updates(self, inputs, base, training, adapters):
+        if self.quantization_mode is None:  # the float path, untouched
+            return super()._add_updates(inputs, base, training, adapters)
+        with norm_anchor(self, base):
+            return super()._add_updates(inputs, base, training, adapters)
+
+    def _dora_factor(self, adapter, frozen=None):
+        if uses_quantized_norm(self, adapter, frozen):
+            return quantized_dora_factor(self, adapter)
+        return super()._dora_factor(adapter, frozen)
+
+
 def uses_quantized_norm(layer, adapter, frozen):
     """Whether `layer._dora_factor(adapter, frozen)` takes QDoRA's norm:
     a quantized (int8, int4, NF4) base, no kernel given, no residual."""
