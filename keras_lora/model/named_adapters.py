@@ -75,6 +75,13 @@ def add_adapter(model, name, rank=8, alpha=None, targets=None, **options):
             already has `name`, or bad options; nothing is added then.
     """
     validate_adapter_name(name)
+    if options.get("init") == "loftq":
+        raise ValueError(
+            "add_adapter: init='loftq' fits an adapter to the quantization "
+            "error of a float kernel, which only `apply_lora(float_model, "
+            "init='loftq', loftq_mode=...)` has; an added adapter shares the "
+            "existing base. Received: init='loftq'"
+        )
     layers = require_lora_layers(model, "add_adapter")
     refuse_if_merged(layers, "add_adapter")
     if targets is not None:

@@ -291,3 +291,13 @@ def test_a_kerashub_generate_follows_disable_and_set_adapter():
     kl.set_adapter(lm, "default")
     assert lm.generate(prompt, max_length=8) == with_default
     assert with_other == want_base  # "other" still has B = 0
+
+
+def test_add_adapter_refuses_loftq():
+    # LoftQ fits A and B to a float kernel's quantization error, which only
+    # apply_lora(init="loftq") has; an added adapter would be LoftQ in name
+    # only, and its files would pin the base for nothing.
+    model = kl.apply_lora(mlp(), rank=2)
+    with pytest.raises(ValueError, match="init='loftq'"):
+        kl.add_adapter(model, "second", rank=2, init="loftq")
+    assert all(lay.adapter_names == ["default"] for _, lay in lora_layers(model))
