@@ -37,7 +37,7 @@ QLORA_ROWS = (
     ("int8", "keras_lora"),
     ("int4", "keras_lora"),
     ("int4", "enable_lora"),
-    ("nf4", "keras_lora"),  # kl.quantize_nf4: Dense/EinsumDense, not the LM head
+    ("nf4", "keras_lora"),  # kl.quantize_nf4: every kernel and embedding table
 )
 
 
@@ -295,6 +295,7 @@ def weight_bytes_by_kind(model):
                 "reverse_embeddings",
                 "_reverse_embeddings",
                 "nf4_codes",
+                "nf4_reverse_codes",
             ):
                 kinds["kernels"] += size
             elif isinstance(layer, quantizable) and (

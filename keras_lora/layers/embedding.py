@@ -27,9 +27,10 @@ class LoRAEmbedding(LoRALayer):
     logits against the adapted table, `x·(E + scale·A·B)ᵀ`, again without
     forming it; with untied weights the reverse projection is the base's.
 
-    A base quantized by Keras to `"int8"` or `"int4"` keeps its own
-    quantized lookup and tied logits (`layers.quantized`); a quantized
-    untied `ReversibleEmbedding` is refused.
+    A base quantized by Keras to `"int8"` or `"int4"`, or stored as NF4
+    (`keras_lora.quantize_nf4`), keeps its own quantized lookup and tied
+    logits (`layers.quantized`); a quantized untied `ReversibleEmbedding`
+    is refused.
 
     Args:
         layer: the `keras.layers.Embedding` to adapt, built or not.
@@ -40,7 +41,7 @@ class LoRAEmbedding(LoRALayer):
 
     base_class = keras.layers.Embedding
     kernel_attr = "embeddings"
-    quantization_modes = ("int8", "int4")
+    quantization_modes = ("int8", "int4", "nf4")
 
     @classmethod
     def peft_kind(cls, layer):

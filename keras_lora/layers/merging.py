@@ -72,11 +72,14 @@ class Merging:
                 ],
             )
         config = base.get_config()
+        # Keras's quantized policies name their source; an NF4 layer keeps
+        # its float policy.
         config["dtype"] = getattr(base.dtype_policy, "_source_name", None) or (
-            keras.config.floatx()
+            base.dtype_policy.name
         )
         config.pop("quantization_config", None)
-        new = base.__class__.from_config(config)
+        float_class = getattr(base, "float_layer_class", None)
+        new = (float_class() if float_class else base.__class__).from_config(config)
         new.build_from_config(base.get_build_config())
         kernel = getattr(new, self.kernel_attr)
         old = {w.name: w for w in base.weights}

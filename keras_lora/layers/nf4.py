@@ -17,6 +17,15 @@ next to the int8/int4 dequantization), so merging, the lean product of
 `layers.quantized_product` and every LoRA path treat NF4 as one more
 quantized mode. `quantize_nf4` (in `model.quantized_bases`) converts a
 model's float layers in place, as Keras's `model.quantize` does.
+
+Embeddings (`NF4Embedding`, `NF4ReversibleEmbedding`) store their table
+`(input_dim, output_dim)` the same way. A lookup gathers the codes and
+absmax of its rows and dequantizes only those (when `output_dim` is a
+multiple of the block size, so that rows are whole blocks; otherwise the
+table, once per call). An untied `ReversibleEmbedding`'s reverse table
+`(output_dim, input_dim)` is stored transposed, as `nf4_reverse_*`, so
+that both tables are read by vocabulary rows: the LM head's logits
+dequantize one chunk of rows at a time (`layers.quantized_product`).
 """
 
 import math
@@ -28,8 +37,8 @@ from keras.src.layers.core.einsum_dense import _analyze_einsum_string
 
 from keras_lora.layers import quantized, quantized_product
 
-_ABSMAX = ("nf4_absmax",)
-_DOUBLE = ("nf4_absmax_codes", "nf4_absmax_scale", "nf4_absmax_offset")
+_ABSMAX = ("absmax",)
+_DOUBLE = ("absmax_codes", "absmax_scale", "absmax_offset")
 
 
 def check_block_size(block_size, function="quantize_nf4"):
@@ -47,11 +56,11 @@ def check_block_size(block_size, function="quantize_nf4"):
         )
 
 
-def check_double_quant(double_quant, function="quantize_nf4"):
+def check_double_quant(double_quant, function="quantize_nf4", argument="double_quant"):
     if not isinstance(double_quant, (bool, np.bool_)):
         raise TypeError(
-            f"{function}: `double_quant` must be a bool. "
-            f"Received: double_quant={double_quant!r} of type "
+            f"{function}: `{argument}` must be a bool. "
+            f"Received: {argument}={double_quant!r} of type "
             f"{type(double_quant).__name__}"
         )
 
@@ -95,18 +104,46 @@ def quantize_array(kernel, block_size, double_quant):
     return values
 
 
-def storage_shapes(kernel_shape, block_size, double_quant):
-    """`{name: (shape, dtype)}` of the NF4 variables of a kernel."""
+def storage_shapes(kernel_shape, block_size, double_quant, prefix="nf4_"):
+    """`{name: (shape, dtype)}` of the NF4 variables of a kernel (names as
+    `quantize_array`'s, `"nf4_"` replaced by `prefix`)."""
     blocks = -(-math.prod(kernel_shape) // block_size)
-    shapes = {"nf4_codes": ((blocks * block_size // 2,), "int8")}
+    shapes = {"codes": ((blocks * block_size // 2,), "int8")}
     if not double_quant:
-        shapes["nf4_absmax"] = ((blocks,), "float32")
-        return shapes
-    groups = -(-blocks // quantized.ABSMAX_BLOCK)
-    shapes["nf4_absmax_codes"] = ((groups * quantized.ABSMAX_BLOCK,), "int8")
-    shapes["nf4_absmax_scale"] = ((groups,), "float32")
-    shapes["nf4_absmax_offset"] = ((), "float32")
-    return shapes
+        shapes["absmax"] = ((blocks,), "float32")
+    else:
+        groups = -(-blocks // quantized.ABSMAX_BLOCK)
+        shapes["absmax_codes"] = ((groups * quantized.ABSMAX_BLOCK,), "int8")
+        shapes["absmax_scale"] = ((groups,), "float32")
+        shapes["absmax_offset"] = ((), "float32")
+    return {prefix + name: value for name, value in shapes.items()}
+
+
+def float_tables(layer):
+    """`{prefix: float kernel (NumPy)}` of the float `layer` that its NF4
+    class stores: `"nf4_"` the kernel (an embedding's table), and for an
+    untied `ReversibleEmbedding` `"nf4_reverse_"` its reverse table,
+    transposed to `(input_dim, output_dim)`."""
+    if not isinstance(layer, keras.layers.Embedding):
+        return {"nf4_": ops.convert_to_numpy(layer._kernel)}
+    tables = {"nf4_": ops.convert_to_numpy(layer._embeddings)}
+    if _untied(layer):
+        tables["nf4_reverse_"] = ops.convert_to_numpy(layer.reverse_embeddings).T
+    return tables
+
+
+def quantize_layer(layer, block_size, double_quant):
+    """Every NF4 variable's value (`quantize_array`) for the float `layer`
+    (see `nf4_class`): `{name: NumPy value}`, as `convert` takes them."""
+    values = {}
+    for prefix, table in float_tables(layer).items():
+        for name, value in quantize_array(table, block_size, double_quant).items():
+            values[prefix + name[len("nf4_") :]] = value
+    return values
+
+
+def _untied(layer):
+    return isinstance(layer, keras.layers.ReversibleEmbedding) and not layer.tie_weights
 
 
 class NF4Storage:
@@ -135,15 +172,18 @@ class NF4Storage:
         read (for shapes and inspection; the call never reads it)."""
         return quantized.dequantized_kernel(self)
 
-    def nf4_variables(self):
-        """The NF4 variables, in `quantized.kernel_params`'s order."""
-        names = ("nf4_codes",) + (_DOUBLE if self.nf4_double_quant else _ABSMAX)
-        return [getattr(self, name) for name in names]
+    def nf4_variables(self, reverse=False):
+        """The NF4 variables, in `quantized.kernel_params`'s order; with
+        `reverse`, those of an untied `ReversibleEmbedding`'s reverse
+        table."""
+        prefix = "nf4_reverse_" if reverse else "nf4_"
+        names = ("codes",) + (_DOUBLE if self.nf4_double_quant else _ABSMAX)
+        return [getattr(self, prefix + name) for name in names]
 
-    def _build_nf4(self, kernel_shape):
+    def _build_nf4(self, kernel_shape, prefix="nf4_"):
         self.nf4_kernel_shape = tuple(int(d) for d in kernel_shape)
         shapes = storage_shapes(
-            self.nf4_kernel_shape, self.nf4_block_size, self.nf4_double_quant
+            self.nf4_kernel_shape, self.nf4_block_size, self.nf4_double_quant, prefix
         )
         for name, (shape, dtype) in shapes.items():
             variable = self.add_weight(
@@ -188,8 +228,11 @@ class NF4Storage:
             variable.assign(store[str(i)])
 
     def _saved_variables(self):
-        bias = [] if self.bias is None else [self.bias]
-        return self.nf4_variables() + bias
+        variables = self.nf4_variables()
+        if _untied(self):
+            variables += self.nf4_variables(reverse=True)
+        bias = getattr(self, "bias", None)
+        return variables + ([] if bias is None else [bias])
 
     def get_config(self):
         config = super().get_config()
@@ -198,21 +241,36 @@ class NF4Storage:
             "block_size": self.nf4_block_size,
             "double_quant": self.nf4_double_quant,
         }
+        float_class = getattr(self, "nf4_float_class", None)
+        if float_class is not None:  # a subclass stored (KerasHub's)
+            config["quantization_config"]["float_class"] = float_class
         return config
 
     @classmethod
     def from_config(cls, config):
         """The NF4 layer of `config`; without its `quantization_config` (as
-        a merge asks for the float layer), the plain Keras layer."""
+        a merge asks for the float layer), the float layer it stores."""
         config = dict(config)
         nf4 = config.pop("quantization_config", None)
         if not (isinstance(nf4, dict) and nf4.get("mode") == "nf4"):
             return cls.float_class.from_config(config)
         config["block_size"] = nf4["block_size"]
         config["double_quant"] = nf4["double_quant"]
-        return super().from_config(config)
+        layer = super().from_config(config)
+        if nf4.get("float_class") is not None:
+            layer.nf4_float_class = nf4["float_class"]
+        return layer
 
     # ----- conversion -------------------------------------------------------
+
+    def float_layer_class(self):
+        """The float class this layer stores (a merge builds one): the
+        Keras class, or the subclass it was converted from (KerasHub's
+        `ReversibleEmbedding`)."""
+        name = getattr(self, "nf4_float_class", None)
+        if name is None:
+            return self.float_class
+        return keras.saving.get_registered_object(name) or self.float_class
 
     def requantize(self, layer):
         """Quantizes the float `layer` (a merged copy of this one) in place
@@ -299,15 +357,131 @@ class NF4EinsumDense(NF4Storage, keras.layers.EinsumDense):
         self.built = True
 
 
-_NF4_CLASS = {keras.layers.Dense: NF4Dense, keras.layers.EinsumDense: NF4EinsumDense}
+class NF4EmbeddingStorage(NF4Storage):
+    """What `NF4Embedding` and `NF4ReversibleEmbedding` add: the table
+    read back, and the lookup that dequantizes only the rows it reads."""
+
+    @property
+    def embeddings(self):
+        """The float32 table the NF4 codes stand for, dequantized on each
+        read (for shapes and inspection; calls never read it)."""
+        return quantized.dequantized_kernel(self)
+
+    def call(self, inputs, reverse=False):
+        return self.quantized_call(inputs, reverse=reverse)
+
+    def quantized_call(self, inputs, reverse=False):
+        if reverse:  # a ReversibleEmbedding's logits, the product lean
+            logits = quantized_product.product(self, inputs, reverse=True)
+            cap = self.logit_soft_cap
+            if cap is not None:  # as Keras's call: after the product
+                logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+            return logits
+        return self.lookup(inputs)
+
+    def lookup(self, inputs):
+        """`take(table, inputs)` in the compute dtype, dequantizing the
+        looked-up rows only (a whole table per call when `output_dim` is
+        not a multiple of the block size)."""
+        if keras.backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
+            inputs = ops.cast(inputs, "int32")
+        width, block = self.output_dim, self.nf4_block_size
+        if width % block:
+            rows = ops.take(self.embeddings, inputs, axis=0)
+        else:
+            codes, absmax = quantized.nf4_plain(quantized.kernel_params(self))
+            ids = ops.reshape(inputs, (-1,))
+            codes = ops.take(ops.reshape(codes, (self.input_dim, width // 2)), ids, 0)
+            absmax = absmax[: self.input_dim * (width // block)]
+            absmax = ops.take(ops.reshape(absmax, (self.input_dim, -1)), ids, 0)
+            flat = quantized.dequantize_nf4(
+                (ops.reshape(codes, (-1,)), ops.reshape(absmax, (-1,))),
+                block,
+                None,
+            )
+            rows = ops.reshape(flat, tuple(ops.shape(inputs)) + (width,))
+        outputs = ops.cast(rows, self.compute_dtype)
+        if isinstance(self, keras.layers.ReversibleEmbedding) and self.mask_zero:
+            # As Keras's `ReversibleEmbedding.call` (its `compute_mask` is None).
+            from keras.src.utils.masking import set_keras_mask
+
+            set_keras_mask(outputs, ops.not_equal(inputs, 0))
+        return outputs
 
 
-def nf4_class(layer):
-    """The NF4 class that stores `layer` (exactly a float Keras `Dense` or
-    `EinsumDense`, built, not quantized, no Keras `enable_lora`), else
-    `None`."""
+@keras.saving.register_keras_serializable(package="keras_lora")
+class NF4Embedding(NF4EmbeddingStorage, keras.layers.Embedding):
+    """An `Embedding` whose table is stored as NF4 (see the module
+    docstring). Made by `keras_lora.quantize_nf4`.
+
+    Args:
+        block_size: positive even int, the codes per absmax (default 64).
+        double_quant: bool, whether the absmax values are quantized to int8.
+        *args, **kwargs: `keras.layers.Embedding`'s.
+    """
+
+    float_class = keras.layers.Embedding
+
+    def build(self, input_shape=None):
+        self._build_nf4((self.input_dim, self.output_dim))
+        self.built = True
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class NF4ReversibleEmbedding(NF4EmbeddingStorage, keras.layers.ReversibleEmbedding):
+    """A `ReversibleEmbedding` whose table, and reverse table if untied,
+    are stored as NF4 (see the module docstring). `call(x, reverse=True)`
+    gives the logits against the dequantized table, chunk by chunk.
+
+    Args:
+        block_size: positive even int, the codes per absmax (default 64).
+        double_quant: bool, whether the absmax values are quantized to int8.
+        *args, **kwargs: `keras.layers.ReversibleEmbedding`'s.
+    """
+
+    float_class = keras.layers.ReversibleEmbedding
+
+    @property
+    def reverse_embeddings(self):
+        """An untied layer's float32 reverse table `(output_dim,
+        input_dim)`, dequantized on each read."""
+        if self.tie_weights:
+            raise AttributeError("a tied ReversibleEmbedding has no reverse table")
+        return quantized.dequantized_kernel(self, reverse=True)
+
+    def build(self, input_shape=None):
+        self._build_nf4((self.input_dim, self.output_dim))
+        if not self.tie_weights:
+            self._build_nf4((self.input_dim, self.output_dim), "nf4_reverse_")
+        self.built = True
+
+
+_NF4_CLASS = {
+    keras.layers.Dense: NF4Dense,
+    keras.layers.EinsumDense: NF4EinsumDense,
+    keras.layers.Embedding: NF4Embedding,
+    keras.layers.ReversibleEmbedding: NF4ReversibleEmbedding,
+}
+
+# What a subclass of a Keras class may not override for its NF4 class to
+# store it (KerasHub's `ReversibleEmbedding` overrides nothing).
+_BEHAVIOUR = ("call", "build", "quantized_call", "compute_output_spec")
+
+
+def nf4_class(layer, embeddings=True):
+    """The NF4 class that stores `layer`, else `None`: a float Keras
+    `Dense`, `EinsumDense`, or (with `embeddings`) `Embedding` or
+    `ReversibleEmbedding` (exactly, or a subclass that changes none of
+    their behaviour, as KerasHub's), built, not quantized, no Keras
+    `enable_lora`."""
     cls = _NF4_CLASS.get(type(layer))
+    if cls is None and isinstance(layer, keras.layers.ReversibleEmbedding):
+        family = keras.layers.ReversibleEmbedding
+        if all(getattr(type(layer), n) is getattr(family, n) for n in _BEHAVIOUR):
+            cls = NF4ReversibleEmbedding
     if cls is None or not layer.built or getattr(layer, "lora_enabled", False):
+        return None
+    if not embeddings and issubclass(cls, NF4EmbeddingStorage):
         return None
     if layer.dtype_policy.quantization_mode is not None:
         return None
@@ -316,19 +490,34 @@ def nf4_class(layer):
 
 def convert(layer, block_size, double_quant, values=None):
     """Makes the float `layer` (see `nf4_class`) an NF4 layer, in place as
-    Keras's `quantize` does: its float kernel is deleted, the NF4 variables
-    hold `values` (by default `quantize_array` of the kernel)."""
+    Keras's `quantize` does: its float tables are deleted, the NF4
+    variables hold `values` (by default `quantize_layer(layer, ...)`)."""
     cls = nf4_class(layer)
     if values is None:
-        kernel = ops.convert_to_numpy(layer._kernel)
-        values = quantize_array(kernel, block_size, double_quant)
-    kernel_shape = tuple(layer._kernel.shape)
+        values = quantize_layer(layer, block_size, double_quant)
+    float_class = None
+    if type(layer) is not cls.float_class:
+        float_class = keras.saving.get_registered_name(type(layer))
+    untied = _untied(layer)
+    embedding = isinstance(layer, keras.layers.Embedding)
+    kernel_shape = (
+        (layer.input_dim, layer.output_dim) if embedding else tuple(layer._kernel.shape)
+    )
     layer._tracker.unlock()
-    del layer._kernel
+    if embedding:
+        del layer._embeddings
+        if untied:
+            del layer.reverse_embeddings
+    else:
+        del layer._kernel
     layer.__class__ = cls
     layer.nf4_block_size = int(block_size)
     layer.nf4_double_quant = bool(double_quant)
+    if float_class is not None:
+        layer.nf4_float_class = float_class
     layer._build_nf4(kernel_shape)
+    if untied:
+        layer._build_nf4(kernel_shape, "nf4_reverse_")
     if cls is NF4EinsumDense:
         layer._set_quantization_info()
     layer._tracker.lock()

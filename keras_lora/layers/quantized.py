@@ -126,7 +126,10 @@ def kernel_params(layer, reverse=False):
     (a tied one's reverse table is its embeddings).
     """
     if layer.quantization_mode == "nf4":
-        return tuple(ops.convert_to_tensor(v) for v in layer.nf4_variables())
+        untied = reverse and not getattr(layer, "tie_weights", True)
+        return tuple(
+            ops.convert_to_tensor(v) for v in layer.nf4_variables(reverse=untied)
+        )
     if isinstance(layer, keras.layers.Embedding):
         untied = reverse and not getattr(layer, "tie_weights", True)
         names = (
@@ -171,7 +174,11 @@ def dequantized_kernel(layer, params=None, dtype="float32", reverse=False):
     if mode == "nf4":
         shape = layer.nf4_kernel_shape
         kernel = dequantize_nf4(params, layer.nf4_block_size, _size(shape))
-        return ops.reshape(ops.cast(kernel, dtype), shape)
+        kernel = ops.reshape(ops.cast(kernel, dtype), shape)
+        if reverse and not getattr(layer, "tie_weights", True):
+            # An untied reverse table is stored transposed (`layers.nf4`).
+            return ops.transpose(kernel)
+        return kernel
     if isinstance(layer, keras.layers.Embedding):
         if reverse and not getattr(layer, "tie_weights", True):
             return _dequantized_reverse(layer, params, dtype)
@@ -411,10 +418,12 @@ def dequantize_nf4(params, block, size):
             Double-quantized, `absmax = absmax_codes·absmax_scale +
             absmax_offset`, one `absmax_scale` per `ABSMAX_BLOCK` of them.
         block: the NF4 block size (even).
-        size: the kernel's number of elements.
+        size: the kernel's number of elements, or `None` for every code's
+            value (whole blocks: a slice of rows of an embedding table).
     """
-    codes = params[0]
-    absmax = params[1] if len(params) == 2 else _dequantized_absmax(*params[1:])
+    codes, absmax = nf4_plain(params)
+    if _TORCH:
+        return _torch_dequantize_nf4(codes, absmax, block, size)
     low = ops.bitwise_and(codes, 15)
     high = ops.bitwise_and(ops.right_shift(codes, 4), 15)
     index = ops.reshape(ops.stack([low, high], axis=-1), (-1, block))
@@ -422,7 +431,58 @@ def dequantize_nf4(params, block, size):
         absmax = absmax[: index.shape[0]]
     levels = ops.take(ops.convert_to_tensor(NF4_LEVELS), ops.cast(index, "int32"))
     kernel = ops.reshape(ops.multiply(levels, ops.expand_dims(absmax, -1)), (-1,))
-    return kernel if kernel.shape[0] == size else kernel[:size]
+    return kernel if size is None or kernel.shape[0] == size else kernel[:size]
+
+
+def nf4_plain(params):
+    """`(codes, absmax)` of NF4 `params`, double-quantized absmax values
+    dequantized (one float32 per block: small)."""
+    if len(params) == 2:
+        return tuple(params)
+    return params[0], _dequantized_absmax(*params[1:])
+
+
+# On torch, each code byte's two levels at once: row `b` of this
+# (256, 2) table is `(level[b & 15], level[b >> 4])` (made on first use).
+_NF4_PAIRS = {}
+
+# Code bytes looked up per step on torch: its int32 index is the only
+# temporary besides the result (8 MiB).
+nf4_torch_chunk = 2 * 2**20
+
+
+def _torch_dequantize_nf4(codes, absmax, block, size):
+    """`dequantize_nf4` on torch, the same values: each code byte's pair of
+    levels looked up in a (256, 2) table straight into the result, a chunk
+    of bytes at a time, then each block scaled in place by its absmax. The
+    generic path (nibbles unpacked, stacked, cast, gathered, scaled) makes
+    several kernel-sized temporaries per product, and eager torch runs it
+    op by op; this makes the float32 result and an 8 MiB index."""
+    import torch
+
+    key = (codes.device, torch.float32)
+    pairs = _NF4_PAIRS.get(key)
+    if pairs is None:
+        byte = np.arange(256)
+        table = np.stack([NF4_LEVELS[byte & 15], NF4_LEVELS[byte >> 4]], axis=-1)
+        pairs = _NF4_PAIRS[key] = torch.as_tensor(table, device=codes.device)
+    flat = codes.reshape(-1).view(torch.uint8)
+    if torch.compiler.is_compiling():  # one lookup: the compiler fuses it
+        kernel = pairs[flat.to(torch.int32)]
+        chunks = ()
+    else:
+        kernel = torch.empty(
+            (flat.shape[0], 2), dtype=torch.float32, device=codes.device
+        )
+        chunks = range(0, flat.shape[0], nf4_torch_chunk)
+    for start in chunks:
+        stop = min(start + nf4_torch_chunk, flat.shape[0])
+        index = flat[start:stop].to(torch.int32)
+        torch.index_select(pairs, 0, index, out=kernel[start:stop])
+    blocks = kernel.view(-1, block)
+    blocks.mul_(absmax[: blocks.shape[0]].to(torch.float32)[:, None])
+    kernel = kernel.view(-1)
+    return kernel if size is None or kernel.shape[0] == size else kernel[:size]
 
 
 def _dequantized_absmax(codes, scale, offset):

@@ -144,6 +144,7 @@ class _Plan:
     def forward(self, x, params):
         """Keras's quantized product, op for op."""
         if self.kind == "reverse":
+            params = self._plain(params)
             chunks = self._vocabulary_chunks(params)
             if chunks:
                 # One chunk of the table dequantized at a time, each tied
@@ -159,6 +160,7 @@ class _Plan:
     def backward(self, dy, params):
         """`dy·W_deqᵀ`, the kernel dequantized from `params`."""
         if self.kind == "reverse":
+            params = self._plain(params)
             chunks = self._vocabulary_chunks(params)
             if chunks:  # as in `forward`: the sum of each chunk's product
                 dx = None
@@ -170,11 +172,21 @@ class _Plan:
                 return dx
         return self._backward(dy, params)
 
+    def _plain(self, params):
+        # NF4: double-quantized absmax values dequantized, so that a slice
+        # of rows has its own (`_vocabulary_slice`).
+        if self.layer.quantization_mode == "nf4":
+            return quantized.nf4_plain(params)
+        return params
+
     def _vocabulary_chunks(self, params):
         """`[(start, stop), ...]` over the reverse product's vocabulary, or
-        `None` when its dequantized table fits in one `vocabulary_chunk`."""
+        `None` when its dequantized table fits in one `vocabulary_chunk`
+        (or, for NF4, when a row is not whole blocks)."""
         layer = self.layer
         vocabulary, width = layer.input_dim, layer.output_dim
+        if layer.quantization_mode == "nf4" and width % layer.nf4_block_size:
+            return None
         itemsize = keras.backend.standardize_dtype(layer.compute_dtype)
         itemsize = 2 if itemsize in ("float16", "bfloat16") else 4
         rows = max(1, vocabulary_chunk // (width * itemsize))
@@ -185,8 +197,18 @@ class _Plan:
     def _vocabulary_slice(self, params, start, stop):
         """`params` of the vocabulary rows `start:stop`: axis 0 of a tied
         table's codes, scales and zero points, the last axis of an untied
-        reverse table's; `g_idx` (over the width) whole."""
-        tied = getattr(self.layer, "tie_weights", True)
+        reverse table's; `g_idx` (over the width) whole. NF4 (both tables
+        stored by rows, whole blocks each): the rows' codes and absmax."""
+        layer = self.layer
+        if layer.quantization_mode == "nf4":
+            codes, absmax = params
+            per_row = layer.output_dim // layer.nf4_block_size
+            half = layer.output_dim // 2
+            return (
+                codes[start * half : stop * half],
+                absmax[start * per_row : stop * per_row],
+            )
+        tied = getattr(layer, "tie_weights", True)
         sliced = []
         for i, param in enumerate(params):
             if i == 3:  # g_idx
@@ -200,6 +222,8 @@ class _Plan:
     def _backward(self, dy, params):
         layer = self.layer
         dtype = layer.compute_dtype
+        if self.kind == "reverse" and layer.quantization_mode == "nf4":
+            return _matmul(dy, self._nf4_rows(params))  # dx = dy·table
         if self.kind == "einsum":
             kernel = quantized.dequantized_kernel(layer, params, dtype)
             return ops.einsum(layer._custom_gradient_equation, dy, kernel)
@@ -260,9 +284,20 @@ class _Plan:
             return ops.divide(y, x_scale)
         return ops.einsum(equation, x, kernel)
 
+    def _nf4_rows(self, params):
+        """The float rows `(rows, output_dim)` of an NF4 table that `params`
+        (codes and absmax, plain) hold: a chunk, or the whole table."""
+        layer = self.layer
+        width = layer.output_dim
+        rows = min(layer.input_dim, int(params[0].shape[0]) * 2 // width)
+        flat = quantized.dequantize_nf4(params, layer.nf4_block_size, rows * width)
+        return ops.reshape(ops.cast(flat, layer.compute_dtype), (rows, width))
+
     def _reverse_forward(self, x, params):
         layer = self.layer
         dtype = layer.compute_dtype
+        if layer.quantization_mode == "nf4":  # tied or untied: by rows
+            return _matmul(x, ops.transpose(self._nf4_rows(params)))
         tied = layer.tie_weights
         codes, scale = params[:2]
         if layer.inputs_quantizer:

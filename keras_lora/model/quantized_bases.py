@@ -122,6 +122,9 @@ def check_quantized_weights(model):
             "nf4_absmax",
             "nf4_absmax_scale",
             "nf4_absmax_offset",
+            "nf4_reverse_absmax",
+            "nf4_reverse_absmax_scale",
+            "nf4_reverse_absmax_offset",
         ):
             scale = getattr(layer, name, None)
             if scale is not None and not np.all(np.isfinite(_numpy(scale))):
@@ -187,9 +190,10 @@ def _lean_quantized_call(self, inputs, *args, **kwargs):
     return quantized_product.dense_call(self, inputs)
 
 
-def quantize_nf4(model, block_size=64, double_quant=False):
-    """Stores the kernels of `model`'s `Dense` and `EinsumDense` layers as
-    NF4, QLoRA's 4-bit NormalFloat (Dettmers et al. 2023), in place.
+def quantize_nf4(model, block_size=64, double_quant=False, embeddings=True):
+    """Stores the kernels of `model`'s `Dense` and `EinsumDense` layers, and
+    its embedding tables, as NF4, QLoRA's 4-bit NormalFloat (Dettmers et
+    al. 2023), in place.
 
     Each kernel, flattened in its own order, is cut into blocks of
     `block_size` values; a block keeps its absmax (float32) and each value
@@ -198,31 +202,37 @@ def quantize_nf4(model, block_size=64, double_quant=False):
     byte. `W = level[code]·absmax`. With `double_quant`, the absmax values
     are quantized again, to int8 in blocks of 256 (4.5 bits per weight
     become about 4.13). No float kernel is kept. The layers become
-    `NF4Dense`/`NF4EinsumDense` (subclasses of their Keras classes, saved
-    in `.keras` files as such), whose calls run the lean product of
-    `layers.quantized_product`.
+    `NF4Dense`, `NF4EinsumDense`, `NF4Embedding` or
+    `NF4ReversibleEmbedding` (subclasses of their Keras classes, saved in
+    `.keras` files as such), whose calls run the lean product of
+    `layers.quantized_product`; a lookup dequantizes only the rows it reads.
 
     `kl.apply_lora` accepts the result as it accepts Keras's int4 bases:
     the base stays frozen, `merge_lora` gives float layers
     (`requantize=True`: NF4 layers again), adapter files are the same.
 
-    Converted: every built float `Dense` and `EinsumDense` (exactly those
-    classes), at any depth. Left as they are: embeddings (a tied LM head
-    included), subclasses, layers quantized by Keras, layers with Keras's
-    `enable_lora`, unbuilt layers.
+    Converted: every built float `Dense`, `EinsumDense`, `Embedding` and
+    `ReversibleEmbedding` (tied or not; the exact Keras classes, or a
+    subclass that changes none of their calls, as KerasHub's), at any
+    depth. Left as they are: other subclasses, layers quantized by Keras,
+    layers with Keras's `enable_lora`, unbuilt layers.
 
     Args:
         model: a built `keras.Model` without LoRA layers (quantize first,
             then `apply_lora`).
         block_size: positive even int, the values per absmax (QLoRA's 64).
         double_quant: bool, whether to quantize the absmax values too.
+        embeddings: bool, whether embedding tables (a language model's
+            token embedding and LM head, tied or not) are converted too. They
+            are most of a small model's weights; bitsandbytes' QLoRA keeps
+            them in float (`embeddings=False` does the same).
 
     Returns:
         `model` itself.
 
     Raises:
-        TypeError: `model` is not a `keras.Model`, or `double_quant` not a
-            bool.
+        TypeError: `model` is not a `keras.Model`, or `double_quant` or
+            `embeddings` not a bool.
         ValueError: `block_size` is not a positive even int, the model is
             not built, or it has LoRA layers. Nothing is changed.
 
@@ -236,6 +246,7 @@ def quantize_nf4(model, block_size=64, double_quant=False):
     check_is_model(model, "quantize_nf4")
     nf4.check_block_size(block_size)
     nf4.check_double_quant(double_quant)
+    nf4.check_double_quant(embeddings, argument="embeddings")
     check_built(model, "quantize_nf4")
     if lora_layers(model):
         raise ValueError(
@@ -243,11 +254,12 @@ def quantize_nf4(model, block_size=64, double_quant=False):
             "first, then call `apply_lora` on the NF4 model."
         )
     # Every value first, then the swaps: nothing changes if one fails.
-    layers = [layer for _, layer in iter_layers(model) if nf4.nf4_class(layer)]
-    values = [
-        nf4.quantize_array(_numpy(layer._kernel), block_size, double_quant)
-        for layer in layers
+    layers = [
+        layer
+        for _, layer in iter_layers(model)
+        if nf4.nf4_class(layer, embeddings=embeddings)
     ]
+    values = [nf4.quantize_layer(layer, block_size, double_quant) for layer in layers]
     for layer, value in zip(layers, values, strict=True):
         nf4.convert(layer, block_size, double_quant, value)
     if layers:  # as Keras's `Model.quantize`

@@ -261,7 +261,7 @@ def test_what_is_left_as_it_is():
     x = keras.layers.Dense(6, name="int8")(x)
     model = keras.Model(inputs, keras.layers.Dense(2, name="d")(x))
     model.get_layer("int8").quantize("int8")
-    kl.quantize_nf4(model)
+    kl.quantize_nf4(model, embeddings=False)
     assert model.get_layer("emb").quantization_mode is None
     assert model.get_layer("int8").quantization_mode == "int8"
     assert model.get_layer("d").quantization_mode == "nf4"
