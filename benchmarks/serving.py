@@ -9,10 +9,26 @@ same rank. The rows, timed interleaved through Keras's compiled
 - `n/auto`, `n/concat`, `n/gather`, `n/grouped`: the served model of `n`
   adapters, each row of the batch on a random one of them, per strategy
   (`layers.mixed`; `"auto"`, the default, takes per backend the strategy
-  of `layers.mixed.AUTO`, chosen from these rows).
+  of `layers.mixed.AUTO`, chosen from these rows);
+- `n/<strategy>+cache`: the same with `cache=True` (the adapters' stacks
+  kept in the served model, `keras_lora.model.stack_cache`), for the
+  strategies of the config's `cached` list (MLP row). Each serves its own
+  copy of the LoRA model (same weights): on JAX, Keras's compiled
+  `predict` of any model hands every variable it reads back in a new
+  array, which a cache sharing those variables cannot tell from a write,
+  so interleaving with the other rows would time a rebuild per repeat.
 
 Ratios are against `single`, median over median and minimum over minimum.
+
+Only the MLP row, on one backend, with more repeats (the rows still
+interleaved in one process):
+
+    KERAS_BACKEND=jax python -m benchmarks.serving --repeats 20 --steps 3
 """
+
+import argparse
+import json
+import os
 
 import keras
 import numpy as np
@@ -41,7 +57,7 @@ def _with_adapters(model, count, rank, targets=None, in_place=False):
     return lora, names
 
 
-def _time_row(lora, names, counts, x, batch, c):
+def _time_row(lora, names, counts, x, batch, c, copy=None):
     rng = np.random.default_rng(1)
     lora.compile(jit_compile=jit_compile())
     calls = {"single": lambda: lora.predict_on_batch(x)}
@@ -49,11 +65,17 @@ def _time_row(lora, names, counts, x, batch, c):
         index = rng.integers(0, n, size=(batch,)).astype("int32")
         if not isinstance(x, dict):  # like `x`: torch takes no numpy/tensor mix
             index = keras.ops.convert_to_tensor(index)
-        for strategy in STRATEGIES:
-            served = kl.mixed_adapter_model(lora, names[:n], strategy=strategy)
+        feed = {**x, "adapter_index": index} if isinstance(x, dict) else [x, index]
+        rows = [(s, False) for s in c.get("strategies", STRATEGIES)]
+        rows += [(s, True) for s in c.get("cached", ())]
+        for strategy, cache in rows:
+            own = copy() if cache and copy is not None else lora
+            served = kl.mixed_adapter_model(
+                own, names[:n], strategy=strategy, cache=cache
+            )
             served.compile(jit_compile=jit_compile())
-            feed = {**x, "adapter_index": index} if isinstance(x, dict) else [x, index]
-            calls[f"{n}/{strategy}"] = lambda s=served, f=feed: s.predict_on_batch(f)
+            label = f"{n}/{strategy}" + ("+cache" if cache else "")
+            calls[label] = lambda s=served, f=feed: s.predict_on_batch(f)
     timings = time_interleaved(calls, c["repeats"], c["steps"], c["warmup"])
     single = timings["single"]
     ratios = {
@@ -76,8 +98,18 @@ def run(config):
     lora, names = _with_adapters(plain, max(counts), c["rank"])
     x = np.random.default_rng(2).standard_normal((m["batch"], m["input_dim"]))
     x = keras.ops.convert_to_tensor(x.astype("float32"))
-    result["mlp"] = _time_row(lora, names, counts, x, m["batch"], c)
+
+    weights = plain.get_weights()
+
+    def copy():
+        model = models.mlp(m["input_dim"], m["width"], m["depth"], m["classes"])
+        model.set_weights(weights)
+        return _with_adapters(model, max(counts), c["rank"])[0]
+
+    result["mlp"] = _time_row(lora, names, counts, x, m["batch"], c, copy)
     del lora, plain
+    if not c.get("transformer"):
+        return result
     t = c["transformer"]
     lm = models.causal_lm(**t)
     lora, names = _with_adapters(lm.backbone, max(counts), c["rank"], in_place=True)
@@ -106,6 +138,8 @@ def report_lines(result):
         f"{c['repeats']} x {c['steps']} calls)"
     ]
     for row in ("mlp", "transformer"):
+        if row not in result:
+            continue
         data = result[row]
         single = data["rows"]["single"]
         lines.append(
@@ -127,6 +161,8 @@ def figures(result):
     on both rows, 64 adapters on the MLP)."""
     out = []
     for row in ("mlp", "transformer"):
+        if row not in result:
+            continue
         for name, r in result[row]["ratios"].items():
             n, strategy = name.split("/")
             if strategy != "auto":
@@ -137,3 +173,41 @@ def figures(result):
             for stat in ("median", "min"):
                 out.append((key, f"{row} {name} {stat}", r[stat]))
     return out
+
+
+def main(argv=None):
+    from benchmarks.config import FULL
+
+    parser = argparse.ArgumentParser(
+        description="The serving section's MLP row alone, on $KERAS_BACKEND."
+    )
+    parser.add_argument("--adapters", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
+    parser.add_argument(
+        "--cached", nargs="*", default=["auto"], help="strategies also timed cached"
+    )
+    parser.add_argument("--repeats", type=int, default=FULL["serving"]["repeats"])
+    parser.add_argument("--steps", type=int, default=FULL["serving"]["steps"])
+    parser.add_argument("--warmup", type=int, default=FULL["serving"]["warmup"])
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+    config = dict(
+        FULL["serving"],
+        adapters=args.adapters,
+        strategies=args.strategies,
+        cached=args.cached,
+        repeats=args.repeats,
+        steps=args.steps,
+        warmup=args.warmup,
+        transformer=None,
+    )
+    result = run({"serving": config})
+    print(f"backend {keras.backend.backend()}, load average {os.getloadavg()}")
+    print("\n".join(report_lines(result)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -135,3 +135,22 @@ def test_kerashub_task_converted_in_place(tmp_path):
     feed = {k: tf.constant(v) for k, v in feed.items()}
     got = signature(**feed, adapter_index=tf.constant(index))
     np.testing.assert_allclose(next(iter(got.values())).numpy(), want, atol=1e-5)
+
+
+def test_cached_stacks_export_the_current_adapters(lora_model, tmp_path):
+    """`cache=True`: the SavedModel computes the adapters as they are when
+    exported (on JAX and torch the `.keras` file carries no copy and the
+    exported graph stacks the adapters; on TensorFlow the copy, fresh
+    after the eager call, is exported)."""
+    import tensorflow as tf
+
+    served = kl.mixed_adapter_model(lora_model, NAMES, strategy="grouped", cache=True)
+    want = ops.convert_to_numpy(served([X, INDEX]))
+    uncached = kl.mixed_adapter_model(lora_model, NAMES, strategy="grouped")
+    np.testing.assert_allclose(
+        want, ops.convert_to_numpy(uncached([X, INDEX])), atol=1e-5
+    )
+    kl.export(served, tmp_path / "saved")
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    got = loaded.serve(tf.constant(X), tf.constant(INDEX)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)

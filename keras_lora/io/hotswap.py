@@ -42,6 +42,7 @@ from keras_lora.io.extra_records import ExtraRecord
 from keras_lora.io.formats import check_path, find_reader, read_records
 from keras_lora.io.install import check_base_kernel, check_layer
 from keras_lora.io.names import check_name_map
+from keras_lora.layers import mixed
 from keras_lora.layers.checks import caller_stacklevel
 from keras_lora.layers.variants import scale_for
 from keras_lora.model.tracking import drop_compiled
@@ -203,6 +204,7 @@ def assign_all(plan):
         plan += list(zip([v for v, _ in free], values, strict=True))
     for variable, value in plan:
         variable.assign(value)
+    mixed.note_adapter_writes()  # served models' cached stacks: stale now
 
 
 def _prepared_adapters(model, layers, name):

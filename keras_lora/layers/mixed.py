@@ -58,16 +58,32 @@ from keras_lora.layers import hot_path
 STRATEGIES = ("auto", "concat", "gather", "grouped")
 
 _STATE = threading.local()
+_WRITES = [0]
+
+
+def note_adapter_writes():
+    """Counts a write into adapters' variables by keras_lora itself
+    (`hotswap_adapter`): served models that cache their adapters' stacks
+    (`keras_lora.model.stack_cache`) rebuild them on their next call, even
+    on TensorFlow, where a variable written in place shows no change."""
+    _WRITES[0] += 1
+
+
+def adapter_writes():
+    """How many times `note_adapter_writes` was called."""
+    return _WRITES[0]
 
 
 class Routing:
     """What a routed call needs: the int32 `index` (batch,), the adapter
     `names` it indexes, and the `strategy`."""
 
-    def __init__(self, index, names, strategy="auto"):
+    def __init__(self, index, names, strategy="auto", stacks=None):
         self.index = index
         self.names = tuple(names)
         self.strategy = strategy
+        self.stacks = stacks or {}
+        self.memo = {}  # per call: what layers of the same batch share
 
 
 def current():
@@ -77,10 +93,15 @@ def current():
 
 
 @contextlib.contextmanager
-def routing(index, names, strategy="auto"):
-    """Routes the LoRA layers called inside to `names[index[i]]` per row."""
+def routing(index, names, strategy="auto", stacks=None):
+    """Routes the LoRA layers called inside to `names[index[i]]` per row.
+
+    `stacks`: `{id(layer): (a_stack, b_stack)}`, variables holding what
+    `stack_factors` gives for that layer (the served model's cache); a
+    layer found there reads them instead of stacking its adapters, except
+    in training."""
     stack = _STATE.__dict__.setdefault("stack", [])
-    stack.append(Routing(index, names, strategy))
+    stack.append(Routing(index, names, strategy, stacks))
     try:
         yield
     finally:
@@ -130,8 +151,13 @@ def plan(layer):
 
 def _members(layer, route):
     """`[(slot, adapter)]`: the routed adapters this layer holds."""
+    return members(layer, route.names)
+
+
+def members(layer, names):
+    """`[(slot, adapter)]`: the adapters of `names` that `layer` holds."""
     held = layer._adapters
-    return [(k, held[n]) for k, n in enumerate(route.names) if n in held]
+    return [(k, held[n]) for k, n in enumerate(names) if n in held]
 
 
 def _is_number(x):
@@ -187,13 +213,17 @@ def routed_updates(layer, inputs, base, training, route):
         strategy = "concat"
     if strategy == "grouped" and _flat_inputs(layer) is None:
         strategy = "gather"
+    cached = None
+    if strategy in ("grouped", "gather"):
+        cached = _cached(layer, route, members, training)
     if strategy == "grouped":
-        update = _grouped_update(layer, inputs, members, index, dtype)
+        out = _grouped_update(layer, inputs, base, members, route, dtype, cached)
     elif strategy == "gather":
-        update = _gather_update(layer, inputs, members, index, dtype, training)
+        update = _gather_update(layer, inputs, members, index, dtype, cached)
+        out = ops.add(base, update)
     else:
         update = _concat_update(layer, inputs, members, index, dtype, training)
-    out = ops.add(base, update)
+        out = ops.add(base, update)
     doras = [(k, a) for k, a in members if a.magnitude is not None]
     if doras:
         out = _dora_rows(layer, out, doras, index, dtype)
@@ -245,36 +275,64 @@ def _padded(x, rank, width, axis):
     return ops.pad(x, pad)
 
 
-def _stacks(members, index, dtype):
-    """`(a_stack, b_stack, safe)`: every slot's `A` (scale folded in) and
-    `B`, ranks zero-padded to the largest, with one all-zero slot after the
-    last; `safe` is `index` with every value outside the held slots sent to
-    that zero slot."""
+def stack_shapes(members):
+    """`(a_shape, b_shape)` of `stack_factors(members, ...)`."""
     slots = max(k for k, _ in members) + 2  # one zero slot after the last
     width = max(a.rank for _, a in members)
-    a_shape = tuple(members[0][1].a.shape[:-1]) + (width,)
-    b_shape = (width,) + tuple(members[0][1].b.shape[1:])
+    a_shape = (slots,) + tuple(members[0][1].a.shape[:-1]) + (width,)
+    b_shape = (slots, width) + tuple(members[0][1].b.shape[1:])
+    return a_shape, b_shape
+
+
+def stack_factors(members, dtype):
+    """`(a_stack, b_stack)`: every slot's `A` (scale folded in) and `B`,
+    ranks zero-padded to the largest, with one all-zero slot after the
+    last (and for every slot the layer lacks)."""
+    a_shape, b_shape = stack_shapes(members)
+    width = a_shape[-1]
     by_slot = dict(members)
     a_list, b_list = [], []
-    for k in range(slots):
+    for k in range(a_shape[0]):
         adapter = by_slot.get(k)
         if adapter is None:
-            a_list.append(ops.zeros(a_shape, dtype))
-            b_list.append(ops.zeros(b_shape, dtype))
+            a_list.append(ops.zeros(a_shape[1:], dtype))
+            b_list.append(ops.zeros(b_shape[1:], dtype))
             continue
         scale = adapter.scale
         a = hot_path.read(adapter.a, dtype)
         a = a * (scale if _is_number(scale) else ops.cast(scale, dtype))
         a_list.append(_padded(a, adapter.rank, width, -1))
         b_list.append(_padded(hot_path.read(adapter.b, dtype), adapter.rank, width, 0))
-    zero_slot = slots - 1
+    return ops.stack(a_list), ops.stack(b_list)
+
+
+def _cached(layer, route, members, training):
+    """The served model's cached `(a_stack, b_stack)` variables for
+    `layer`, or `None`: none held, training (gradients must reach the
+    adapters' own variables), or shapes that no longer match `members`."""
+    cached = None if training else route.stacks.get(id(layer))
+    if cached is None:
+        return None
+    shapes = tuple(tuple(int(d) for d in v.shape) for v in cached)
+    return cached if shapes == stack_shapes(members) else None
+
+
+def _stacks(members, index, dtype, cached=None):
+    """`(a_stack, b_stack, safe)`: `stack_factors` (or the `cached`
+    variables holding it); `safe` is `index` with every value outside the
+    held slots sent to the all-zero last slot."""
+    if cached is None:
+        a_stack, b_stack = stack_factors(members, dtype)
+    else:
+        a_stack, b_stack = (hot_path.read(v, dtype) for v in cached)
+    zero_slot = int(a_stack.shape[0]) - 1
     valid = ops.logical_and(ops.greater_equal(index, 0), ops.less(index, zero_slot))
     safe = ops.where(valid, index, ops.full_like(index, zero_slot))
-    return ops.stack(a_list), ops.stack(b_list), safe
+    return a_stack, b_stack, safe
 
 
-def _gather_update(layer, inputs, members, index, dtype, training):
-    a_stack, b_stack, safe = _stacks(members, index, dtype)
+def _gather_update(layer, inputs, members, index, dtype, cached):
+    a_stack, b_stack, safe = _stacks(members, index, dtype, cached)
     return layer._routed_gather(inputs, a_stack, b_stack, safe)
 
 
@@ -305,7 +363,9 @@ def _flat_inputs(layer):
     return None if flat is None else flat()
 
 
-def _grouped_update(layer, inputs, members, index, dtype):
+def _grouped_update(layer, inputs, base, members, route, dtype, cached):
+    """`base` plus the grouped update."""
+    index = ops.cast(route.index, "int32")
     n_in = _flat_inputs(layer)
     a0, b0 = members[0][1].a, members[0][1].b
     fan_in = int(np.prod(a0.shape[:-1]))
@@ -313,15 +373,14 @@ def _grouped_update(layer, inputs, members, index, dtype):
     lead = hot_path.leading_shape(inputs, n_in)
     x = hot_path.reshape(inputs, (-1, fan_in))
     if keras.backend.backend() == "torch" and _torch_eager(x):
-        y = _grouped_torch_eager(x, members, index, dtype, fan_in)
-        return hot_path.reshape(y, lead + out_dims)
-    a_stack, b_stack, safe = _stacks(members, index, dtype)
+        return _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached)
+    a_stack, b_stack, safe = _stacks(members, index, dtype, cached)
     slots, width = int(a_stack.shape[0]), int(a_stack.shape[-1])
     a = hot_path.reshape(a_stack, (slots, fan_in, width))
     b = hot_path.reshape(b_stack, (slots, width, int(np.prod(out_dims))))
     positions = _positions_per_row(layer, inputs)
     y = _GROUPED[keras.backend.backend()](x, a, b, safe, positions)
-    return hot_path.reshape(y, lead + out_dims)
+    return ops.add(base, hot_path.reshape(y, lead + out_dims))
 
 
 def _position_slots(x, index):
@@ -374,36 +433,64 @@ def _grouped_torch(x, a, b, index, positions):
     return torch.bmm(h, b[rows])[:, 0]
 
 
-def _grouped_torch_eager(x, members, index, dtype, fan_in):
-    """The positions grouped by adapter, each group padded to the largest
-    group's size, then two batched products over the adapters: `(groups,
-    size, in)·(groups, in, r)` and `·(groups, r, out)`. Group sizes are
-    data, known in eager torch; each adapter's `A` and `B` are read once."""
+def _torch_groups(x, index, slots):
+    """`(order, place, size)`: the positions holding a slot in `[0, slots)`
+    (`order`), where each goes in the padded groups (`place`: group times
+    `size` plus its rank within the group), and the largest group's size;
+    `None` if no position has such a slot."""
     import torch
 
-    slots = max(k for k, _ in members) + 1  # rows of any other index: no update
     valid = (index >= 0) & (index < slots)
     safe = torch.where(valid, index, torch.full_like(index, slots))
     rows = _position_slots(x, safe).long()
     counts = torch.bincount(rows, minlength=slots + 1)
     size = int(counts[:slots].max())
-    out = x.new_zeros((x.shape[0], int(np.prod(members[0][1].b.shape[1:]))))
     if size == 0:
-        return out
+        return None
     order = torch.argsort(rows, stable=True)
     grouped = rows[order]
     starts = torch.cumsum(counts, 0) - counts
     within = torch.arange(len(order), device=x.device) - starts[grouped]
     place = grouped * size + within
     keep = grouped < slots
-    order, place = order[keep], place[keep]
-    padded = x.new_zeros((slots * size, fan_in))
+    return order[keep], place[keep], size
+
+
+def _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached=None):
+    """`base` plus the update of the positions grouped by adapter, each
+    group padded to the largest group's size, then two batched products
+    over the adapters: `(groups, size, in)·(groups, in, r)` and `·(groups,
+    r, out)`. Group sizes are data, known in eager torch; each adapter's
+    `A` and `B` are read once. The grouping is computed once per call for
+    all layers of the same batch and slot count (`route.memo`)."""
+    import torch
+
+    slots = max(k for k, _ in members) + 1  # rows of any other index: no update
+    key = ("torch_groups", int(x.shape[0]), slots)
+    if key not in route.memo:
+        route.memo[key] = _torch_groups(x, route.index, slots)
+    groups = route.memo[key]
+    if groups is None:
+        return base
+    order, place, size = groups
+    # Padding rows are never read back (each product row is its own).
+    padded = x.new_empty((slots * size, fan_in))
     padded[place] = x[order]
-    a, b, scales = _torch_stacks(members, slots, dtype, fan_in, x)
-    h = torch.bmm(padded.view(slots, size, fan_in), a) * scales
-    y = torch.bmm(h, b).view(slots * size, -1)
-    out[order] = y[place]
-    return out
+    if cached is None:
+        a, b, scales = _torch_stacks(members, slots, dtype, fan_in, x)
+    else:  # the served model's stacks: scales folded in, a zero slot last
+        a, b = (hot_path.read(v, dtype)[:slots] for v in cached)
+        a = a.reshape(slots, fan_in, -1)
+        b, scales = b.reshape(slots, b.shape[1], -1), None
+    h = torch.bmm(padded.view(slots, size, fan_in), a)
+    if scales is not None:
+        h = h * scales
+    y = torch.bmm(h, b).view(slots * size, -1)[place]
+    flat = base.reshape(-1, y.shape[-1])
+    if torch.is_grad_enabled() or not base.is_contiguous():
+        return flat.index_add(0, order, y).view(base.shape)
+    # Inference: added into the base product's own fresh output, in place.
+    return flat.index_add_(0, order, y).view(base.shape)
 
 
 def _torch_stacks(members, slots, dtype, fan_in, like):

@@ -13,6 +13,8 @@ from keras import ops
 from keras.src.models.functional import Functional
 
 from keras_lora.layers import mixed as routing_lib
+from keras_lora.model import stack_cache
+from keras_lora.model.tracking import drop_compiled
 from keras_lora.model.walk import check_is_model, require_lora_layers
 
 INDEX_NAME = "adapter_index"
@@ -67,17 +69,21 @@ class MixedAdapters(keras.layers.Layer):
         names: the adapter names `adapter_index` indexes.
         strategy: `"auto"`, `"concat"`, `"gather"` or `"grouped"` (see
             `layers.mixed`).
+        cache: keep the stacked adapters of the layers that gather or
+            group in variables of this layer (`model.stack_cache`).
 
     Call arguments:
         inputs: `model`'s inputs.
         adapter_index: int `(batch,)`; `-1` for the base alone.
     """
 
-    def __init__(self, model, names, strategy="auto", **kwargs):
+    def __init__(self, model, names, strategy="auto", cache=False, **kwargs):
         super().__init__(**kwargs)
         self.model = model
         self.names = tuple(names)
         self.strategy = strategy
+        self.cache = bool(cache)
+        self._stacks = stack_cache.StackCache(self) if self.cache else None
 
     def call(self, inputs, adapter_index, training=None):
         if not keras.backend.is_int_dtype(adapter_index.dtype):
@@ -87,11 +93,24 @@ class MixedAdapters(keras.layers.Layer):
             )
         check_index(adapter_index, len(self.names))
         index = ops.cast(adapter_index, "int32")
-        with routing_lib.routing(index, self.names, self.strategy):
+        stacks = None
+        if self._stacks is not None:
+            if _is_concrete(index):  # eager: never read a stale copy
+                self._stacks.ensure_fresh()
+            stacks = self._stacks.usable()
+        with routing_lib.routing(index, self.names, self.strategy, stacks):
             return self.model(inputs, training=training)
 
     def compute_output_spec(self, inputs, adapter_index, training=None):
         return self.model.compute_output_spec(inputs)
+
+    def save_own_variables(self, store):
+        # The cache only copies the adapters, which the model saves.
+        pass
+
+    def load_own_variables(self, store):
+        if self._stacks is not None:
+            self._stacks.invalidate()  # rebuilt from the loaded adapters
 
     def get_config(self):
         config = super().get_config()
@@ -99,6 +118,7 @@ class MixedAdapters(keras.layers.Layer):
             model=keras.saving.serialize_keras_object(self.model),
             names=list(self.names),
             strategy=self.strategy,
+            cache=self.cache,
         )
         return config
 
@@ -156,13 +176,65 @@ class MixedAdapterModel(Functional):
                 )
             check_index(index, len(mixed_layer(self).names))
 
+    def refresh_adapters(self):
+        """Rebuilds the cached adapter stacks (`cache=True`) from the
+        adapters' variables now. Needed only after writing an adapter's
+        values in place on TensorFlow outside this model's `fit`,
+        `train_on_batch` and keras_lora's `hotswap_adapter` (JAX and torch
+        see every write themselves); a no-op without the cache."""
+        cache = mixed_layer(self)._stacks
+        if cache is not None and cache.refresh():
+            drop_compiled(self)
+
+    def _serving(self, call, *args, **kwargs):
+        """`call(*args, **kwargs)` (an inference method, which writes no
+        adapter) with the cached stacks checked fresh first."""
+        cache = mixed_layer(self)._stacks
+        if cache is None:
+            return call(*args, **kwargs)
+        if cache.ensure_fresh():
+            drop_compiled(self)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            cache.retoken()
+
     def predict(self, x, *args, **kwargs):
         self._host_check(x)
-        return super().predict(x, *args, **kwargs)
+        return self._serving(super().predict, x, *args, **kwargs)
 
     def predict_on_batch(self, x):
         self._host_check(x)
-        return super().predict_on_batch(x)
+        return self._serving(super().predict_on_batch, x)
+
+    def evaluate(self, *args, **kwargs):
+        return self._serving(super().evaluate, *args, **kwargs)
+
+    def test_on_batch(self, *args, **kwargs):
+        return self._serving(super().test_on_batch, *args, **kwargs)
+
+    def fit(self, *args, **kwargs):
+        cache = mixed_layer(self)._stacks
+        if cache is None:
+            return super().fit(*args, **kwargs)
+        # Training reads the adapters themselves; so does the validation
+        # inside `fit`, since the cached copy falls behind every step.
+        _drop_inference_functions(self)
+        cache.suspended = True
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            cache.suspended = False
+            cache.invalidate()
+            _drop_inference_functions(self)
+
+    def train_on_batch(self, *args, **kwargs):
+        try:  # training reads the adapters themselves, never the cache
+            return super().train_on_batch(*args, **kwargs)
+        finally:
+            cache = mixed_layer(self)._stacks
+            if cache is not None:
+                cache.invalidate()  # rebuilt by the next call that reads it
 
     def generate(
         self,
@@ -310,6 +382,13 @@ def _generate_index(task, names, adapter_names, inputs):
     )
 
 
+def _drop_inference_functions(model):
+    """Drops `model`'s traced predict and test functions (not its train
+    function, which never reads the cache)."""
+    model.predict_function = None
+    model.test_function = None
+
+
 class _generate_step:
     """Within the block, `task.generate_step` is `step` (an instance
     attribute, which KerasHub's generation function looks up)."""
@@ -387,7 +466,7 @@ def _served_inputs(model):
     return inputs, index, [inputs, index]
 
 
-def mixed_adapter_model(model, names, strategy="auto"):
+def mixed_adapter_model(model, names, strategy="auto", cache=False):
     """A Keras model computing each row of a batch with its own adapter.
 
     Its inputs are `model`'s own plus `adapter_index`, int32 of shape
@@ -416,6 +495,18 @@ def mixed_adapter_model(model, names, strategy="auto"):
             default: per layer, gather for sequences, concat for one
             position up to a total rank of 128, above it grouped on
             TensorFlow and torch, as measured); see `docs/serving.md`.
+        cache: `False` (the default) or `True`: keep, per LoRA layer that
+            gathers or groups rows, all of its routed adapters' factors
+            stacked in non-trainable variables of the served model (one
+            more copy of those adapters in memory; not saved), so that a
+            call does not stack them again. The copy is rebuilt when
+            needed before every eager call, `predict`, `predict_on_batch`,
+            `evaluate` and `test_on_batch`: on JAX and torch any write to
+            an adapter is seen; on TensorFlow writes made in place
+            outside this model's `fit`/`train_on_batch` and
+            `hotswap_adapter` are not, so call `served.refresh_adapters()`
+            after them (and before exporting, or tracing a function of your
+            own). Training never reads the copy. See `docs/serving.md`.
 
     Returns:
         A `keras.Model`.
@@ -428,7 +519,7 @@ def mixed_adapter_model(model, names, strategy="auto"):
     check_is_model(model, "mixed_adapter_model")
     _check_names(model, names, strategy)
     inputs, index, served_inputs = _served_inputs(model)
-    layer = MixedAdapters(model, names, strategy, name="mixed_adapters")
+    layer = MixedAdapters(model, names, strategy, cache, name="mixed_adapters")
     outputs = layer(inputs, index)
     return MixedAdapterModel(served_inputs, outputs, name=f"{model.name}_mixed")
 
