@@ -27,7 +27,8 @@ from keras_lora.model.named_adapters import (
     list_adapters,
     set_adapter,
 )
-from keras_lora.model.quantized_bases import lean_quantized, quantize_nf4
+from keras_lora.model.nf4_conversion import quantize_nf4
+from keras_lora.model.quantized_bases import lean_quantized
 from keras_lora.model.remat import enable_remat
 from keras_lora.model.surgery import apply_lora
 from keras_lora.summary import TrainableSummary, trainable_summary

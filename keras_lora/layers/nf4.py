@@ -521,8 +521,21 @@ def convert(layer, block_size, double_quant, values=None):
     if cls is NF4EinsumDense:
         layer._set_quantization_info()
     layer._tracker.lock()
+    # Its own policy object: KerasHub's `Backbone.get_config` puts every
+    # layer with a `quantization_mode` in a `DTypePolicyMap`, whose
+    # `get_config` sets the name of each policy in it to `None`; a policy
+    # shared with the model would lose its name for the model too.
+    layer.dtype_policy = _float_policy(layer.dtype_policy)
     if keras.backend.backend() == "torch":  # as Keras's `_post_quantize`
         layer._track_variables()  # drops the deleted kernel's parameter
     for name, value in values.items():
         getattr(layer, name).assign(value)
     return layer
+
+
+def _float_policy(policy):
+    """A new float `DTypePolicy` with `policy`'s compute and variable dtypes
+    (`policy` may be a `DTypePolicyMap`'s, named `"map_..."`)."""
+    compute, variable = policy.compute_dtype, policy.variable_dtype
+    name = compute if compute == variable else f"mixed_{compute}"
+    return keras.dtype_policies.DTypePolicy(name)

@@ -1,5 +1,6 @@
 """`lean_quantized`: every int8/int4 layer of a model on the lean product;
-`quantize_nf4`: a model's `Dense`/`EinsumDense` kernels stored as NF4.
+`nf4_layout`/`apply_nf4_layout`: where a model's NF4 layers are, and
+putting them back into a model rebuilt from constructor arguments.
 
 Training adapters over a quantized model runs the backward pass through
 every quantized layer, adapted or not: with `targets=["query", "value"]`
@@ -22,7 +23,7 @@ from keras import ops
 
 from keras_lora.layers import nf4, quantized, quantized_product
 from keras_lora.layers.base import LoRALayer
-from keras_lora.model.walk import check_built, check_is_model, iter_layers, lora_layers
+from keras_lora.model.walk import check_is_model, iter_layers
 
 # The Keras classes whose quantized calls `quantized_product` reproduces.
 _FAMILIES = (
@@ -190,82 +191,30 @@ def _lean_quantized_call(self, inputs, *args, **kwargs):
     return quantized_product.dense_call(self, inputs)
 
 
-def quantize_nf4(model, block_size=64, double_quant=False, embeddings=True):
-    """Stores the kernels of `model`'s `Dense` and `EinsumDense` layers, and
-    its embedding tables, as NF4, QLoRA's 4-bit NormalFloat (Dettmers et
-    al. 2023), in place.
+def nf4_layout(model):
+    """`[[walk index, block size, double quant], ...]` of `model`'s NF4
+    layers (LoRA layers' bases included), for a KerasHub task's `.keras`
+    record: its backbone is rebuilt from constructor arguments, which make
+    float layers."""
+    found = []
+    for index, (_, layer) in enumerate(iter_layers(model)):
+        base = layer.layer if isinstance(layer, LoRALayer) else layer
+        if isinstance(base, nf4.NF4Storage):
+            found.append([index, base.nf4_block_size, base.nf4_double_quant])
+    return found
 
-    Each kernel, flattened in its own order, is cut into blocks of
-    `block_size` values; a block keeps its absmax (float32) and each value
-    the index of the nearest of 16 levels (the quantiles of a normal
-    distribution, scaled to [-1, 1]) of `value / absmax`, two indices per
-    byte. `W = level[code]·absmax`. With `double_quant`, the absmax values
-    are quantized again, to int8 in blocks of 256 (4.5 bits per weight
-    become about 4.13). No float kernel is kept. The layers become
-    `NF4Dense`, `NF4EinsumDense`, `NF4Embedding` or
-    `NF4ReversibleEmbedding` (subclasses of their Keras classes, saved in
-    `.keras` files as such), whose calls run the lean product of
-    `layers.quantized_product`; a lookup dequantizes only the rows it reads.
 
-    `kl.apply_lora` accepts the result as it accepts Keras's int4 bases:
-    the base stays frozen, `merge_lora` gives float layers
-    (`requantize=True`: NF4 layers again), adapter files are the same.
-
-    Converted: every built float `Dense`, `EinsumDense`, `Embedding` and
-    `ReversibleEmbedding` (tied or not; the exact Keras classes, or a
-    subclass that changes none of their calls, as KerasHub's), at any
-    depth. Left as they are: other subclasses, layers quantized by Keras,
-    layers with Keras's `enable_lora`, unbuilt layers.
-
-    Args:
-        model: a built `keras.Model` without LoRA layers (quantize first,
-            then `apply_lora`).
-        block_size: positive even int, the values per absmax (QLoRA's 64).
-        double_quant: bool, whether to quantize the absmax values too.
-        embeddings: bool, whether embedding tables (a language model's
-            token embedding and LM head, tied or not) are converted too. They
-            are most of a small model's weights; bitsandbytes' QLoRA keeps
-            them in float (`embeddings=False` does the same).
-
-    Returns:
-        `model` itself.
-
-    Raises:
-        TypeError: `model` is not a `keras.Model`, or `double_quant` or
-            `embeddings` not a bool.
-        ValueError: `block_size` is not a positive even int, the model is
-            not built, or it has LoRA layers. Nothing is changed.
-
-    Example:
-
-    >>> inputs = keras.Input((64,))
-    >>> model = keras.Model(inputs, keras.layers.Dense(32, name="d")(inputs))
-    >>> quantize_nf4(model).get_layer("d").quantization_mode
-    'nf4'
-    """
-    check_is_model(model, "quantize_nf4")
-    nf4.check_block_size(block_size)
-    nf4.check_double_quant(double_quant)
-    nf4.check_double_quant(embeddings, argument="embeddings")
-    check_built(model, "quantize_nf4")
-    if lora_layers(model):
-        raise ValueError(
-            "quantize_nf4: `model` has LoRA layers. Quantize the float model "
-            "first, then call `apply_lora` on the NF4 model."
-        )
-    # Every value first, then the swaps: nothing changes if one fails.
-    layers = [
-        layer
-        for _, layer in iter_layers(model)
-        if nf4.nf4_class(layer, embeddings=embeddings)
-    ]
-    values = [nf4.quantize_layer(layer, block_size, double_quant) for layer in layers]
-    for layer, value in zip(layers, values, strict=True):
-        nf4.convert(layer, block_size, double_quant, value)
-    if layers:  # as Keras's `Model.quantize`
-        model.train_function = model.test_function = None
-        model.predict_function = None
-        if keras.backend.backend() == "torch":  # drop the deleted kernels
-            for layer in model._flatten_layers():
-                layer._track_variables()
-    return model
+def apply_nf4_layout(model, record):
+    """Makes the float layers of `model` that `record` (from `nf4_layout`)
+    names NF4 layers, with zero codes: their weights are to be loaded next."""
+    layers = list(iter_layers(model))
+    for index, block_size, double_quant in record:
+        path, layer = layers[index] if index < len(layers) else (None, None)
+        if not (layer is not None and nf4.nf4_class(layer)):
+            raise ValueError(
+                f"Cannot store layer {path!r} ({type(layer).__name__}) as NF4 "
+                f"again: the file's record names walk index {index}, and the "
+                "rebuilt model has no float Dense, EinsumDense or embedding "
+                "there."
+            )
+        nf4.convert(layer, block_size, double_quant, values={})

@@ -28,7 +28,7 @@ import keras
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.model.in_place import Undo, apply_layout, holders_of, layout, swap
-from keras_lora.model.quantized_bases import make_lean
+from keras_lora.model.quantized_bases import apply_nf4_layout, make_lean, nf4_layout
 from keras_lora.model.tracking import (
     assign_copy,
     forget_torch_params,
@@ -67,6 +67,7 @@ class InPlaceLoRA:
         layer = keras.saving.deserialize_keras_object(
             config["layer"], custom_objects=custom_objects
         )
+        apply_nf4_layout(layer, config["layout"].get("nf4", ()))
         apply_layout(layer, config["layout"])
         # As `apply_lora` left it: int8/int4 layers on the lean product (the
         # weights are checked by `lean_quantized`, once they are loaded).
@@ -97,17 +98,27 @@ def _set_get_config(model, function):
 
 def _task_get_config(self):
     cls = type(self)
-    outside = [
-        path
-        for path, layer in lora_layers(self)
-        if not any(layer is inner for _, inner in iter_layers(self.backbone))
-    ]
+    inside = {id(inner) for _, inner in iter_layers(self.backbone)}
+    outside = [path for path, layer in lora_layers(self) if id(layer) not in inside]
     if outside:
         raise ValueError(
             f"Cannot save '{self.name}' ({cls.__name__}) with `.keras`: LoRA "
             f"layers {outside} are outside its backbone, and the task's config "
             "rebuilds those plain. Put adapters on the backbone only, or save "
             "them with `keras_lora.save_adapter`."
+        )
+    outside = [
+        path
+        for path, layer in iter_layers(self)
+        if getattr(layer, "quantization_mode", None) == "nf4"
+        and id(layer) not in inside
+    ]
+    if outside:
+        raise ValueError(
+            f"Cannot save '{self.name}' ({cls.__name__}) with `.keras`: NF4 "
+            f"layers {outside} are outside its backbone, and the task's config "
+            "rebuilds those as float layers. Save the weights "
+            "(`save_weights`) or the adapters (`keras_lora.save_adapter`)."
         )
     with _class_get_config(self.backbone):
         config = cls.get_config(self)
@@ -116,7 +127,7 @@ def _task_get_config(self):
             "class_name": "InPlaceLoRA",
             "config": {
                 "layer": keras.layers.serialize(self.backbone),
-                "layout": layout(self.backbone),
+                "layout": dict(layout(self.backbone), nf4=nf4_layout(self.backbone)),
             },
             "registered_name": _NAME,
         }
