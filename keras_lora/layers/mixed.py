@@ -54,6 +54,12 @@ import numpy as np
 from keras import ops
 
 from keras_lora.layers import hot_path
+from keras_lora.layers.mixed_stacks import (
+    built_positions,
+    cached_stacks,
+    is_number,
+    stacks,
+)
 
 STRATEGIES = ("auto", "concat", "gather", "grouped")
 
@@ -160,10 +166,6 @@ def members(layer, names):
     return [(k, held[n]) for k, n in enumerate(names) if n in held]
 
 
-def _is_number(x):
-    return isinstance(x, (int, float, np.floating, np.integer))
-
-
 def _rows_like(mask, h, axis):
     """`mask` `(batch, R)` reshaped to broadcast against `h` with its rank
     axis at `axis` and its batch axis first."""
@@ -182,7 +184,7 @@ def _selection(index, slots, dtype):
 def _column_scales(adapters, dtype):
     """Each adapter's scale, repeated over its rank columns: `(Σ r,)`."""
     scales = [a.scale for a in adapters]
-    if all(_is_number(s) for s in scales):
+    if all(is_number(s) for s in scales):
         return np.concatenate(
             [
                 np.full((a.rank,), float(s))
@@ -215,7 +217,7 @@ def routed_updates(layer, inputs, base, training, route):
         strategy = "gather"
     cached = None
     if strategy in ("grouped", "gather"):
-        cached = _cached(layer, route, members, training)
+        cached = cached_stacks(layer, route, members, training)
     if strategy == "grouped":
         out = _grouped_update(layer, inputs, base, members, route, dtype, cached)
     elif strategy == "gather":
@@ -267,72 +269,8 @@ def _concat_update(layer, inputs, members, index, dtype, training):
     return layer._routed_second(h, b_cat)
 
 
-def _padded(x, rank, width, axis):
-    if rank == width:
-        return x
-    pad = [(0, 0)] * len(x.shape)
-    pad[axis % len(pad)] = (0, width - rank)
-    return ops.pad(x, pad)
-
-
-def stack_shapes(members):
-    """`(a_shape, b_shape)` of `stack_factors(members, ...)`."""
-    slots = max(k for k, _ in members) + 2  # one zero slot after the last
-    width = max(a.rank for _, a in members)
-    a_shape = (slots,) + tuple(members[0][1].a.shape[:-1]) + (width,)
-    b_shape = (slots, width) + tuple(members[0][1].b.shape[1:])
-    return a_shape, b_shape
-
-
-def stack_factors(members, dtype):
-    """`(a_stack, b_stack)`: every slot's `A` (scale folded in) and `B`,
-    ranks zero-padded to the largest, with one all-zero slot after the
-    last (and for every slot the layer lacks)."""
-    a_shape, b_shape = stack_shapes(members)
-    width = a_shape[-1]
-    by_slot = dict(members)
-    a_list, b_list = [], []
-    for k in range(a_shape[0]):
-        adapter = by_slot.get(k)
-        if adapter is None:
-            a_list.append(ops.zeros(a_shape[1:], dtype))
-            b_list.append(ops.zeros(b_shape[1:], dtype))
-            continue
-        scale = adapter.scale
-        a = hot_path.read(adapter.a, dtype)
-        a = a * (scale if _is_number(scale) else ops.cast(scale, dtype))
-        a_list.append(_padded(a, adapter.rank, width, -1))
-        b_list.append(_padded(hot_path.read(adapter.b, dtype), adapter.rank, width, 0))
-    return ops.stack(a_list), ops.stack(b_list)
-
-
-def _cached(layer, route, members, training):
-    """The served model's cached `(a_stack, b_stack)` variables for
-    `layer`, or `None`: none held, training (gradients must reach the
-    adapters' own variables), or shapes that no longer match `members`."""
-    cached = None if training else route.stacks.get(id(layer))
-    if cached is None:
-        return None
-    shapes = tuple(tuple(int(d) for d in v.shape) for v in cached)
-    return cached if shapes == stack_shapes(members) else None
-
-
-def _stacks(members, index, dtype, cached=None):
-    """`(a_stack, b_stack, safe)`: `stack_factors` (or the `cached`
-    variables holding it); `safe` is `index` with every value outside the
-    held slots sent to the all-zero last slot."""
-    if cached is None:
-        a_stack, b_stack = stack_factors(members, dtype)
-    else:
-        a_stack, b_stack = (hot_path.read(v, dtype) for v in cached)
-    zero_slot = int(a_stack.shape[0]) - 1
-    valid = ops.logical_and(ops.greater_equal(index, 0), ops.less(index, zero_slot))
-    safe = ops.where(valid, index, ops.full_like(index, zero_slot))
-    return a_stack, b_stack, safe
-
-
 def _gather_update(layer, inputs, members, index, dtype, cached):
-    a_stack, b_stack, safe = _stacks(members, index, dtype, cached)
+    a_stack, b_stack, safe, _ = stacks(members, index, dtype, cached)
     return layer._routed_gather(inputs, a_stack, b_stack, safe)
 
 
@@ -355,6 +293,33 @@ def _auto(layer, inputs, members):
     return AUTO_MANY.get(keras.backend.backend(), "concat")
 
 
+def cache_layout(layer, members, strategy):
+    """How a served model's cache keeps `layer`'s stacks
+    (`layers.mixed_stacks`): `None` where the layer will not stack (it has
+    no `_routed_gather`, or takes `"concat"`), `"stack_t"` where it takes
+    TensorFlow's grouped kernel, else `"stack"`. `"auto"` is resolved as
+    `_auto` does, from the input shape the layer was built for (unknown:
+    `"stack"`, which every strategy can read)."""
+    if not callable(getattr(layer, "_routed_gather", None)) or strategy == "concat":
+        return None
+    if strategy == "auto":
+        positions = built_positions(layer)
+        if positions is None:
+            return "stack"
+        if positions != 1:
+            strategy = "gather"
+        elif sum(a.rank for _, a in members) <= CONCAT_MAX_RANK:
+            return None
+        else:
+            strategy = AUTO_MANY.get(keras.backend.backend(), "concat")
+    if strategy == "concat":
+        return None
+    grouped = strategy == "grouped" and _flat_inputs(layer) is not None
+    if grouped and keras.backend.backend() == "tensorflow":
+        return "stack_t"
+    return "stack"
+
+
 def _flat_inputs(layer):
     """How many trailing input axes `layer`'s update flattens into one
     matrix product `x·A·B` (`"grouped"`), or `None` (no such form: the
@@ -374,12 +339,17 @@ def _grouped_update(layer, inputs, base, members, route, dtype, cached):
     x = hot_path.reshape(inputs, (-1, fan_in))
     if keras.backend.backend() == "torch" and _torch_eager(x):
         return _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached)
-    a_stack, b_stack, safe = _stacks(members, index, dtype, cached)
-    slots, width = int(a_stack.shape[0]), int(a_stack.shape[-1])
-    a = hot_path.reshape(a_stack, (slots, fan_in, width))
+    on_tf = keras.backend.backend() == "tensorflow"
+    a_stack, b_stack, safe, a_t = stacks(members, index, dtype, cached, on_tf)
+    slots = int(a_stack.shape[0])
+    width = int(a_stack.shape[1] if a_t else a_stack.shape[-1])
+    a = a_stack if a_t else hot_path.reshape(a_stack, (slots, fan_in, width))
     b = hot_path.reshape(b_stack, (slots, width, int(np.prod(out_dims))))
     positions = _positions_per_row(layer, inputs)
-    y = _GROUPED[keras.backend.backend()](x, a, b, safe, positions)
+    if on_tf:
+        y = _grouped_tensorflow(x, a, b, safe, positions, a_transposed=a_t)
+    else:
+        y = _GROUPED[keras.backend.backend()](x, a, b, safe, positions)
     return ops.add(base, hot_path.reshape(y, lead + out_dims))
 
 
@@ -479,7 +449,7 @@ def _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached=None):
     if cached is None:
         a, b, scales = _torch_stacks(members, slots, dtype, fan_in, x)
     else:  # the served model's stacks: scales folded in, a zero slot last
-        a, b = (hot_path.read(v, dtype)[:slots] for v in cached)
+        a, b = (hot_path.read(v, dtype)[:slots] for v in cached[:2])
         a = a.reshape(slots, fan_in, -1)
         b, scales = b.reshape(slots, b.shape[1], -1), None
     h = torch.bmm(padded.view(slots, size, fan_in), a)
@@ -517,7 +487,7 @@ def _torch_stacks(members, slots, dtype, fan_in, like):
         a_list.append(a)
         b_list.append(b)
         scales.append(hot_path.scalar(adapter.scale, dtype))
-    if all(_is_number(s) for s in scales):
+    if all(is_number(s) for s in scales):
         scales = torch.tensor(scales, dtype=like.dtype, device=like.device)
     else:
         scales = torch.stack(
@@ -526,10 +496,12 @@ def _torch_stacks(members, slots, dtype, fan_in, like):
     return torch.stack(a_list), torch.stack(b_list), scales.view(slots, 1, 1)
 
 
-def _grouped_tensorflow(x, a, b, index, positions):
+def _grouped_tensorflow(x, a, b, index, positions, a_transposed=False):
     import tensorflow as tf
 
-    a_rows = tf.gather(tf.transpose(a, (0, 2, 1)), index)  # (batch, r, in)
+    if not a_transposed:  # a cached stack is kept as (slots, r, in) already
+        a = tf.transpose(a, (0, 2, 1))
+    a_rows = tf.gather(a, index)  # (batch, r, in)
     b_rows = tf.gather(b, index)  # (batch, r, out)
     if positions == 1:
         # Each row's products read its own A and B inside one fused

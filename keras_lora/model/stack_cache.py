@@ -3,7 +3,7 @@ cache=True)`).
 
 `"gather"` and `"grouped"` read, per LoRA layer, every routed adapter's
 `A` (scale folded in) and `B` stacked into one tensor with an all-zero
-last slot (`layers.mixed.stack_factors`). Built from the adapters' own
+last slot (`layers.mixed_stacks.stack_factors`). Built from the adapters' own
 variables, that stack is a copy of all of them on every call (4 MB per
 layer of 64 rank-8 adapters on a 1024-wide Dense). With the cache, the
 served model keeps each layer's stacks in two non-trainable variables of
@@ -30,6 +30,7 @@ import operator
 import keras
 
 from keras_lora.layers import mixed as routing_lib
+from keras_lora.layers.mixed_stacks import stack_factors, stack_shapes
 from keras_lora.model.walk import lora_layers
 
 _FACTORS = operator.attrgetter("a", "b", "scale")
@@ -66,12 +67,13 @@ class StackCache:
         self.by_layer = {}
         self.entries = []
         for _, layer in lora_layers(owner.model):
-            if not callable(getattr(layer, "_routed_gather", None)):
-                continue
             members = routing_lib.members(layer, owner.names)
             if not members:
                 continue
-            a_shape, b_shape = routing_lib.stack_shapes(members)
+            layout = routing_lib.cache_layout(layer, members, owner.strategy)
+            if layout is None:
+                continue
+            a_shape, b_shape = stack_shapes(members, layout)
             dtype = keras.backend.standardize_dtype(members[0][1].a.dtype)
             pair = tuple(
                 owner.add_weight(
@@ -83,8 +85,8 @@ class StackCache:
                 )
                 for part, shape in (("a", a_shape), ("b", b_shape))
             )
-            self.entries.append((layer, pair))
-            self.by_layer[id(layer)] = pair
+            self.entries.append((layer, pair, layout))
+            self.by_layer[id(layer)] = (*pair, layout)
         self.names = set(owner.names)
         self.state = None
         self.suspended = False
@@ -106,7 +108,7 @@ class StackCache:
         """`(structure, values)`: the routed adapters and their variables
         (by identity), and `_values` of those variables."""
         adapters, structure = [], [routing_lib.adapter_writes()]
-        for layer, _ in self.entries:
+        for layer, *_ in self.entries:
             items = tuple(layer._adapters.items())
             structure.append(items)
             adapters += [a for n, a in items if n in self.names]
@@ -125,18 +127,18 @@ class StackCache:
         adapter added, deleted or re-ranked), so that it now stacks them per
         call: compiled functions traced on the copy must then be dropped."""
         changed = False
-        for layer, (a_var, b_var) in self.entries:
+        for layer, (a_var, b_var), layout in self.entries:
             members = routing_lib.members(layer, self.owner.names)
             if not members:
                 a_var.assign(keras.ops.zeros(a_var.shape, a_var.dtype))
                 b_var.assign(keras.ops.zeros(b_var.shape, b_var.dtype))
                 continue
-            shapes = routing_lib.stack_shapes(members)
+            shapes = stack_shapes(members, layout)
             if shapes != (tuple(a_var.shape), tuple(b_var.shape)):
                 # The layer stacks per call instead (`layers.mixed._cached`).
                 changed = changed or self.by_layer.pop(id(layer), None) is not None
                 continue
-            a, b = routing_lib.stack_factors(members, a_var.dtype)
+            a, b = stack_factors(members, a_var.dtype, layout)
             a_var.assign(a)
             b_var.assign(b)
         self.state = self._state()

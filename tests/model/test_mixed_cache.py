@@ -26,6 +26,7 @@ from model.test_mixed_adapters import (
 import keras_lora as kl
 from keras_lora.layers import LoRALayer
 from keras_lora.model.mixed import mixed_layer
+from keras_lora.model.tracking import own_variables
 from keras_lora.model.walk import iter_layers
 
 ATOL = 1e-5
@@ -62,7 +63,8 @@ def test_cached_rows_match_the_per_adapter_models(strategy):
     if strategy in ("gather", "grouped"):
         assert cache.entries  # the stacking layers hold copies
     # The copies are the served model's own non-trainable variables.
-    own = {id(v) for pair in cache.by_layer.values() for v in pair}
+    own = {id(v) for entry in cache.by_layer.values() for v in entry[:2]}
+    assert own == {id(v) for v in own_variables(mixed_layer(served))}
     assert own <= {id(v) for v in served.non_trainable_variables}
     assert not own & {id(v) for v in model.weights}
 
@@ -161,6 +163,31 @@ def test_hotswap_and_adapter_set_changes(strategy, tmp_path):
     np.testing.assert_allclose(got[[2, 4, 5]], base[[2, 4, 5]], atol=ATOL)
 
 
+def test_layers_that_do_not_stack_hold_no_copy():
+    """`"auto"` takes `"concat"` for one position and a total rank <= 128
+    (`mixed_mlp`): no layer stacks, so nothing is copied."""
+    for strategy in ("auto", "concat"):
+        served = kl.mixed_adapter_model(mixed_mlp(), NAMES, strategy, cache=True)
+        assert mixed_layer(served)._stacks.entries == [], strategy
+        assert own_variables(mixed_layer(served)) == []  # no copy held
+
+
+def test_a_copy_kept_for_grouped_serves_gather_too():
+    """TensorFlow keeps a grouped layer's `A` stack transposed; a layer
+    that gathers from it instead transposes it back."""
+    from keras_lora.layers.mixed import routing
+
+    model = mixed_mlp()
+    served = served_pair(model, "grouped")
+    served([X, INDEX])
+    stacks = mixed_layer(served)._stacks.usable()
+    layouts = {entry[2] for entry in stacks.values()}
+    assert layouts == {"stack_t" if BACKEND == "tensorflow" else "stack"}
+    with routing(ops.convert_to_tensor(INDEX), NAMES, "gather", stacks):
+        got = numpy(model(X))
+    np.testing.assert_allclose(got, reference_rows(model, NAMES, X, INDEX), atol=ATOL)
+
+
 def test_cache_is_not_saved_and_is_rebuilt_on_load(tmp_path):
     model = mixed_mlp()
     served = served_pair(model, "grouped")
@@ -175,6 +202,4 @@ def test_cache_is_not_saved_and_is_rebuilt_on_load(tmp_path):
 def test_cache_default_off():
     served = kl.mixed_adapter_model(mixed_mlp(), NAMES)
     assert mixed_layer(served)._stacks is None
-    assert not served.non_trainable_variables or all(
-        "stack" not in v.name for v in served.non_trainable_variables
-    )
+    assert own_variables(mixed_layer(served)) == []
