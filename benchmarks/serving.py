@@ -157,15 +157,16 @@ def report_lines(result):
 
 def figures(result):
     """`[(target key, where, value)]` for `targets.py`: the default
-    strategy's (`"auto"`) median and minimum ratios (issue 24: 8 adapters
-    on both rows, 64 adapters on the MLP)."""
+    strategy's (`"auto"`, and `"auto"` with `cache=True` where timed)
+    median and minimum ratios (issue 24: 8 adapters on both rows, 64
+    adapters on the MLP)."""
     out = []
     for row in ("mlp", "transformer"):
         if row not in result:
             continue
         for name, r in result[row]["ratios"].items():
             n, strategy = name.split("/")
-            if strategy != "auto":
+            if strategy not in ("auto", "auto+cache"):
                 continue
             key = {8: "serving/8", 64: "serving/64"}.get(int(n))
             if key is None or (key == "serving/64" and row != "mlp"):
