@@ -15,7 +15,7 @@ which holds, instead of a float kernel:
 `W = level[code]·absmax` of the code's block (`quantized.dequantize_nf4`,
 next to the int8/int4 dequantization), so merging, the lean product of
 `layers.quantized_product` and every LoRA path treat NF4 as one more
-quantized mode. `quantize_nf4` (in `model.quantized_bases`) converts a
+quantized mode. `quantize_nf4` (in `model.nf4_conversion`) converts a
 model's float layers in place, as Keras's `model.quantize` does.
 
 Embeddings (`NF4Embedding`, `NF4ReversibleEmbedding`) store their table
