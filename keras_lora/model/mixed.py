@@ -183,8 +183,17 @@ class MixedAdapterModel(Functional):
         `train_on_batch` and keras_lora's `hotswap_adapter` (JAX and torch
         see every write themselves); a no-op without the cache."""
         cache = mixed_layer(self)._stacks
-        if cache is not None and cache.refresh():
+        if cache is not None:
+            cache.refresh()
+            self._drop_if_relaid(cache)
+
+    def _drop_if_relaid(self, cache):
+        # A layer whose copy no longer fits its adapters (one added,
+        # deleted or re-ranked) stacks per call from now on; functions
+        # traced on its copy, by any call, are dropped.
+        if self.__dict__.get("_keras_lora_cache_generation", 0) != cache.generation:
             drop_compiled(self)
+            self.__dict__["_keras_lora_cache_generation"] = cache.generation
 
     def _serving(self, call, *args, **kwargs):
         """`call(*args, **kwargs)` (an inference method, which writes no
@@ -192,8 +201,8 @@ class MixedAdapterModel(Functional):
         cache = mixed_layer(self)._stacks
         if cache is None:
             return call(*args, **kwargs)
-        if cache.ensure_fresh():
-            drop_compiled(self)
+        cache.ensure_fresh()
+        self._drop_if_relaid(cache)
         try:
             return call(*args, **kwargs)
         finally:

@@ -90,6 +90,7 @@ class StackCache:
         self.names = set(owner.names)
         self.state = None
         self.suspended = False
+        self.generation = 0  # counts `refresh`es that dropped a layer's copy
         self.refresh()
 
     def usable(self):
@@ -142,6 +143,8 @@ class StackCache:
             a_var.assign(a)
             b_var.assign(b)
         self.state = self._state()
+        if changed:
+            self.generation += 1
         return changed
 
     def retoken(self):

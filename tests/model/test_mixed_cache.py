@@ -188,6 +188,25 @@ def test_a_copy_kept_for_grouped_serves_gather_too():
     np.testing.assert_allclose(got, reference_rows(model, NAMES, X, INDEX), atol=ATOL)
 
 
+@pytest.mark.parametrize("strategy", ["gather", "grouped"])
+def test_a_copy_that_no_longer_fits_is_not_read(strategy):
+    """Deleting the last routed slot shrinks `d1`'s stacks: its copy can
+    no longer be rebuilt, so the layer stacks per call again and the
+    functions compiled on the copy are dropped."""
+    model = mixed_mlp()
+    served = served_pair(model, strategy)
+    live = kl.mixed_adapter_model(model, NAMES, strategy=strategy)
+    served.predict_on_batch([X, INDEX])  # compiled on the copies
+    kl.delete_adapter(model, "first_only")  # slot 3, on d1 only
+    want = numpy(live([X, INDEX]))
+    np.testing.assert_allclose(served.predict_on_batch([X, INDEX]), want, atol=ATOL)
+    np.testing.assert_allclose(numpy(served([X, INDEX])), want, atol=ATOL)
+    with kl.disable_adapters(model):
+        base = numpy(model(X))
+    rows = INDEX == 3
+    np.testing.assert_allclose(want[rows], base[rows], atol=ATOL)
+
+
 def test_cache_is_not_saved_and_is_rebuilt_on_load(tmp_path):
     model = mixed_mlp()
     served = served_pair(model, "grouped")
