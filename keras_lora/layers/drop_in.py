@@ -17,10 +17,10 @@ class DropIn:
         # lacks are read from the wrapped layer (a drop-in). Private names
         # never fall through (Keras probes its private state with
         # `hasattr`), and writes never do.
-        parent = getattr(super(), "__getattr__", None)
+        parent = _parent_getattr(type(self))
         if parent is not None:  # torch.nn.Module's: parameters, submodules
             try:
-                return parent(name)
+                return parent(self, name)
             except AttributeError:
                 pass
         state = self.__dict__
@@ -45,3 +45,20 @@ class DropIn:
             "core's `enable_lora` cannot be used on it (add another adapter "
             "with `add_adapter` instead)."
         )
+
+
+# class -> the `__getattr__` after `DropIn` in its MRO, or None.
+_PARENTS = {}
+
+
+def _parent_getattr(cls):
+    """The `__getattr__` `DropIn`'s would reach by `super()` (on torch,
+    `torch.nn.Module`'s, which holds `self.layer` among its submodules).
+    Found once per class, without `super()`: `torch.compile` cannot trace
+    `super()` here, and `self.layer` is read this way on every call."""
+    if cls not in _PARENTS:
+        mro = cls.__mro__
+        after = mro[mro.index(DropIn) + 1 :]
+        found = (vars(klass).get("__getattr__") for klass in after)
+        _PARENTS[cls] = next((f for f in found if f is not None), None)
+    return _PARENTS[cls]

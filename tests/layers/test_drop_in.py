@@ -82,3 +82,26 @@ def test_keras_hub_reversible_embedding_reverse_applies_the_adapter(use_dora):
     np.testing.assert_allclose(
         to_numpy(merged(hidden, reverse=True)), logits, rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.compile")
+def test_torch_compile_traces_a_lora_layer_in_one_graph():
+    # On torch `self.layer` is a submodule, read through `__getattr__` on
+    # every call; `torch.compile` broke the graph there (it cannot trace
+    # `super()` in it) and fell back to eager per layer, which made a
+    # compiled LoRA training step slower than the eager one.
+    import torch
+
+    base = keras.layers.Dense(8)
+    base.build((None, 16))
+    layer = kl.LoRADense(base, rank=2)
+    layer.lora_b.assign(np.full(layer.lora_b.shape, 0.1, "float32"))
+    x = torch.randn(4, 16)
+    layer(x)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda x: layer(x))(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(lambda x: layer(x))
+    np.testing.assert_allclose(
+        to_numpy(compiled(x)), to_numpy(layer(x)), rtol=1e-6, atol=1e-6
+    )
