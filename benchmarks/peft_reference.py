@@ -18,9 +18,10 @@ def available():
     return None
 
 
-def make_step(config, x, y):
+def make_step(config, x, y, compile_model=False):
     """Returns `(step, info)`: one Adam step of PEFT LoRA on the MLP of
-    `config` (`step` is `None`, and `info` says why, when PEFT is missing).
+    `config` (`step` is `None`, and `info` says why, when PEFT is missing);
+    with `compile_model`, the PEFT model under `torch.compile`.
     """
     reason = available()
     if reason is not None:
@@ -43,6 +44,8 @@ def make_step(config, x, y):
     model = peft.get_peft_model(base, lora_config)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
+    if compile_model:
+        model = torch.compile(model)
     optimizer = torch.optim.Adam(parameters, lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
     inputs = torch.from_numpy(np.asarray(x))
