@@ -22,9 +22,7 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np  # noqa: E402
-
-from benchmarks import models, peft_reference, training  # noqa: E402
+from benchmarks import peft_reference, training  # noqa: E402
 from benchmarks.config import FULL, QUICK  # noqa: E402
 from benchmarks.timing import ratio, time_interleaved  # noqa: E402
 from keras_lora.atomic import atomic_output  # noqa: E402
@@ -37,14 +35,7 @@ def run(config):
     if keras.backend.backend() != "torch":
         raise SystemExit("benchmarks.torch_compile: run it with KERAS_BACKEND=torch")
     c = config["mlp"]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((c["batch"], c["input_dim"]), dtype=np.float32)
-    y = rng.integers(0, c["classes"], size=(c["batch"],))
-
-    def make_model():
-        return models.mlp(c["input_dim"], c["width"], c["depth"], c["classes"])
-
-    hidden = [f"dense_{i}" for i in range(c["depth"])]
+    x, y, make_model, hidden = training.mlp_setup(c)
     steps, first = {}, {}
     for jit in (False, True):
         rows = training.make_rows(make_model, hidden, c["rank"])

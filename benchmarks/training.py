@@ -89,9 +89,9 @@ def _step(model, x, y):
     return lambda: model.train_on_batch(x, y)
 
 
-def run_mlp(config):
-    """The 4 x Dense(1024) MLP (section 1), plus PEFT on the torch backend."""
-    c = config["mlp"]
+def mlp_setup(c):
+    """`(x, y, make_model, hidden)` of the MLP config `c`: a batch, labels,
+    a function that builds the float MLP, and its hidden layers' names."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((c["batch"], c["input_dim"]), dtype=np.float32)
     y = rng.integers(0, c["classes"], size=(c["batch"],))
@@ -99,7 +99,13 @@ def run_mlp(config):
     def make_model():
         return models.mlp(c["input_dim"], c["width"], c["depth"], c["classes"])
 
-    hidden = [f"dense_{i}" for i in range(c["depth"])]
+    return x, y, make_model, [f"dense_{i}" for i in range(c["depth"])]
+
+
+def run_mlp(config):
+    """The 4 x Dense(1024) MLP (section 1), plus PEFT on the torch backend."""
+    c = config["mlp"]
+    x, y, make_model, hidden = mlp_setup(c)
     rows = make_rows(make_model, hidden, c["rank"], dora=True)
     steps = train_steps(rows, x, y)
     counts = trainable_counts(rows)
