@@ -137,11 +137,12 @@ def _task_get_config(self):
 def _refusing_get_config(self, *args, **kwargs):
     cls = type(self)
     raise ValueError(
-        f"'{self.name}' ({cls.__name__}) was converted to LoRA in place, and a "
-        f"{cls.__name__} is rebuilt from constructor arguments that cannot say "
-        "where its LoRA layers are, so it cannot be described (or saved with "
-        "`.keras`) as it is now. Save the KerasHub task that holds it (as "
-        "converted by `apply_lora`), save the adapters with "
+        f"'{self.name}' ({cls.__name__}) was converted to LoRA in place (or "
+        f"to NF4 by `quantize_nf4`), and a {cls.__name__} is rebuilt from "
+        "constructor arguments that cannot say where its LoRA or NF4 layers "
+        "are, so it cannot be described (or saved with `.keras`) as it is "
+        "now. Save the KerasHub task that holds it (as converted by "
+        "`apply_lora` or `quantize_nf4`), save the adapters with "
         "`keras_lora.save_adapter`, or save `keras_lora.merge_lora(model)`."
     )
 

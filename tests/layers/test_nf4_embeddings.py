@@ -310,3 +310,15 @@ def test_lookup_matches_numpy_on_every_row():
     got = to_numpy(model(ids))[0]
     np.testing.assert_allclose(got, reference_nf4(table, 64, False), 1e-6, 1e-7)
     assert quantized.dequantized_kernel(model.layers[0]).shape == (VOCAB, 24)
+
+
+def test_a_bare_nf4_backbone_refuses_keras_files(tmp_path):
+    # KerasHub rebuilds a backbone from constructor arguments (float
+    # layers): a file would not load, so saving it is refused up front.
+    from tiny_kerashub import backbone
+
+    model = kl.quantize_nf4(backbone("gpt2"), block_size=8)
+    path = tmp_path / "backbone.keras"
+    with pytest.raises(ValueError, match=r"converted .*to NF4 by `quantize_nf4`"):
+        model.save(str(path))
+    assert not path.exists()
