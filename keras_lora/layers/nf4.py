@@ -56,12 +56,13 @@ def check_block_size(block_size, function="quantize_nf4"):
         )
 
 
-def check_double_quant(double_quant, function="quantize_nf4", argument="double_quant"):
-    if not isinstance(double_quant, (bool, np.bool_)):
+def check_flag(value, argument, function="quantize_nf4"):
+    """Raises a `TypeError` naming `argument` unless `value` is a bool
+    (`double_quant`, `embeddings`)."""
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(
             f"{function}: `{argument}` must be a bool. "
-            f"Received: {argument}={double_quant!r} of type "
-            f"{type(double_quant).__name__}"
+            f"Received: {argument}={value!r} of type {type(value).__name__}"
         )
 
 
@@ -155,7 +156,7 @@ class NF4Storage:
 
     def __init__(self, *args, block_size=64, double_quant=False, **kwargs):
         check_block_size(block_size, type(self).__name__)
-        check_double_quant(double_quant, type(self).__name__)
+        check_flag(double_quant, "double_quant", type(self).__name__)
         super().__init__(*args, **kwargs)
         self.nf4_block_size = int(block_size)
         self.nf4_double_quant = bool(double_quant)

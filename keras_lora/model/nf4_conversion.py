@@ -71,8 +71,8 @@ def quantize_nf4(model, block_size=64, double_quant=False, embeddings=True):
     """
     check_is_model(model, "quantize_nf4")
     nf4.check_block_size(block_size)
-    nf4.check_double_quant(double_quant)
-    nf4.check_double_quant(embeddings, argument="embeddings")
+    nf4.check_flag(double_quant, "double_quant")
+    nf4.check_flag(embeddings, "embeddings")
     check_built(model, "quantize_nf4")
     if lora_layers(model):
         raise ValueError(
