@@ -5,6 +5,7 @@ own process: `python -m benchmarks.isolated BACKEND TASK JSON_ARGS`. The
 child prints its result as one JSON line, prefixed with `RESULT `.
 """
 
+import gc
 import importlib
 import json
 import os
@@ -24,6 +25,13 @@ TASKS = {
     # process (its figures are meaningless; the workers' code runs).
     "in_one_process": "benchmarks.isolated:in_one_process_worker",
 }
+
+
+# XLA's own options for a quick smoke run (`smoke_process`): the ones
+# `jax_disable_most_optimizations` sets on JAX.
+SMOKE_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 
 
 def run_isolated(backend, task, args, timeout=1800):
@@ -77,8 +85,44 @@ def _project_root():
 
 
 def in_one_process_worker(jobs):
-    """Every `(task, args)` of `jobs` in this one process, in order."""
-    return [task_function(task)(args) for task, args in jobs]
+    """Every `(task, args)` of `jobs` in this one process, in order (a
+    `--quick` smoke run: `smoke_process` makes it cheaper)."""
+    smoke_process(os.environ.get("KERAS_BACKEND"))
+    results = []
+    for task, args in jobs:
+        smoke_freeze()
+        results.append(task_function(task)(args))
+    return results
+
+
+def smoke_process(backend):
+    """Makes this process's compilations cheaper, for a `--quick` smoke run
+    (whose timings are not meaningful): XLA compiles without most of its
+    optimization passes, as the JAX tests do (`tests/conftest.py`). On JAX
+    through `jax_disable_most_optimizations`; on TensorFlow through
+    `XLA_FLAGS`, read when XLA first compiles (a tiny Llama's train step
+    compiles in 1.6-2.5 s instead of 2.3-3.5 s), and inherited by the
+    process's children. Full runs never call it."""
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_disable_most_optimizations", True)
+    elif backend == "tensorflow":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if SMOKE_XLA_FLAGS not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {SMOKE_XLA_FLAGS}".strip()
+
+
+def smoke_freeze():
+    """Collects this process's garbage, then moves every object still alive
+    out of the garbage collector's reach (`gc.freeze`), for a `--quick`
+    smoke run: later collections scan only newer objects. Keras collects on
+    every variable it deletes (9 times in one `model.quantize` of a tiny
+    Llama), and with TensorFlow, JAX, torch and KerasHub imported a full
+    collection takes about 0.35 s on a 2-core CI machine. Full runs never
+    call it (a cycle of frozen objects is never freed)."""
+    gc.collect()
+    gc.freeze()
 
 
 def task_function(task):
