@@ -227,11 +227,12 @@ QUICK = {
         process_per_size=False,
     ),
     "hotswap": dict(
-        FULL["hotswap"], width=128, batch=32, swaps=12, warmup=1, repeats=3, steps=3
+        FULL["hotswap"], width=128, batch=32, swaps=4, warmup=1, repeats=3, steps=3
     ),
+    # One adapter count: each count compiles a served model per strategy.
     "serving": dict(
         FULL["serving"],
-        adapters=[2, 4],
+        adapters=[4],
         mlp=dict(FULL["serving"]["mlp"], input_dim=64, width=64, batch=16),
         transformer=dict(CAUSAL_LM_QUICK, batch=4),
         warmup=1,

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 PREFIX = "RESULT "
 
@@ -43,31 +44,63 @@ def run_isolated_together(backend, jobs, timeout=1800):
     """Runs each `(task, args)` of `jobs` in its own child process, all at
     once (for measurements that do not time anything, such as peak memory);
     returns their results in order."""
+    return collect_isolated(start_isolated(backend, jobs), timeout)
+
+
+def start_isolated(backend, jobs):
+    """Starts `run_isolated_together`'s children and returns at once; their
+    results come from `collect_isolated`. Each child writes to temporary
+    files, so that it never waits on a full pipe while this process does
+    other work."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    children = []
-    for task, args in jobs:
+    for task, _ in jobs:
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASKS)}")
+    started = []
+    for task, args in jobs:
         command = [sys.executable, "-m", "benchmarks.isolated", backend, task]
-        children.append(
-            subprocess.Popen(
-                command + [json.dumps(args)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=_project_root(),
-            )
+        stdout = tempfile.TemporaryFile("w+")
+        stderr = tempfile.TemporaryFile("w+")
+        child = subprocess.Popen(
+            command + [json.dumps(args)],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            cwd=_project_root(),
         )
+        started.append((backend, task, child, stdout, stderr))
+    return started
+
+
+def collect_isolated(started, timeout=1800):
+    """Waits for the children of `start_isolated`; returns their results in
+    order."""
     results = []
-    for (task, _), child in zip(jobs, children, strict=True):
+    for backend, task, child, stdout, stderr in started:
         try:
-            stdout, stderr = child.communicate(timeout=timeout)
+            child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             child.kill()
-            stdout, stderr = child.communicate()
-        results.append(_parse(task, backend, child.returncode, stdout, stderr))
+            child.wait()
+        outputs = []
+        for f in (stdout, stderr):
+            f.seek(0)
+            outputs.append(f.read())
+            f.close()
+        results.append(_parse(task, backend, child.returncode, *outputs))
     return results
+
+
+def stop_isolated(started):
+    """Kills the children of `start_isolated` still running (a section
+    failed before collecting them)."""
+    for _, _, child, stdout, stderr in started:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        stdout.close()
+        stderr.close()
 
 
 def _parse(task, backend, returncode, stdout, stderr):

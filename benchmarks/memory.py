@@ -20,21 +20,20 @@ from benchmarks.isolated import run_isolated_together
 MB = 2**20
 
 
-def run(config, backend, quick=False):
+def run(config, backend, quick=False, started=None):
+    """The section's figures. In quick mode, `started` is the smoke child of
+    `start_quick` (started here if `None`)."""
     from benchmarks import qlora
-    from benchmarks.isolated import run_isolated
+    from benchmarks.isolated import collect_isolated
 
     c = config["memory"]
-    jobs = [
-        ("train_memory", dict(c["train"], kind="full")),
-        ("train_memory", dict(c["train"], kind="lora")),
-        ("apply_lora_memory", c["apply_lora"]),
-    ]
     if quick:  # a smoke run: every worker in one process, figures meaningless
-        results = run_isolated(backend, "in_one_process", jobs + qlora.jobs(c))
+        if started is None:
+            started = start_quick(config, backend)
+        results = collect_isolated(started)[0]
         (full, lora, apply), quantized = results[:3], qlora.results_of(results[3:])
     else:  # peak RSS is per process and times nothing: the three run at once
-        full, lora, apply = run_isolated_together(backend, jobs)
+        full, lora, apply = run_isolated_together(backend, _jobs(c))
         quantized = qlora.run(c, backend)
     train = {"full": full, "lora": lora}
     return {
@@ -47,6 +46,28 @@ def run(config, backend, quick=False):
         "adapter/base_bytes": apply["adapter_bytes"] / apply["model_bytes"],
         "quantized": quantized,
     }
+
+
+def _jobs(c):
+    """The `(task, args)` of the training and `apply_lora` rows."""
+    return [
+        ("train_memory", dict(c["train"], kind="full")),
+        ("train_memory", dict(c["train"], kind="lora")),
+        ("apply_lora_memory", c["apply_lora"]),
+    ]
+
+
+def start_quick(config, backend):
+    """Starts the quick (smoke) run's child: every worker of the section, one
+    after the other in one process (`isolated.in_one_process_worker`).
+    `suite.run` starts it before the first section, so that it runs beside
+    the sections before this one (a smoke run times nothing that matters);
+    `run(..., started=)` collects it."""
+    from benchmarks import qlora
+    from benchmarks.isolated import start_isolated
+
+    c = config["memory"]
+    return start_isolated(backend, [("in_one_process", _jobs(c) + qlora.jobs(c))])
 
 
 def train_memory_worker(args):
