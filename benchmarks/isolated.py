@@ -129,13 +129,21 @@ def in_one_process_worker(jobs):
 
 
 def smoke_process(backend):
-    """Makes this process's compilations cheaper, for a `--quick` smoke run
-    (whose timings are not meaningful): XLA compiles without most of its
-    optimization passes, as the JAX tests do (`tests/conftest.py`). On JAX
-    through `jax_disable_most_optimizations`; on TensorFlow through
-    `XLA_FLAGS`, read when XLA first compiles (a tiny Llama's train step
-    compiles in 1.6-2.5 s instead of 2.3-3.5 s), and inherited by the
-    process's children. Full runs never call it."""
+    """Makes this process cheaper, for a `--quick` smoke run (whose timings
+    are not meaningful). Full runs never call it.
+
+    - XLA compiles without most of its optimization passes, as the JAX
+      tests do (`tests/conftest.py`): on JAX through
+      `jax_disable_most_optimizations`; on TensorFlow through `XLA_FLAGS`,
+      read when XLA first compiles (a tiny Llama's train step compiles in
+      1.6-2.5 s instead of 2.3-3.5 s), and inherited by the process's
+      children.
+    - torch runs its ops on one thread: the smoke run shares 2 cores between
+      two backends and their memory children, and torch's threads waiting
+      on each other made tiny matmuls take 12 ms (the serving section: 12-15
+      s with torch's default threads, 4 s with one, on a loaded 2-core
+      machine).
+    """
     if backend == "jax":
         import jax
 
@@ -144,6 +152,10 @@ def smoke_process(backend):
         flags = os.environ.get("XLA_FLAGS", "")
         if SMOKE_XLA_FLAGS not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} {SMOKE_XLA_FLAGS}".strip()
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def smoke_freeze():
