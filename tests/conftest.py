@@ -9,19 +9,28 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-if keras.backend.backend() == "jax":
-    # JAX compiles every eager op for each new shape: most of the JAX suite's
-    # time is XLA compiling tiny programs (a tiny ViT's family check makes
-    # about 190 compilations, 80% of its time). Without XLA's optimization
-    # passes they compile faster (measured, interleaved: 4 family checks and
-    # 4 int4 training tests took 101-105 s against 121-133 s); the tests
-    # check behaviour, never XLA's speed (the benchmarks run in their own
-    # processes, with the default passes). The whole JAX suite passes either
-    # way; KERAS_LORA_TEST_XLA_OPT=1 keeps the default passes.
-    if os.environ.get("KERAS_LORA_TEST_XLA_OPT") != "1":
+# JAX compiles every eager op for each new shape: most of the JAX suite's
+# time is XLA compiling tiny programs (a tiny ViT's family check makes about
+# 190 compilations, 80% of its time). Without XLA's optimization passes they
+# compile faster (measured, interleaved: 4 family checks and 4 int4 training
+# tests took 101-105 s against 121-133 s). TensorFlow's `fit` compiles its
+# steps with XLA too (`jit_compile="auto"`): the same two XLA options, read
+# when XLA first compiles, took two files of `fit` tests from 39 to 32 s. The
+# tests check behaviour, never XLA's speed (the benchmarks run in their own
+# processes, with the default passes). The whole suite passes either way;
+# KERAS_LORA_TEST_XLA_OPT=1 keeps the default passes.
+FEWER_XLA_PASSES = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
+if os.environ.get("KERAS_LORA_TEST_XLA_OPT") != "1":
+    if keras.backend.backend() == "jax":
         import jax  # noqa: E402
 
         jax.config.update("jax_disable_most_optimizations", True)
+    elif keras.backend.backend() == "tensorflow":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if FEWER_XLA_PASSES not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {FEWER_XLA_PASSES}".strip()
 
 
 def pytest_collection_finish(session):
