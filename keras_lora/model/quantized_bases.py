@@ -16,6 +16,7 @@ that computes the same outputs with the lean product. The layer's class,
 config, weights and `.keras` files are unchanged.
 """
 
+import gc
 import types
 
 import keras
@@ -217,4 +218,5 @@ def apply_nf4_layout(model, record):
                 "rebuilt model has no float Dense, EinsumDense or embedding "
                 "there."
             )
-        nf4.convert(layer, block_size, double_quant, values={})
+        nf4.convert(layer, block_size, double_quant, values={}, collect=False)
+    gc.collect()  # once for all the deleted float kernels (`nf4.convert`)
