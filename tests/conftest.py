@@ -51,6 +51,23 @@ def pytest_collection_finish(session):
         gc.freeze()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After each test module (its module fixtures torn down), collects its
+    garbage and freezes what is left alive: what earlier modules left (the
+    caches of the package and its dependencies, each test module's own
+    objects) would otherwise make every later collection slower again (in
+    a whole TensorFlow run, `test_quantized_load.py`'s tests took 10 s each
+    against 2.7 s in a run of the file alone). `tests/io` and that file on
+    TensorFlow, back to back on a loaded machine: 285 s with one freeze
+    after collection, 89 s with this one after each module too."""
+    yield
+    last_of_module = nextitem is None or nextitem.module is not item.module
+    if last_of_module and os.environ.get("KERAS_LORA_TEST_GC_FREEZE") != "0":
+        gc.collect()
+        gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_policy():
     keras.utils.set_random_seed(1234)
