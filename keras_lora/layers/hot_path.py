@@ -31,6 +31,11 @@ def reshape(x, shape):
     return _RESHAPE(x, shape)
 
 
+def concatenate(xs, axis):
+    """`xs` joined along `axis`; on torch through `torch.cat`."""
+    return _CONCATENATE(xs, axis)
+
+
 def leading_shape(x, n):
     """`x`'s shape without its last `n` axes, as a list (on TensorFlow a
     dimension unknown at trace time is a scalar tensor)."""
@@ -217,8 +222,10 @@ if keras.backend.backend() == "torch":
     import torch
 
     _RESHAPE = torch.reshape
+    _CONCATENATE = torch.cat
 else:
     _RESHAPE = ops.reshape
+    _CONCATENATE = ops.concatenate
 
 _LOW_RANK = {
     "jax": _jax_low_rank,

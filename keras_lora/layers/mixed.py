@@ -124,10 +124,11 @@ def supports(layer):
 
 def check_layer(layer, names, path=None):
     """Raises `ValueError`/`TypeError` where `layer` cannot route `names`."""
-    where = f"LoRA layer '{path or layer.name}'"
-    held = [n for n in names if n in layer.adapter_names]
+    adapter_names = set(layer.adapter_names)
+    held = [n for n in names if n in adapter_names]
     if not held:
         return
+    where = f"LoRA layer '{path or layer.name}'"
     if not supports(layer):
         raise TypeError(
             f"{where} is a {type(layer).__name__}, which has no per-row "
@@ -169,10 +170,12 @@ def members(layer, names):
 def _rows_like(mask, h, axis):
     """`mask` `(batch, R)` reshaped to broadcast against `h` with its rank
     axis at `axis` and its batch axis first."""
+    if len(h.shape) == 2:
+        return mask
     shape = [1] * len(h.shape)
     shape[0] = -1
     shape[axis % len(shape)] = int(mask.shape[-1])
-    return ops.reshape(mask, shape)
+    return hot_path.reshape(mask, shape)
 
 
 def _selection(index, slots, dtype):
@@ -224,8 +227,8 @@ def routed_updates(layer, inputs, base, training, route):
         update = _gather_update(layer, inputs, members, index, dtype, cached)
         out = ops.add(base, update)
     else:
-        update = _concat_update(layer, inputs, members, index, dtype, training)
-        out = ops.add(base, update)
+        update = _concat_update(layer, inputs, members, index, dtype, training, route)
+        out = base + update
     doras = [(k, a) for k, a in members if a.magnitude is not None]
     if doras:
         out = _dora_rows(layer, out, doras, index, dtype)
@@ -247,26 +250,41 @@ def _dropped(layer, x, rate, training, on_inputs):
     return x
 
 
-def _concat_update(layer, inputs, members, index, dtype, training):
+def _concat_update(layer, inputs, members, index, dtype, training, route):
     # Adapters with one dropout rate share one `x·A` (in training; at
     # inference all share one); columns are in `ordered` order throughout.
+    # Backend ops (`hot_path`), not Keras's: on eager torch each Keras op's
+    # argument handling cost more than the product it wraps (docs/serving.md).
     rates = sorted({a.dropout if training else 0.0 for _, a in members})
     parts, ordered = [], []
     for rate in rates:
         group = [(k, a) for k, a in members if (a.dropout if training else 0.0) == rate]
-        a_cat = ops.concatenate([hot_path.read(a.a, dtype) for _, a in group], axis=-1)
+        a_cat = hot_path.concatenate([hot_path.read(a.a, dtype) for _, a in group], -1)
         x = _dropped(layer, inputs, rate, training, on_inputs=True)
         h = layer._routed_first(x, a_cat)
         parts.append(_dropped(layer, h, rate, training, on_inputs=False))
         ordered += group
     axis = layer._routed_rank_axis()
-    h = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=axis)
+    h = parts[0] if len(parts) == 1 else hot_path.concatenate(parts, axis)
     adapters = [a for _, a in ordered]
-    owners = np.repeat([k for k, _ in ordered], [a.rank for a in adapters])
-    mask = _selection(index, owners, dtype) * _column_scales(adapters, dtype)
-    h = ops.multiply(h, _rows_like(mask, h, axis))
-    b_cat = ops.concatenate([hot_path.read(a.b, dtype) for a in adapters], axis=0)
+    h = h * _rows_like(_concat_mask(route, index, ordered, dtype), h, axis)
+    b_cat = hot_path.concatenate([hot_path.read(a.b, dtype) for a in adapters], 0)
     return layer._routed_second(h, b_cat)
+
+
+def _concat_mask(route, index, ordered, dtype):
+    """`(batch, Σ r)`: a column's adapter scale where the row's index is
+    that column's adapter's slot, else 0. Computed once per call for the
+    layers whose `ordered` adapters have the same slots, ranks and scales
+    (`route.memo`)."""
+    adapters = [a for _, a in ordered]
+    scales = tuple(s if is_number(s) else id(s) for s in (a.scale for a in adapters))
+    key = ("concat_mask", tuple((k, a.rank) for k, a in ordered), scales, dtype)
+    if key not in route.memo:
+        owners = np.repeat([k for k, _ in ordered], [a.rank for a in adapters])
+        mask = _selection(index, owners, dtype) * _column_scales(adapters, dtype)
+        route.memo[key] = mask
+    return route.memo[key]
 
 
 def _gather_update(layer, inputs, members, index, dtype, cached):
@@ -297,7 +315,7 @@ def cache_layout(layer, members, strategy):
     """How a served model's cache keeps `layer`'s stacks
     (`layers.mixed_stacks`): `None` where the layer will not stack (it has
     no `_routed_gather`, or takes `"concat"`), `"stack_t"` where it takes
-    TensorFlow's grouped kernel, else `"stack"`. `"auto"` is resolved as
+    TensorFlow's or torch's grouped kernel, else `"stack"`. `"auto"` is resolved as
     `_auto` does, from the input shape the layer was built for (unknown:
     `"stack"`, which every strategy can read)."""
     if not callable(getattr(layer, "_routed_gather", None)) or strategy == "concat":
@@ -315,7 +333,7 @@ def cache_layout(layer, members, strategy):
     if strategy == "concat":
         return None
     grouped = strategy == "grouped" and _flat_inputs(layer) is not None
-    if grouped and keras.backend.backend() == "tensorflow":
+    if grouped and keras.backend.backend() in ("tensorflow", "torch"):
         return "stack_t"
     return "stack"
 
@@ -339,17 +357,19 @@ def _grouped_update(layer, inputs, base, members, route, dtype, cached):
     x = hot_path.reshape(inputs, (-1, fan_in))
     if keras.backend.backend() == "torch" and _torch_eager(x):
         return _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached)
-    on_tf = keras.backend.backend() == "tensorflow"
-    a_stack, b_stack, safe, a_t = stacks(members, index, dtype, cached, on_tf)
+    backend = keras.backend.backend()
+    a_stack, b_stack, safe, a_t = stacks(
+        members, index, dtype, cached, backend in ("tensorflow", "torch")
+    )
     slots = int(a_stack.shape[0])
     width = int(a_stack.shape[1] if a_t else a_stack.shape[-1])
     a = a_stack if a_t else hot_path.reshape(a_stack, (slots, fan_in, width))
     b = hot_path.reshape(b_stack, (slots, width, int(np.prod(out_dims))))
     positions = _positions_per_row(layer, inputs)
-    if on_tf:
-        y = _grouped_tensorflow(x, a, b, safe, positions, a_transposed=a_t)
+    if backend == "jax":
+        y = _grouped_jax(x, a, b, safe, positions)
     else:
-        y = _GROUPED[keras.backend.backend()](x, a, b, safe, positions)
+        y = _GROUPED[backend](x, a, b, safe, positions, a_transposed=a_t)
     return ops.add(base, hot_path.reshape(y, lead + out_dims))
 
 
@@ -393,21 +413,23 @@ def _torch_eager(x):
     return not torch.compiler.is_compiling() and x.device.type != "meta"
 
 
-def _grouped_torch(x, a, b, index, positions):
+def _grouped_torch(x, a, b, index, positions, a_transposed=False):
     # Inside `torch.compile` or a symbolic trace group sizes cannot be
     # data: per-position batched products on the stacks instead.
     import torch
 
     rows = _position_slots(x, index).long()
-    h = torch.bmm(x[:, None, :], a[rows])
+    a_rows = a[rows].transpose(1, 2) if a_transposed else a[rows]
+    h = torch.bmm(x[:, None, :], a_rows)
     return torch.bmm(h, b[rows])[:, 0]
 
 
 def _torch_groups(x, index, slots):
-    """`(order, place, size)`: the positions holding a slot in `[0, slots)`
-    (`order`), where each goes in the padded groups (`place`: group times
-    `size` plus its rank within the group), and the largest group's size;
-    `None` if no position has such a slot."""
+    """`(order, place, size, source)`: the positions holding a slot in
+    `[0, slots)` (`order`), where each goes in the padded groups (`place`:
+    group times `size` plus its rank within the group), the largest group's
+    size, and for each padded row the position it holds (`source`; padding
+    rows: position 0); `None` if no position has such a slot."""
     import torch
 
     valid = (index >= 0) & (index < slots)
@@ -423,7 +445,10 @@ def _torch_groups(x, index, slots):
     within = torch.arange(len(order), device=x.device) - starts[grouped]
     place = grouped * size + within
     keep = grouped < slots
-    return order[keep], place[keep], size
+    order, place = order[keep], place[keep]
+    source = torch.zeros(slots * size, dtype=order.dtype, device=x.device)
+    source[place] = order
+    return order, place, size, source
 
 
 def _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached=None):
@@ -442,17 +467,23 @@ def _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached=None):
     groups = route.memo[key]
     if groups is None:
         return base
-    order, place, size = groups
-    # Padding rows are never read back (each product row is its own).
-    padded = x.new_empty((slots * size, fan_in))
-    padded[place] = x[order]
+    order, place, size, source = groups
+    # One gather; padding rows repeat position 0 and are never read back
+    # (each product row is its own).
+    padded = x[source]
     if cached is None:
-        a, b, scales = _torch_stacks(members, slots, dtype, fan_in, x)
+        a_t, b, scales = _torch_stacks(members, slots, dtype, fan_in, x)
     else:  # the served model's stacks: scales folded in, a zero slot last
         a, b = (hot_path.read(v, dtype)[:slots] for v in cached[:2])
-        a = a.reshape(slots, fan_in, -1)
+        if cached[2] == "stack_t":
+            a_t = a
+        else:
+            a_t = a.reshape(slots, fan_in, -1).transpose(1, 2)
         b, scales = b.reshape(slots, b.shape[1], -1), None
-    h = torch.bmm(padded.view(slots, size, fan_in), a)
+    # `A` kept as `(slots, r, in)`, read transposed: torch's batched product
+    # takes that operand in 0.28 ms against 0.47 ms for `(slots, in, r)`
+    # (64 groups of 11 rows, in 1024, r 8; docs/serving.md).
+    h = torch.bmm(padded.view(slots, size, fan_in), a_t.transpose(1, 2))
     if scales is not None:
         h = h * scales
     y = torch.bmm(h, b).view(slots * size, -1)[place]
@@ -464,8 +495,8 @@ def _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached=None):
 
 
 def _torch_stacks(members, slots, dtype, fan_in, like):
-    """`(A (slots, in, r), B (slots, r, out), scales (slots, 1, 1))`, ranks
-    zero-padded to the largest, zeros for slots this layer lacks."""
+    """`(Aᵀ (slots, r, in), B (slots, r, out), scales (slots, 1, 1))`,
+    ranks zero-padded to the largest, zeros for slots this layer lacks."""
     import torch
 
     width = max(a.rank for _, a in members)
@@ -475,7 +506,7 @@ def _torch_stacks(members, slots, dtype, fan_in, like):
     for k in range(slots):
         adapter = by_slot.get(k)
         if adapter is None:
-            a_list.append(like.new_zeros((fan_in, width)))
+            a_list.append(like.new_zeros((width, fan_in)))
             b_list.append(like.new_zeros((width, fan_out)))
             scales.append(0.0)
             continue
@@ -484,7 +515,7 @@ def _torch_stacks(members, slots, dtype, fan_in, like):
         if adapter.rank < width:
             a = torch.nn.functional.pad(a, (0, width - adapter.rank))
             b = torch.nn.functional.pad(b, (0, 0, 0, width - adapter.rank))
-        a_list.append(a)
+        a_list.append(a.T)
         b_list.append(b)
         scales.append(hot_path.scalar(adapter.scale, dtype))
     if all(is_number(s) for s in scales):

@@ -95,7 +95,9 @@ class MixedAdapters(keras.layers.Layer):
         index = ops.cast(adapter_index, "int32")
         stacks = None
         if self._stacks is not None:
-            if _is_concrete(index):  # eager: never read a stale copy
+            # Eager: never read a stale copy (checked once per call of the
+            # served model's `predict`, `evaluate`, ...: `_serving`).
+            if _is_concrete(index) and not self._stacks.checked:
                 self._stacks.ensure_fresh()
             stacks = self._stacks.usable()
         with routing_lib.routing(index, self.names, self.strategy, stacks):
@@ -203,9 +205,11 @@ class MixedAdapterModel(Functional):
             return call(*args, **kwargs)
         cache.ensure_fresh()
         self._drop_if_relaid(cache)
+        cache.checked = True  # nothing writes an adapter until it returns
         try:
             return call(*args, **kwargs)
         finally:
+            cache.checked = False
             cache.retoken()
 
     def predict(self, x, *args, **kwargs):

@@ -90,6 +90,7 @@ class StackCache:
         self.names = set(owner.names)
         self.state = None
         self.suspended = False
+        self.checked = False  # set by the served model's own inference call
         self.generation = 0  # counts `refresh`es that dropped a layer's copy
         self.refresh()
 
@@ -151,8 +152,9 @@ class StackCache:
         """Takes the adapters' current buffers as the cached ones, after a
         call that wrote none of them (the served model's own `predict`:
         Keras's compiled JAX steps hand every variable back in a new
-        array holding the same value)."""
-        if self.state is not None:
+        array holding the same value; torch's and TensorFlow's steps write
+        nothing, so there is nothing to take)."""
+        if self.state is not None and keras.backend.backend() == "jax":
             self.state = (self.state[0], self._state()[1])
 
     def ensure_fresh(self):

@@ -173,7 +173,7 @@ def test_layers_that_do_not_stack_hold_no_copy():
 
 
 def test_a_copy_kept_for_grouped_serves_gather_too():
-    """TensorFlow keeps a grouped layer's `A` stack transposed; a layer
+    """TensorFlow and torch keep a grouped layer's `A` stack transposed; a layer
     that gathers from it instead transposes it back."""
     from keras_lora.layers.mixed import routing
 
@@ -182,7 +182,7 @@ def test_a_copy_kept_for_grouped_serves_gather_too():
     served([X, INDEX])
     stacks = mixed_layer(served)._stacks.usable()
     layouts = {entry[2] for entry in stacks.values()}
-    assert layouts == {"stack_t" if BACKEND == "tensorflow" else "stack"}
+    assert layouts == {"stack_t" if BACKEND in ("tensorflow", "torch") else "stack"}
     with routing(ops.convert_to_tensor(INDEX), NAMES, "gather", stacks):
         got = numpy(model(X))
     np.testing.assert_allclose(got, reference_rows(model, NAMES, X, INDEX), atol=ATOL)
