@@ -228,9 +228,9 @@ def test_grouped_in_a_graph_with_unknown_batch_and_length():
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's kernels")
 @pytest.mark.parametrize("positions", [1, 3])
 def test_jax_ragged_dot_and_per_row_kernels_agree(positions):
-    """`"grouped"` on JAX uses `ragged_dot` off CPU and per-row products on
-    CPU (where XLA expands `ragged_dot` densely); both, run here, give each
-    position its own slot's `x·A·B` (the last slot all zeros)."""
+    """`"grouped"` on JAX uses `ragged_dot` off CPU and blocks of one slot
+    each on CPU (where XLA expands `ragged_dot` densely); both, run here,
+    give each position its own slot's `x·A·B` (the last slot all zeros)."""
     import jax
 
     from keras_lora.layers.mixed import _grouped_jax
@@ -248,6 +248,35 @@ def test_jax_ragged_dot_and_per_row_kernels_agree(positions):
             x, a, b, index, positions, ragged
         )
         np.testing.assert_allclose(np.asarray(got), want, atol=ATOL)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's kernels")
+@pytest.mark.parametrize("n, slots", [(256, 65), (50, 9), (5, 30)])
+def test_jax_blocks_hold_each_position_of_its_own_slot(n, slots):
+    """The CPU kernel pads each slot's run of sorted positions to whole
+    blocks: several blocks per slot, empty slots, more slots than
+    positions; every position gets exactly its own slot's product."""
+    import jax
+
+    from keras_lora.layers.mixed import _blocked_jax
+
+    rng = np.random.default_rng(9)
+    a = rng.normal(size=(slots, 12, 4)).astype("float32")
+    b = rng.normal(size=(slots, 4, 6)).astype("float32")
+    rows = rng.integers(0, max(slots // 2, 1), size=n).astype("int32")  # slots unused
+    x = rng.normal(size=(n, 12)).astype("float32")
+    want = np.einsum("ni,nir,nro->no", x, a[rows], b[rows])
+    got = jax.jit(_blocked_jax)(x, a, b, rows)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=ATOL)
+
+
+def test_block_rows_balances_factor_reads_and_padding():
+    from keras_lora.layers.mixed import block_rows
+
+    # sqrt(256·8/65) = 5.6 -> 8 (the serving row's 64 adapters);
+    # sqrt(16·8/9) = 3.8 -> 4; at least 1 row, at most 64.
+    assert [block_rows(256, 8, 65), block_rows(16, 8, 9)] == [8, 4]
+    assert [block_rows(1, 8, 65), block_rows(10**6, 64, 2)] == [1, 64]
 
 
 BAD = np.array([4, 5, -2, 2**31 - 1, -(2**31), 0, 1, -1, 3], "int32")
