@@ -220,16 +220,17 @@ def routed_updates(layer, inputs, base, training, route):
         strategy = "concat"
     if strategy == "grouped" and _flat_inputs(layer) is None:
         strategy = "gather"
-    cached = None
-    if strategy in ("grouped", "gather"):
-        cached = cached_stacks(layer, route, members, training)
+    concat = strategy not in ("grouped", "gather")
+    cached = cached_stacks(layer, route, members, training, concat)
     if strategy == "grouped":
         out = _grouped_update(layer, inputs, base, members, route, dtype, cached)
     elif strategy == "gather":
         update = _gather_update(layer, inputs, members, index, dtype, cached)
         out = ops.add(base, update)
     else:
-        update = _concat_update(layer, inputs, members, index, dtype, training, route)
+        update = _concat_update(
+            layer, inputs, members, index, dtype, training, route, cached
+        )
         out = base + update
     doras = [(k, a) for k, a in members if a.magnitude is not None]
     if doras:
@@ -252,11 +253,17 @@ def _dropped(layer, x, rate, training, on_inputs):
     return x
 
 
-def _concat_update(layer, inputs, members, index, dtype, training, route):
+def _concat_update(layer, inputs, members, index, dtype, training, route, cached):
     # Adapters with one dropout rate share one `x·A` (in training; at
     # inference all share one); columns are in `ordered` order throughout.
     # Backend ops (`hot_path`), not Keras's: on eager torch each Keras op's
     # argument handling cost more than the product it wraps (docs/serving.md).
+    axis = layer._routed_rank_axis()
+    if cached is not None:  # the served model's copy: joined, scales folded in
+        h = layer._routed_first(inputs, hot_path.read(cached[0], dtype))
+        mask = _concat_mask(route, index, members, dtype, scaled=False)
+        h = h * _rows_like(mask, h, axis)
+        return layer._routed_second(h, hot_path.read(cached[1], dtype))
     rates = sorted({a.dropout if training else 0.0 for _, a in members})
     parts, ordered = [], []
     for rate in rates:
@@ -266,7 +273,6 @@ def _concat_update(layer, inputs, members, index, dtype, training, route):
         h = layer._routed_first(x, a_cat)
         parts.append(_dropped(layer, h, rate, training, on_inputs=False))
         ordered += group
-    axis = layer._routed_rank_axis()
     h = parts[0] if len(parts) == 1 else hot_path.concatenate(parts, axis)
     adapters = [a for _, a in ordered]
     h = h * _rows_like(_concat_mask(route, index, ordered, dtype), h, axis)
@@ -274,17 +280,21 @@ def _concat_update(layer, inputs, members, index, dtype, training, route):
     return layer._routed_second(h, b_cat)
 
 
-def _concat_mask(route, index, ordered, dtype):
-    """`(batch, Σ r)`: a column's adapter scale where the row's index is
-    that column's adapter's slot, else 0. Computed once per call for the
-    layers whose `ordered` adapters have the same slots, ranks and scales
-    (`route.memo`)."""
+def _concat_mask(route, index, ordered, dtype, scaled=True):
+    """`(batch, Σ r)`: a column's adapter scale (`scaled`; else 1) where the
+    row's index is that column's adapter's slot, else 0. Computed once per
+    call for the layers whose `ordered` adapters have the same slots, ranks
+    and scales (`route.memo`)."""
     adapters = [a for _, a in ordered]
-    scales = tuple(s if is_number(s) else id(s) for s in (a.scale for a in adapters))
+    scales = None
+    if scaled:
+        scales = tuple(a.scale if is_number(a.scale) else id(a.scale) for a in adapters)
     key = ("concat_mask", tuple((k, a.rank) for k, a in ordered), scales, dtype)
     if key not in route.memo:
         owners = np.repeat([k for k, _ in ordered], [a.rank for a in adapters])
-        mask = _selection(index, owners, dtype) * _column_scales(adapters, dtype)
+        mask = _selection(index, owners, dtype)
+        if scaled:
+            mask = mask * _column_scales(adapters, dtype)
         route.memo[key] = mask
     return route.memo[key]
 
@@ -313,14 +323,16 @@ def _auto(layer, inputs, members):
 
 
 def cache_layout(layer, members, strategy):
-    """How a served model's cache keeps `layer`'s stacks
-    (`layers.mixed_stacks`): `None` where the layer will not stack (it has
-    no `_routed_gather`, or takes `"concat"`), `"stack_t"` where it takes
-    TensorFlow's or torch's grouped kernel, else `"stack"`. `"auto"` is resolved as
-    `_auto` does, from the input shape the layer was built for (unknown:
-    `"stack"`, which every strategy can read)."""
+    """How a served model's cache keeps `layer`'s adapters
+    (`layers.mixed_stacks`): `"concat"` where the layer takes `"concat"`
+    (its type has no `_routed_gather`, or the strategy says so),
+    `"stack_t"` where it takes TensorFlow's or torch's grouped kernel, else
+    `"stack"`. `"auto"` is resolved as `_auto` does, from the input shape
+    the layer was built for (unknown: `"stack"`, which the stacking
+    strategies can read; a layer that then takes `"concat"` joins its
+    adapters per call)."""
     if not callable(getattr(layer, "_routed_gather", None)) or strategy == "concat":
-        return None
+        return "concat"
     if strategy == "auto":
         positions = built_positions(layer)
         if positions is None:
@@ -328,11 +340,11 @@ def cache_layout(layer, members, strategy):
         if positions != 1:
             strategy = "gather"
         elif sum(a.rank for _, a in members) <= CONCAT_MAX_RANK:
-            return None
+            return "concat"
         else:
             strategy = AUTO_MANY.get(keras.backend.backend(), "concat")
     if strategy == "concat":
-        return None
+        return "concat"
     grouped = strategy == "grouped" and _flat_inputs(layer) is not None
     if grouped and keras.backend.backend() in ("tensorflow", "torch"):
         return "stack_t"

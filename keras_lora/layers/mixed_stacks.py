@@ -1,4 +1,5 @@
-"""The stacked adapters of `"gather"` and `"grouped"` (`layers.mixed`).
+"""The stacked adapters of `"gather"` and `"grouped"` (`layers.mixed`),
+and the concatenated ones a served model keeps for `"concat"`.
 
 Per LoRA layer, every routed adapter's `A` (its scale folded in) and `B`,
 ranks zero-padded to the largest, stacked along a slot axis with one
@@ -6,12 +7,15 @@ all-zero slot after the last (and for every slot the layer lacks): an
 index outside the held slots reads that zero slot, never another tenant's.
 Built from the adapters' own variables on every call, or read from the
 copies a served model keeps (`mixed_adapter_model(..., cache=True)`,
-`keras_lora.model.stack_cache`), in one of two layouts:
+`keras_lora.model.stack_cache`), in one of three layouts:
 
 - `"stack"`: `A` as `(slots, *in, r)`, `B` as `(slots, r, *out)`;
 - `"stack_t"`: `A` as `(slots, r, fan_in)` (the inputs flattened), which
-  TensorFlow's grouped kernel gathers per row without transposing the
-  whole stack on every call.
+  TensorFlow's and torch's grouped kernels read without transposing the
+  whole stack on every call;
+- `"concat"` (cached copies only): the held adapters' `A`s (scale folded
+  in) joined along the rank axis, `(*in, Σ r)`, and their `B`s, `(Σ r,
+  *out)`, in slot order: what `"concat"` would join on every call.
 """
 
 import numpy as np
@@ -34,6 +38,11 @@ def _padded(x, rank, width, axis):
 
 def stack_shapes(members, layout="stack"):
     """`(a_shape, b_shape)` of `stack_factors(members, ..., layout)`."""
+    if layout == "concat":
+        total = sum(a.rank for _, a in members)
+        a0, b0 = members[0][1].a, members[0][1].b
+        a_in = tuple(int(d) for d in a0.shape[:-1])
+        return a_in + (total,), (total,) + tuple(int(d) for d in b0.shape[1:])
     slots = max(k for k, _ in members) + 2  # one zero slot after the last
     width = max(a.rank for _, a in members)
     a_in = tuple(int(d) for d in members[0][1].a.shape[:-1])
@@ -46,6 +55,10 @@ def stack_shapes(members, layout="stack"):
 def stack_factors(members, dtype, layout="stack"):
     """`(a_stack, b_stack)` of `members` (`[(slot, adapter)]`) in
     `layout`, read in `dtype`."""
+    if layout == "concat":
+        a_list = [_scaled_a(adapter, dtype) for _, adapter in members]
+        b_list = [hot_path.read(adapter.b, dtype) for _, adapter in members]
+        return ops.concatenate(a_list, axis=-1), ops.concatenate(b_list, axis=0)
     a_shape, b_shape = stack_shapes(members)
     width = a_shape[-1]
     by_slot = dict(members)
@@ -56,10 +69,7 @@ def stack_factors(members, dtype, layout="stack"):
             a_list.append(ops.zeros(a_shape[1:], dtype))
             b_list.append(ops.zeros(b_shape[1:], dtype))
             continue
-        scale = adapter.scale
-        a = hot_path.read(adapter.a, dtype)
-        a = a * (scale if is_number(scale) else ops.cast(scale, dtype))
-        a_list.append(_padded(a, adapter.rank, width, -1))
+        a_list.append(_padded(_scaled_a(adapter, dtype), adapter.rank, width, -1))
         b_list.append(_padded(hot_path.read(adapter.b, dtype), adapter.rank, width, 0))
     a_stack, b_stack = ops.stack(a_list), ops.stack(b_list)
     if layout == "stack_t":
@@ -69,14 +79,25 @@ def stack_factors(members, dtype, layout="stack"):
     return a_stack, b_stack
 
 
-def cached_stacks(layer, route, members, training):
+def _scaled_a(adapter, dtype):
+    """`adapter`'s `A` times its scale, in `dtype`."""
+    scale = adapter.scale
+    a = hot_path.read(adapter.a, dtype)
+    return a * (scale if is_number(scale) else ops.cast(scale, dtype))
+
+
+def cached_stacks(layer, route, members, training, concat=False):
     """The served model's cached `(a_stack, b_stack, layout)` for `layer`,
     or `None`: none held, training (gradients must reach the adapters' own
-    variables), or shapes that no longer match `members`."""
+    variables), a layout the caller cannot read (`concat`: whether it
+    reads `"concat"`, else a stack), or shapes that no longer match
+    `members`."""
     cached = None if training else route.stacks.get(id(layer))
     if cached is None:
         return None
     a_var, b_var, layout = cached
+    if (layout == "concat") != concat:
+        return None
     shapes = (tuple(int(d) for d in a_var.shape), tuple(int(d) for d in b_var.shape))
     return cached if shapes == stack_shapes(members, layout) else None
 

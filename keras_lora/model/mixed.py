@@ -69,8 +69,9 @@ class MixedAdapters(keras.layers.Layer):
         names: the adapter names `adapter_index` indexes.
         strategy: `"auto"`, `"concat"`, `"gather"` or `"grouped"` (see
             `layers.mixed`).
-        cache: keep the stacked adapters of the layers that gather or
-            group in variables of this layer (`model.stack_cache`).
+        cache: keep each routed layer's adapters, stacked or joined as
+            its strategy reads them, in variables of this layer
+            (`model.stack_cache`).
 
     Call arguments:
         inputs: `model`'s inputs.
@@ -503,16 +504,16 @@ def mixed_adapter_model(model, names, strategy="auto", cache=False):
             per-row mask, one with the `B`s), `"gather"` (each row gathers
             its own `A`, `B`), `"grouped"` (rows grouped by adapter, one
             rank-`r` product per group: `jax.lax.ragged_dot` on JAX off
-            CPU, padded groups and two `bmm`s on eager torch, a fused
-            per-row multiply-reduce on TensorFlow), or `"auto"` (the
-            default: per layer, gather for sequences, concat for one
-            position up to a total rank of 128, above it grouped on
-            TensorFlow and torch, as measured); see `docs/serving.md`.
-        cache: `False` (the default) or `True`: keep, per LoRA layer that
-            gathers or groups rows, all of its routed adapters' factors
-            stacked in non-trainable variables of the served model (one
-            more copy of those adapters in memory; not saved), so that a
-            call does not stack them again. The copy is rebuilt when
+            CPU and blocks of one adapter on its CPU, padded groups and
+            two `bmm`s on eager torch, a fused per-row multiply-reduce on
+            TensorFlow), or `"auto"` (the default: per layer, gather for
+            sequences, concat for one position up to a total rank of 128,
+            above it grouped, as measured); see `docs/serving.md`.
+        cache: `False` (the default) or `True`: keep, per LoRA layer, all
+            of its routed adapters' factors stacked (or joined, for
+            `"concat"`) in non-trainable variables of the served model
+            (one more copy of those adapters in memory; not saved), so
+            that a call does not stack or join them again. The copy is rebuilt when
             needed before every eager call, `predict`, `predict_on_batch`,
             `evaluate` and `test_on_batch`: on JAX and torch any write to
             an adapter is seen; on TensorFlow writes made in place

@@ -3,11 +3,12 @@ cache=True)`).
 
 `"gather"` and `"grouped"` read, per LoRA layer, every routed adapter's
 `A` (scale folded in) and `B` stacked into one tensor with an all-zero
-last slot (`layers.mixed_stacks.stack_factors`). Built from the adapters' own
-variables, that stack is a copy of all of them on every call (4 MB per
-layer of 64 rank-8 adapters on a 1024-wide Dense). With the cache, the
-served model keeps each layer's stacks in two non-trainable variables of
-its own and a call only gathers or groups rows from them.
+last slot (`layers.mixed_stacks.stack_factors`), and `"concat"` reads them
+joined along the rank axis. Built from the adapters' own variables, that
+stack is a copy of all of them on every call (4 MB per layer of 64 rank-8
+adapters on a 1024-wide Dense). With the cache, the served model keeps
+each layer's stacked or joined adapters in two non-trainable variables of
+its own, and a call only reads them.
 
 Freshness: the copies are rebuilt (`refresh`) when the served model is
 made and whenever `ensure_fresh` finds that an adapter changed since the
@@ -71,8 +72,6 @@ class StackCache:
             if not members:
                 continue
             layout = routing_lib.cache_layout(layer, members, owner.strategy)
-            if layout is None:
-                continue
             a_shape, b_shape = stack_shapes(members, layout)
             dtype = keras.backend.standardize_dtype(members[0][1].a.dtype)
             pair = tuple(

@@ -60,8 +60,7 @@ def test_cached_rows_match_the_per_adapter_models(strategy):
     served = served_pair(model, strategy)
     check_fresh(model, served)
     cache = mixed_layer(served)._stacks
-    if strategy in ("gather", "grouped"):
-        assert cache.entries  # the stacking layers hold copies
+    assert cache.entries  # every routed layer holds a copy
     # The copies are the served model's own non-trainable variables.
     own = {id(v) for entry in cache.by_layer.values() for v in entry[:2]}
     assert own == {id(v) for v in own_variables(mixed_layer(served))}
@@ -69,7 +68,7 @@ def test_cached_rows_match_the_per_adapter_models(strategy):
     assert not own & {id(v) for v in model.weights}
 
 
-@pytest.mark.parametrize("strategy", ["gather", "grouped"])
+@pytest.mark.parametrize("strategy", ["concat", "gather", "grouped"])
 def test_out_of_range_rows_get_the_base_output(strategy):
     """Tenant isolation with the copies: outside [0, n) reads the zero slot."""
     model = mixed_mlp()
@@ -92,7 +91,7 @@ def test_out_of_range_rows_get_the_base_output(strategy):
             np.testing.assert_allclose(numpy(model(X)), want, atol=ATOL)
 
 
-@pytest.mark.parametrize("strategy", ["gather", "grouped"])
+@pytest.mark.parametrize("strategy", ["concat", "gather", "grouped"])
 def test_assign_is_never_served_stale(strategy):
     """JAX and torch see a write themselves (a new array; a version
     counter); TensorFlow needs `refresh_adapters` after an in-place write
@@ -108,7 +107,7 @@ def test_assign_is_never_served_stale(strategy):
     check_fresh(model, served)
 
 
-@pytest.mark.parametrize("strategy", ["gather", "grouped"])
+@pytest.mark.parametrize("strategy", ["concat", "gather", "grouped"])
 def test_training_then_serving_reads_the_trained_adapters(strategy):
     model = mixed_mlp()
     kl.set_adapter(model, NAMES)
@@ -140,7 +139,7 @@ def test_training_then_serving_reads_the_trained_adapters(strategy):
         check_fresh(model, served)
 
 
-@pytest.mark.parametrize("strategy", ["gather", "grouped"])
+@pytest.mark.parametrize("strategy", ["concat", "gather", "grouped"])
 def test_hotswap_and_adapter_set_changes(strategy, tmp_path):
     model = mixed_mlp()
     kl.prepare_hotswap(model, 4)
@@ -163,13 +162,27 @@ def test_hotswap_and_adapter_set_changes(strategy, tmp_path):
     np.testing.assert_allclose(got[[2, 4, 5]], base[[2, 4, 5]], atol=ATOL)
 
 
-def test_layers_that_do_not_stack_hold_no_copy():
+@pytest.mark.parametrize("strategy", ["auto", "concat"])
+def test_concat_layers_keep_their_adapters_joined(strategy):
     """`"auto"` takes `"concat"` for one position and a total rank <= 128
-    (`mixed_mlp`): no layer stacks, so nothing is copied."""
-    for strategy in ("auto", "concat"):
-        served = kl.mixed_adapter_model(mixed_mlp(), NAMES, strategy, cache=True)
-        assert mixed_layer(served)._stacks.entries == [], strategy
-        assert own_variables(mixed_layer(served)) == []  # no copy held
+    (`mixed_mlp`): each layer keeps its held adapters' `A`s (scales folded
+    in) and `B`s joined along the rank axis, in slot order."""
+    model = mixed_mlp()
+    served = kl.mixed_adapter_model(model, NAMES, strategy, cache=True)
+    entries = mixed_layer(served)._stacks.entries
+    assert [(layer.name, layout) for layer, _, layout in entries] == [
+        ("d1", "concat"),
+        ("d2", "concat"),
+    ]
+    for layer, (a_cat, b_cat), _ in entries:
+        held = [layer.get_adapter(n) for n in NAMES if n in layer.adapter_names]
+        want_a = np.concatenate(
+            [ops.convert_to_numpy(a.a) * float(a.scale) for a in held], axis=-1
+        )
+        want_b = np.concatenate([ops.convert_to_numpy(a.b) for a in held], axis=0)
+        np.testing.assert_allclose(ops.convert_to_numpy(a_cat), want_a, atol=1e-6)
+        np.testing.assert_allclose(ops.convert_to_numpy(b_cat), want_b, atol=1e-6)
+    check_fresh(model, served)
 
 
 def test_a_copy_kept_for_grouped_serves_gather_too():
@@ -188,7 +201,7 @@ def test_a_copy_kept_for_grouped_serves_gather_too():
     np.testing.assert_allclose(got, reference_rows(model, NAMES, X, INDEX), atol=ATOL)
 
 
-@pytest.mark.parametrize("strategy", ["gather", "grouped"])
+@pytest.mark.parametrize("strategy", ["concat", "gather", "grouped"])
 def test_a_copy_that_no_longer_fits_is_not_read(strategy):
     """Deleting the last routed slot shrinks `d1`'s stacks: its copy can
     no longer be rebuilt, so the layer stacks per call again and the
