@@ -49,6 +49,7 @@ Each layer type supplies the products through three hooks: `_routed_first`
 """
 
 import contextlib
+import math
 import threading
 
 import keras
@@ -244,7 +245,7 @@ def _positions_per_row(layer, inputs):
     dims = inputs.shape[1 : len(inputs.shape) - feature_axes]
     if any(d is None for d in dims):
         return None
-    return int(np.prod(dims, dtype="int64"))
+    return math.prod(int(d) for d in dims)  # per call: NumPy's costs 10 µs
 
 
 def _dropped(layer, x, rate, training, on_inputs):
@@ -364,7 +365,7 @@ def _grouped_update(layer, inputs, base, members, route, dtype, cached):
     index = ops.cast(route.index, "int32")
     n_in = _flat_inputs(layer)
     a0, b0 = members[0][1].a, members[0][1].b
-    fan_in = int(np.prod(a0.shape[:-1]))
+    fan_in = math.prod(int(d) for d in a0.shape[:-1])
     out_dims = [int(d) for d in b0.shape[1:]]
     lead = hot_path.leading_shape(inputs, n_in)
     x = hot_path.reshape(inputs, (-1, fan_in))
@@ -377,7 +378,7 @@ def _grouped_update(layer, inputs, base, members, route, dtype, cached):
     slots = int(a_stack.shape[0])
     width = int(a_stack.shape[1] if a_t else a_stack.shape[-1])
     a = a_stack if a_t else hot_path.reshape(a_stack, (slots, fan_in, width))
-    b = hot_path.reshape(b_stack, (slots, width, int(np.prod(out_dims))))
+    b = hot_path.reshape(b_stack, (slots, width, math.prod(out_dims)))
     positions = _positions_per_row(layer, inputs)
     if backend == "jax":
         y = _grouped_jax(x, a, b, safe, positions)
@@ -552,7 +553,7 @@ def _torch_stacks(members, slots, dtype, fan_in, like):
     width = max(a.rank for _, a in members)
     a_list, b_list, scales = [], [], []
     by_slot = dict(members)
-    fan_out = int(np.prod(members[0][1].b.shape[1:]))
+    fan_out = math.prod(int(d) for d in members[0][1].b.shape[1:])
     for k in range(slots):
         adapter = by_slot.get(k)
         if adapter is None:
