@@ -17,9 +17,11 @@ from model.test_mixed_adapters import (
     NAMES,
     STRATEGIES,
     X,
+    attention_model,
     compiled,
     mixed_mlp,
     numpy,
+    randomize,
     reference_rows,
 )
 
@@ -183,6 +185,36 @@ def test_concat_layers_keep_their_adapters_joined(strategy):
         np.testing.assert_allclose(ops.convert_to_numpy(a_cat), want_a, atol=1e-6)
         np.testing.assert_allclose(ops.convert_to_numpy(b_cat), want_b, atol=1e-6)
     check_fresh(model, served)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cached_attention_block_and_convolutions(strategy):
+    """Every routed layer type keeps a copy it can read: the attention
+    block's `EinsumDense`s and embedding per strategy, convolutions (which
+    always concatenate) joined."""
+    model = attention_model()
+    names = ["default", "b", "c"]
+    tokens = np.random.default_rng(2).integers(0, 20, size=(5, 5)).astype("int32")
+    index = np.array([2, 0, -1, 1, 2], "int32")
+    served = kl.mixed_adapter_model(model, names, strategy=strategy, cache=True)
+    want = reference_rows(model, names, tokens, index)
+    np.testing.assert_allclose(numpy(served([tokens, index])), want, atol=ATOL)
+    got = served.predict([tokens, index], batch_size=5, verbose=0)
+    np.testing.assert_allclose(got, want, atol=ATOL)
+
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.Conv1D(3, 2, name="c2")(keras.layers.Reshape((36, 4))(x))
+    convs = kl.apply_lora(keras.Model(inputs, x), rank=2, targets=["c1", "c2"])
+    kl.add_adapter(convs, "b", rank=1, alpha=3.0, use_dora=True)
+    randomize(convs)
+    images = np.random.default_rng(3).normal(size=(4, 6, 6, 2)).astype("float32")
+    index = np.array([1, -1, 0, 1], "int32")
+    served = kl.mixed_adapter_model(convs, ["default", "b"], strategy, cache=True)
+    entries = mixed_layer(served)._stacks.entries
+    assert [layout for *_, layout in entries] == ["concat", "concat"]
+    want = reference_rows(convs, ["default", "b"], images, index)
+    np.testing.assert_allclose(numpy(served([images, index])), want, atol=ATOL)
 
 
 def test_a_copy_kept_for_grouped_serves_gather_too():
