@@ -136,7 +136,7 @@ class StackCache:
                 continue
             shapes = stack_shapes(members, layout)
             if shapes != (tuple(a_var.shape), tuple(b_var.shape)):
-                # The layer stacks per call instead (`layers.mixed._cached`).
+                # The layer stacks per call instead (`cached_stacks` sees no fit).
                 changed = changed or self.by_layer.pop(id(layer), None) is not None
                 continue
             a, b = stack_factors(members, a_var.dtype, layout)

@@ -106,19 +106,26 @@ def test_attention_block_and_embedding(strategy):
     np.testing.assert_allclose(got, want, atol=ATOL)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_convolutions(strategy):
+def conv_model():
+    """Conv2D and Conv1D with adapters `default` (rank 2) and `b` (DoRA)."""
     inputs = keras.Input((6, 6, 2))
     x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inputs)
     x = keras.layers.Conv1D(3, 2, name="c2")(keras.layers.Reshape((36, 4))(x))
     model = kl.apply_lora(keras.Model(inputs, x), rank=2, targets=["c1", "c2"])
     kl.add_adapter(model, "b", rank=1, alpha=3.0, use_dora=True)
-    randomize(model)
-    images = np.random.default_rng(3).normal(size=(4, 6, 6, 2)).astype("float32")
+    return randomize(model)
+
+
+IMAGES = np.random.default_rng(3).normal(size=(4, 6, 6, 2)).astype("float32")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_convolutions(strategy):
+    model = conv_model()
     index = np.array([1, -1, 0, 1], "int32")
     served = kl.mixed_adapter_model(model, ["default", "b"], strategy=strategy)
-    want = reference_rows(model, ["default", "b"], images, index)
-    np.testing.assert_allclose(numpy(served([images, index])), want, atol=ATOL)
+    want = reference_rows(model, ["default", "b"], IMAGES, index)
+    np.testing.assert_allclose(numpy(served([IMAGES, index])), want, atol=ATOL)
 
 
 @pytest.mark.parametrize("strategy", ["auto", "grouped"])
@@ -233,7 +240,7 @@ def test_jax_ragged_dot_and_per_row_kernels_agree(positions):
     give each position its own slot's `x·A·B` (the last slot all zeros)."""
     import jax
 
-    from keras_lora.layers.mixed import _grouped_jax
+    from keras_lora.layers.mixed_grouped import _grouped_jax
 
     rng = np.random.default_rng(7)
     a = rng.normal(size=(4, 6, 3)).astype("float32")
@@ -258,7 +265,7 @@ def test_jax_blocks_hold_each_position_of_its_own_slot(n, slots):
     positions; every position gets exactly its own slot's product."""
     import jax
 
-    from keras_lora.layers.mixed import _blocked_jax
+    from keras_lora.layers.mixed_grouped import _blocked_jax
 
     rng = np.random.default_rng(9)
     a = rng.normal(size=(slots, 12, 4)).astype("float32")
@@ -271,7 +278,7 @@ def test_jax_blocks_hold_each_position_of_its_own_slot(n, slots):
 
 
 def test_block_rows_balances_factor_reads_and_padding():
-    from keras_lora.layers.mixed import block_rows
+    from keras_lora.layers.mixed_grouped import block_rows
 
     # sqrt(256·8/65) = 5.6 -> 8 (the serving row's 64 adapters);
     # sqrt(16·8/9) = 3.8 -> 4; at least 1 row, at most 64.

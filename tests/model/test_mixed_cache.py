@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 from keras import ops
 from model.test_mixed_adapters import (
+    IMAGES,
     INDEX,
     NAMES,
     STRATEGIES,
     X,
     attention_model,
     compiled,
+    conv_model,
     mixed_mlp,
     numpy,
-    randomize,
     reference_rows,
 )
 
@@ -202,19 +203,13 @@ def test_cached_attention_block_and_convolutions(strategy):
     got = served.predict([tokens, index], batch_size=5, verbose=0)
     np.testing.assert_allclose(got, want, atol=ATOL)
 
-    inputs = keras.Input((6, 6, 2))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inputs)
-    x = keras.layers.Conv1D(3, 2, name="c2")(keras.layers.Reshape((36, 4))(x))
-    convs = kl.apply_lora(keras.Model(inputs, x), rank=2, targets=["c1", "c2"])
-    kl.add_adapter(convs, "b", rank=1, alpha=3.0, use_dora=True)
-    randomize(convs)
-    images = np.random.default_rng(3).normal(size=(4, 6, 6, 2)).astype("float32")
+    convs = conv_model()
     index = np.array([1, -1, 0, 1], "int32")
     served = kl.mixed_adapter_model(convs, ["default", "b"], strategy, cache=True)
     entries = mixed_layer(served)._stacks.entries
     assert [layout for *_, layout in entries] == ["concat", "concat"]
-    want = reference_rows(convs, ["default", "b"], images, index)
-    np.testing.assert_allclose(numpy(served([images, index])), want, atol=ATOL)
+    want = reference_rows(convs, ["default", "b"], IMAGES, index)
+    np.testing.assert_allclose(numpy(served([IMAGES, index])), want, atol=ATOL)
 
 
 def test_a_copy_kept_for_grouped_serves_gather_too():
