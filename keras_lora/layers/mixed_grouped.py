@@ -80,10 +80,18 @@ def _grouped_jax(x, a, b, index, positions, ragged=None):
     if ragged is None:
         ragged = jax.default_backend() != "cpu"
     rows = _position_slots(x, index)
-    if not ragged:
+    if not ragged and isinstance(x.shape[0], int):
         # XLA CPU expands `ragged_dot` into one masked product per group
         # (11× one adapter at 64 adapters, docs/serving.md).
         return _blocked_jax(x, a, b, rows)
+    if not ragged:
+        # A symbolic count of positions (`jax.export` with a polymorphic
+        # batch) cannot size the blocks: each position's products read its
+        # own A and B instead, indices known in bounds.
+        a_rows = a.at[rows].get(mode="promise_in_bounds")
+        b_rows = b.at[rows].get(mode="promise_in_bounds")
+        h = jnp.einsum("ni,nir->nr", x, a_rows)
+        return jnp.einsum("nr,nro->no", h, b_rows)
     slots = a.shape[0]
     order = jnp.argsort(rows, stable=True)
     sizes = jnp.bincount(rows, length=slots).astype("int32")

@@ -277,6 +277,33 @@ def test_jax_blocks_hold_each_position_of_its_own_slot(n, slots):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=ATOL)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's kernels")
+def test_jax_grouped_exports_with_a_symbolic_batch():
+    """`jax.export` with a polymorphic batch: no block count can be sized,
+    so the CPU kernel reads each position's own factors instead."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    from keras_lora.layers.mixed_grouped import _grouped_jax
+
+    rng = np.random.default_rng(10)
+    a = jnp.asarray(rng.normal(size=(5, 6, 3)).astype("float32"))
+    b = jnp.asarray(rng.normal(size=(5, 3, 4)).astype("float32"))
+    n = export.symbolic_shape("n")[0]
+    exported = export.export(
+        jax.jit(lambda x, index: _grouped_jax(x, a, b, index, 1, False))
+    )(
+        jax.ShapeDtypeStruct((n, 6), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    x = rng.normal(size=(7, 6)).astype("float32")
+    index = np.array([0, 1, 4, 2, 3, 1, 0], "int32")
+    a_np, b_np = np.asarray(a), np.asarray(b)
+    want = np.einsum("ni,nir,nro->no", x, a_np[index], b_np[index])
+    np.testing.assert_allclose(np.asarray(exported.call(x, index)), want, atol=ATOL)
+
+
 def test_block_rows_balances_factor_reads_and_padding():
     from keras_lora.layers.mixed_grouped import block_rows
 
