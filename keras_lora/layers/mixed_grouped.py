@@ -46,9 +46,9 @@ def grouped_update(layer, inputs, base, members, route, dtype, cached):
     out_dims = [int(d) for d in b0.shape[1:]]
     lead = hot_path.leading_shape(inputs, n_in)
     x = hot_path.reshape(inputs, (-1, fan_in))
-    if keras.backend.backend() == "torch" and _torch_eager(x):
-        return _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached)
     backend = keras.backend.backend()
+    if backend == "torch" and _torch_eager(x):
+        return _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached)
     a_stack, b_stack, safe, a_t = stacks(
         members, index, dtype, cached, backend in ("tensorflow", "torch")
     )

@@ -96,8 +96,8 @@ class MixedAdapters(keras.layers.Layer):
         index = ops.cast(adapter_index, "int32")
         stacks = None
         if self._stacks is not None:
-            # Eager: never read a stale copy (checked once per call of the
-            # served model's `predict`, `evaluate`, ...: `_serving`).
+            # Eager: never read a stale copy (checked once before the served
+            # model's `predict_on_batch` and `test_on_batch`: `_checked_call`).
             if _is_concrete(index) and not self._stacks.checked:
                 self._stacks.ensure_fresh()
             stacks = self._stacks.usable()
@@ -201,12 +201,20 @@ class MixedAdapterModel(Functional):
     def _serving(self, call, *args, **kwargs):
         """`call(*args, **kwargs)` (an inference method, which writes no
         adapter) with the cached stacks checked fresh first."""
+        return self._checked_call(False, call, *args, **kwargs)
+
+    def _checked_call(self, one_batch, call, *args, **kwargs):
+        """`_serving`; `one_batch`: `call` runs one batch with no callbacks
+        (`predict_on_batch`, `test_on_batch`), so nothing can write an
+        adapter before it returns and the eager layer call need not check
+        the copies again (`predict` and `evaluate` run callbacks between
+        batches: the eager call checks each batch)."""
         cache = mixed_layer(self)._stacks
         if cache is None:
             return call(*args, **kwargs)
         cache.ensure_fresh()
         self._drop_if_relaid(cache)
-        cache.checked = True  # nothing writes an adapter until it returns
+        cache.checked = one_batch
         try:
             return call(*args, **kwargs)
         finally:
@@ -219,13 +227,13 @@ class MixedAdapterModel(Functional):
 
     def predict_on_batch(self, x):
         self._host_check(x)
-        return self._serving(super().predict_on_batch, x)
+        return self._checked_call(True, super().predict_on_batch, x)
 
     def evaluate(self, *args, **kwargs):
         return self._serving(super().evaluate, *args, **kwargs)
 
     def test_on_batch(self, *args, **kwargs):
-        return self._serving(super().test_on_batch, *args, **kwargs)
+        return self._checked_call(True, super().test_on_batch, *args, **kwargs)
 
     def fit(self, *args, **kwargs):
         cache = mixed_layer(self)._stacks
@@ -504,23 +512,23 @@ def mixed_adapter_model(model, names, strategy="auto", cache=False):
             per-row mask, one with the `B`s), `"gather"` (each row gathers
             its own `A`, `B`), `"grouped"` (rows grouped by adapter, one
             rank-`r` product per group: `jax.lax.ragged_dot` on JAX off
-            CPU and blocks of one adapter on its CPU, padded groups and
-            two `bmm`s on eager torch, a fused per-row multiply-reduce on
-            TensorFlow), or `"auto"` (the default: per layer, gather for
-            sequences, concat for one position up to a total rank of 128,
-            above it grouped, as measured); see `docs/serving.md`.
+            CPU, blocks of one adapter each on JAX's CPU, padded groups
+            and two `bmm`s on eager torch, a fused per-row multiply-reduce
+            on TensorFlow), or `"auto"` (the default: per layer, gather
+            for sequences, concat for one position up to a total rank of
+            128, above it grouped, as measured); see `docs/serving.md`.
         cache: `False` (the default) or `True`: keep, per LoRA layer, all
             of its routed adapters' factors stacked (or joined, for
             `"concat"`) in non-trainable variables of the served model
             (one more copy of those adapters in memory; not saved), so
-            that a call does not stack or join them again. The copy is rebuilt when
-            needed before every eager call, `predict`, `predict_on_batch`,
-            `evaluate` and `test_on_batch`: on JAX and torch any write to
-            an adapter is seen; on TensorFlow writes made in place
-            outside this model's `fit`/`train_on_batch` and
+            that a call does not stack or join them again. The copy is
+            rebuilt when needed before every eager call, `predict`,
+            `predict_on_batch`, `evaluate` and `test_on_batch`: on JAX and
+            torch any write to an adapter is seen; on TensorFlow writes
+            made in place outside this model's `fit`/`train_on_batch` and
             `hotswap_adapter` are not, so call `served.refresh_adapters()`
-            after them (and before exporting, or tracing a function of your
-            own). Training never reads the copy. See `docs/serving.md`.
+            after them (and before exporting, or tracing a function of
+            your own). Training never reads the copy. See `docs/serving.md`.
 
     Returns:
         A `keras.Model`.

@@ -90,11 +90,12 @@ def quantize_nf4(model, block_size=64, double_quant=False, embeddings=True):
     values = [nf4.quantize_layer(layer, block_size, double_quant) for layer in layers]
     for layer, value in zip(layers, values, strict=True):
         nf4.convert(layer, block_size, double_quant, value, collect=False)
-    if layers:  # once for all the deleted float kernels (`nf4.convert`)
-        gc.collect()
-    if layers:  # a task's `.keras` file keeps them (a bare backbone's cannot)
+    if layers:
+        gc.collect()  # once for all the deleted float kernels (`nf4.convert`)
+        # A task's `.keras` file keeps the conversion (a bare backbone's
+        # cannot).
         mark_converted(model)
-    if layers:  # as Keras's `Model.quantize`
+        # As Keras's `Model.quantize`:
         model.train_function = model.test_function = None
         model.predict_function = None
         if keras.backend.backend() == "torch":  # drop the deleted kernels
