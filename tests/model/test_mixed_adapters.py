@@ -128,9 +128,10 @@ def test_convolutions(strategy):
     np.testing.assert_allclose(numpy(served([IMAGES, index])), want, atol=ATOL)
 
 
+@pytest.mark.parametrize("cache", [False, True])
 @pytest.mark.parametrize("strategy", ["auto", "grouped"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_kerashub_backbone_in_place(name, strategy):
+def test_kerashub_backbone_in_place(name, strategy, cache):
     model = kl.apply_lora(backbone(name), rank=2, in_place=True)
     kl.add_adapter(model, "b", rank=3, alpha=6.0)
     kl.add_adapter(model, "c", rank=2, use_dora=True)
@@ -138,7 +139,7 @@ def test_kerashub_backbone_in_place(name, strategy):
     names = ["default", "b", "c"]
     inputs = backbone_inputs(model, batch=4)
     index = np.array([1, 2, -1, 0], "int32")
-    served = kl.mixed_adapter_model(model, names, strategy=strategy)
+    served = kl.mixed_adapter_model(model, names, strategy=strategy, cache=cache)
     want = reference_rows(model, names, inputs, index)
     got = numpy(served({**inputs, "adapter_index": index}))
     np.testing.assert_allclose(got, want, atol=ATOL)
