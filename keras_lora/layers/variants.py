@@ -68,7 +68,7 @@ class Adapter:
         self,
         name,
         rank,
-        alpha,
+        alpha=None,
         use_rslora=False,
         dropout=0.0,
         init="default",
