@@ -295,7 +295,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         if layer.bias is not None and frozen is None:
             x = quantized.add_bias(layer, x)
         elif layer.bias is not None:
-            x = x + hot_path.value(layer.bias)
+            x = hot_path.add_bias(x, layer.bias)
         if layer.activation is not None:
             x = layer.activation(x)
         return x
@@ -353,6 +353,12 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         """`scale·(x·A)·B` of one adapter, shaped like the output."""
         raise NotImplementedError
 
+    def _add_update(self, out, inputs, adapter, dtype, training=None):
+        """`out` plus `adapter`'s update. `out` is a tensor this call made
+        and reads nowhere else, so a type may add into it in place
+        (`LoRADense` on torch, `hot_path.add_low_rank`)."""
+        return out + self._update(inputs, adapter, dtype, training)
+
     def _add_updates(self, inputs, base, training, adapters):
         """`base` (`x·W`, no bias yet) plus the `adapters`' updates.
 
@@ -365,10 +371,15 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
             return mixed.routed_updates(self, inputs, base, training, route)
         out = base
         dtype = keras.backend.standardize_dtype(base.dtype)
+        # DoRA reads `base` again: then nothing may be added into it.
+        into_base = all(adapter.magnitude is None for adapter in adapters)
         for adapter in adapters:
             x = inputs
             if self.drops_inputs and adapter.dropout and training:
                 x = self._dropout(inputs, adapter, training)
+            if adapter.magnitude is None and into_base:
+                out = self._add_update(out, x, adapter, dtype, training)
+                continue
             update = self._update(x, adapter, dtype, training)
             if adapter.magnitude is None:
                 out = out + update

@@ -5,7 +5,14 @@ from keras import ops
 
 from keras_lora.layers import variants
 from keras_lora.layers.base import LoRALayer
-from keras_lora.layers.hot_path import low_rank, matmul, scalar, value
+from keras_lora.layers.hot_path import (
+    add_low_rank_into,
+    low_rank,
+    matmul,
+    scalar,
+    value,
+    writable,
+)
 from keras_lora.layers.mixed import scale_rows
 
 
@@ -65,6 +72,13 @@ class LoRADense(variants.QuantizedDoRA, LoRALayer):
         a = self._adapter(adapter.a, dtype)
         b = self._adapter(adapter.b, dtype)
         return low_rank(inputs, a, b, scalar(adapter.scale, dtype))
+
+    def _add_update(self, out, inputs, adapter, dtype, training=None):
+        if not writable(out):
+            return super()._add_update(out, inputs, adapter, dtype, training)
+        a = self._adapter(adapter.a, dtype)
+        b = self._adapter(adapter.b, dtype)
+        return add_low_rank_into(out, inputs, a, b, scalar(adapter.scale, dtype))
 
     # ----- mixed batches (`layers.mixed`): x·A, h·B, both per row ----------
 

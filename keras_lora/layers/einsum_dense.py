@@ -15,11 +15,13 @@ from keras_lora.config import LEGACY_FACTORING, validate_factoring
 from keras_lora.layers import variants
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.hot_path import (
+    add_low_rank_into,
     leading_shape,
     low_rank,
     matmul,
     reshape,
     scalar,
+    writable,
 )
 from keras_lora.layers.mixed import scale_rows
 
@@ -271,6 +273,15 @@ class LoRAEinsumDense(variants.QuantizedDoRA, LoRALayer):
         return ops.einsum(second, update, b)
 
     def _flat_update(self, inputs, adapter, dtype, n_in):
+        x, a, b, out_dims = self._flat_operands(inputs, adapter, dtype, n_in)
+        y = low_rank(x, a, b, scalar(adapter.scale, dtype))
+        if len(out_dims) > 1:
+            y = reshape(y, leading_shape(x, 1) + out_dims)
+        return y
+
+    def _flat_operands(self, inputs, adapter, dtype, n_in):
+        """`(x, A, B, out_dims)` of the one 2-D product: `x` `(..., fan_in)`,
+        `A` `(fan_in, rank)`, `B` `(rank, fan_out)`."""
         a = self._adapter(adapter.a, dtype)
         b = self._adapter(adapter.b, dtype)
         rank = b.shape[0]
@@ -282,10 +293,14 @@ class LoRAEinsumDense(variants.QuantizedDoRA, LoRALayer):
         out_dims = list(b.shape[1:])
         if len(out_dims) > 1:
             b = reshape(b, (rank, math.prod(out_dims)))
-        y = low_rank(x, a, b, scalar(adapter.scale, dtype))
-        if len(out_dims) > 1:
-            y = reshape(y, leading_shape(x, 1) + out_dims)
-        return y
+        return x, a, b, out_dims
+
+    def _add_update(self, out, inputs, adapter, dtype, training=None):
+        n_in = self._flat_inputs
+        if n_in is None or not writable(out):
+            return super()._add_update(out, inputs, adapter, dtype, training)
+        x, a, b, _ = self._flat_operands(inputs, adapter, dtype, n_in)
+        return add_low_rank_into(out, x, a, b, scalar(adapter.scale, dtype))
 
     # ----- mixed batches (`layers.mixed`): x·A, h·B, both per row ----------
 

@@ -1,0 +1,98 @@
+"""Without autograd (Keras's `predict` on torch runs under `torch.no_grad()`),
+`LoRADense` and `LoRAEinsumDense` add the adapter update and the bias into
+the tensor their base product made (`hot_path.writable`), which saves two
+output-sized buffers a layer on eager torch. That is only correct if
+nothing else reads that tensor: here the call without autograd must equal
+the call with it and the merged layer, for one adapter, two, a plain one
+beside a DoRA one (DoRA reads `x·W` again), a hot-swappable scale and a
+multi-head einsum; and the inputs and every variable must be left as
+they were. On TensorFlow and JAX both calls take the same path.
+"""
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+import keras_lora as kl
+
+# The same products summed in another order (one `addmm_` against a
+# product then an add): float32 values of order one agree to a few ulps.
+SAME = dict(rtol=1e-5, atol=1e-5)
+# Against the merged kernel `W + s·A·B`, rounded once more per element.
+MERGED = dict(rtol=1e-4, atol=1e-4)
+
+
+def _dense():
+    return keras.layers.Dense(6, activation="relu", name="proj"), (4, 5)
+
+
+def _einsum():
+    layer = keras.layers.EinsumDense(
+        "abc,cde->abde", output_shape=(4, 2, 3), bias_axes="de", name="proj"
+    )
+    return layer, (4, 5)
+
+
+def _also(name, **options):
+    """A second active adapter `name` beside `"default"`."""
+    adapter = dict(name=name, rank=2, **options)
+    return dict(adapters=[adapter], active_adapters=["default", name])
+
+
+CASES = {
+    "dense": (_dense, {}),
+    "dense_two_adapters": (_dense, _also("second")),
+    "dense_lora_beside_dora": (_dense, _also("dora", use_dora=True)),
+    "dense_hotswap_scale": (_dense, dict(hotswap=True)),
+    "einsum_heads": (_einsum, {}),
+    "einsum_two_adapters": (_einsum, _also("second")),
+}
+
+
+def _model(make, options):
+    base, input_shape = make()
+    base.build((None,) + input_shape)
+    rng = np.random.default_rng(0)
+    if base.bias is not None:  # a non-zero bias, so that it is added too
+        base.bias.assign(rng.normal(size=base.bias.shape).astype("float32"))
+    lora = (
+        kl.LoRAEinsumDense
+        if isinstance(base, keras.layers.EinsumDense)
+        else kl.LoRADense
+    )(base, rank=3, alpha=6, **options)
+    for name in lora.adapter_names:
+        b = lora.get_adapter(name).b
+        b.assign(rng.normal(size=b.shape).astype("float32"))
+    model = keras.Sequential([keras.Input(input_shape), lora])
+    x = rng.normal(size=(3,) + input_shape).astype("float32")
+    return model, lora, x
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_call_without_autograd_equals_the_call_with_it(case):
+    make, options = CASES[case]
+    model, lora, x = _model(make, options)
+    x_before = x.copy()
+    weights_before = [to_numpy(v).copy() for v in model.weights]
+
+    without = model.predict_on_batch(x)  # torch: under torch.no_grad()
+    if keras.backend.backend() == "torch":  # `predict` copies its inputs
+        import torch
+
+        tensor = torch.from_numpy(x)  # shares `x`'s memory
+        with torch.no_grad():
+            np.testing.assert_array_equal(to_numpy(lora(tensor)), without)
+    again = model.predict_on_batch(x)
+    with_autograd = to_numpy(model(x))  # torch: the adapters require grad
+    merged = to_numpy(lora.merged_layer(check_finite=False)(x))
+
+    np.testing.assert_array_equal(x, x_before)
+    for before, variable in zip(weights_before, model.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(variable), before, err_msg=variable.path)
+    np.testing.assert_array_equal(again, without)  # nothing accumulated
+    np.testing.assert_allclose(without, with_autograd, **SAME)
+    np.testing.assert_allclose(without, merged, **MERGED)
+    # the update is there: the base alone differs by far more than MERGED
+    base = to_numpy(lora.layer(x))
+    assert np.abs(base - without).max() > 1e-2
