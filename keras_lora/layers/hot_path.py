@@ -81,7 +81,7 @@ def low_rank(x, a, b, scale):
 
 
 def writable(out):
-    """Whether `add_low_rank_into` and `add_bias` may write into `out`, a
+    """Whether `add_low_rank_into`, `add_into` and `add_bias` may write into `out`, a
     tensor this call made: on torch with autograd off (Keras's `predict`,
     `torch.no_grad()`) and `out` contiguous.
 
@@ -105,6 +105,14 @@ def add_low_rank_into(out, x, a, b, scale):
         u.mul_(scale)
     out.view(-1, b.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), b)
     return out
+
+
+def add_into(out, update):
+    """`out + update` for a tensor `out` this call made: in place where
+    `writable(out)` and `update` has `out`'s shape and dtype."""
+    if _WRITABLE(out) and update.shape == out.shape and update.dtype == out.dtype:
+        return out.add_(update)
+    return out + update
 
 
 def add_bias(x, bias):

@@ -228,12 +228,12 @@ def routed_updates(layer, inputs, base, training, route):
         out = grouped_update(layer, inputs, base, members, route, dtype, cached)
     elif strategy == "gather":
         update = _gather_update(layer, inputs, members, index, dtype, cached)
-        out = ops.add(base, update)
+        out = hot_path.add_into(base, update)
     else:
         update = _concat_update(
             layer, inputs, members, index, dtype, training, route, cached
         )
-        out = base + update
+        out = hot_path.add_into(base, update)
     doras = [(k, a) for k, a in members if a.magnitude is not None]
     if doras:
         out = _dora_rows(layer, out, doras, index, dtype)

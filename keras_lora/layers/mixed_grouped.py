@@ -224,10 +224,9 @@ def _grouped_torch_eager(x, base, members, route, dtype, fan_in, cached=None):
         h = h * scales
     y = torch.bmm(h, b).view(slots * size, -1)[place]
     flat = base.reshape(-1, y.shape[-1])
-    if torch.is_grad_enabled() or not base.is_contiguous():
-        return flat.index_add(0, order, y).view(base.shape)
-    # Inference: added into the base product's own fresh output, in place.
-    return flat.index_add_(0, order, y).view(base.shape)
+    if hot_path.writable(base):  # added into the base product's own output
+        return flat.index_add_(0, order, y).view(base.shape)
+    return flat.index_add(0, order, y).view(base.shape)
 
 
 def _torch_stacks(members, slots, dtype, fan_in, like):
