@@ -88,6 +88,9 @@ class LoRADense(variants.QuantizedDoRA, LoRALayer):
     def _routed_second(self, h, b):
         return matmul(h, b)
 
+    def _routed_second_is_matmul(self):
+        return True
+
     def _routed_rank_axis(self):
         return -1
 

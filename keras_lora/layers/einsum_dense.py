@@ -312,6 +312,9 @@ class LoRAEinsumDense(variants.QuantizedDoRA, LoRALayer):
         second = self._equations[1]
         return matmul(h, b) if self._matmuls[1] else ops.einsum(second, h, b)
 
+    def _routed_second_is_matmul(self):
+        return self._matmuls[1]
+
     def _routed_rank_axis(self):
         first, second = self._equations
         return first.split("->")[1].index(second.split(",")[1][0])

@@ -103,7 +103,14 @@ def add_low_rank_into(out, x, a, b, scale):
     u = torch.matmul(x, a)
     if not _is_one(scale):
         u.mul_(scale)
-    out.view(-1, b.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), b)
+    return add_product_into(out, u, b)
+
+
+def add_product_into(out, h, b):
+    """Adds `h·B` into `out` by one `addmm_` and returns it (`writable(out)`
+    must hold): `h` `(..., k)`, `B` `(k, n)`, `out` with `n` as its
+    trailing size and `h`'s rows in order."""
+    out.view(-1, b.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b)
     return out
 
 

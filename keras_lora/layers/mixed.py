@@ -230,10 +230,9 @@ def routed_updates(layer, inputs, base, training, route):
         update = _gather_update(layer, inputs, members, index, dtype, cached)
         out = hot_path.add_into(base, update)
     else:
-        update = _concat_update(
-            layer, inputs, members, index, dtype, training, route, cached
+        out = _concat_update(
+            layer, inputs, base, members, index, dtype, training, route, cached
         )
-        out = hot_path.add_into(base, update)
     doras = [(k, a) for k, a in members if a.magnitude is not None]
     if doras:
         out = _dora_rows(layer, out, doras, index, dtype)
@@ -246,7 +245,9 @@ def _dropped(layer, x, rate, training, on_inputs):
     return x
 
 
-def _concat_update(layer, inputs, members, index, dtype, training, route, cached):
+def _concat_update(layer, inputs, base, members, index, dtype, training, route, cached):
+    """`base` plus the update of `"concat"`: every adapter's `x·A` joined,
+    masked per row, times the joined `B`s."""
     # Adapters with one dropout rate share one `x·A` (in training; at
     # inference all share one); columns are in `ordered` order throughout.
     # Backend ops (`hot_path`), not Keras's: on eager torch each Keras op's
@@ -256,7 +257,7 @@ def _concat_update(layer, inputs, members, index, dtype, training, route, cached
         h = layer._routed_first(inputs, hot_path.read(cached[0], dtype))
         mask = _concat_mask(route, index, members, dtype, scaled=False)
         h = h * _rows_like(mask, h, axis)
-        return layer._routed_second(h, hot_path.read(cached[1], dtype))
+        return _add_second(layer, base, h, hot_path.read(cached[1], dtype))
     rates = sorted({a.dropout if training else 0.0 for _, a in members})
     parts, ordered = [], []
     for rate in rates:
@@ -270,7 +271,17 @@ def _concat_update(layer, inputs, members, index, dtype, training, route, cached
     adapters = [a for _, a in ordered]
     h = h * _rows_like(_concat_mask(route, index, ordered, dtype), h, axis)
     b_cat = hot_path.concatenate([hot_path.read(a.b, dtype) for a in adapters], 0)
-    return layer._routed_second(h, b_cat)
+    return _add_second(layer, base, h, b_cat)
+
+
+def _add_second(layer, base, h, b):
+    """`base + layer._routed_second(h, b)`; added into `base` by one
+    `addmm_` where the layer's second product is `h·B` over the last axis
+    (`_routed_second_is_matmul`) and `hot_path.writable(base)`."""
+    is_matmul = getattr(layer, "_routed_second_is_matmul", None)
+    if is_matmul is not None and is_matmul() and hot_path.writable(base):
+        return hot_path.add_product_into(base, h, b)
+    return hot_path.add_into(base, layer._routed_second(h, b))
 
 
 def _concat_mask(route, index, ordered, dtype, scaled=True):
