@@ -96,3 +96,54 @@ def test_a_call_without_autograd_equals_the_call_with_it(case):
     # the update is there: the base alone differs by far more than MERGED
     base = to_numpy(lora.layer(x))
     assert np.abs(base - without).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "strategy, cache",
+    [("concat", False), ("concat", True), ("gather", False), ("grouped", False)]
+    + [("grouped", True)],
+)
+def test_a_served_mixed_batch_adds_in_place_only_into_its_own_output(strategy, cache):
+    """The mixed routes add each row's update into the base product's
+    output too: rows must still be their own adapter's, and nothing else
+    written."""
+    inputs = keras.Input((5,))
+    dense = keras.layers.Dense(6, activation="relu", name="proj")
+    model = keras.Model(inputs, dense(inputs))
+    rng = np.random.default_rng(1)
+    dense.bias.assign(rng.normal(size=6).astype("float32"))
+    lora = kl.apply_lora(model, targets=["proj"], rank=3)
+    kl.add_adapter(lora, "second", rank=2, alpha=4)
+    layer = lora.get_layer("proj")
+    for name in layer.adapter_names:
+        b = layer.get_adapter(name).b
+        b.assign(rng.normal(size=b.shape).astype("float32"))
+    served = kl.mixed_adapter_model(
+        lora, ["default", "second"], strategy=strategy, cache=cache
+    )
+    x = rng.normal(size=(6, 5)).astype("float32")
+    index = np.array([0, 1, -1, 1, 0, 1], "int32")
+    x_before = x.copy()
+    weights_before = [to_numpy(v).copy() for v in lora.weights]
+
+    y = served.predict_on_batch([x, index])
+    np.testing.assert_array_equal(served.predict_on_batch([x, index]), y)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        tensor = torch.from_numpy(x)  # shares `x`'s memory
+        with torch.no_grad():
+            served_y = served([tensor, torch.from_numpy(index)])
+        np.testing.assert_array_equal(to_numpy(served_y), y)
+    np.testing.assert_array_equal(x, x_before)
+    for before, variable in zip(weights_before, lora.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(variable), before, err_msg=variable.path)
+
+    w, bias = to_numpy(layer.layer.kernel), to_numpy(layer.layer.bias)
+    for row, k in enumerate(index):
+        expected = x[row] @ w + bias
+        if k >= 0:
+            adapter = layer.get_adapter(["default", "second"][k])
+            a, b = to_numpy(adapter.a), to_numpy(adapter.b)
+            expected = expected + adapter.scale * (x[row] @ a) @ b
+        np.testing.assert_allclose(y[row], np.maximum(expected, 0), **MERGED)
