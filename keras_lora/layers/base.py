@@ -354,9 +354,10 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
         raise NotImplementedError
 
     def _add_update(self, out, inputs, adapter, dtype, training=None):
-        """`out` plus `adapter`'s update. `out` is a tensor this call made
-        and reads nowhere else, so a type may add into it in place
-        (`LoRADense` on torch, `hot_path.add_low_rank`)."""
+        """`out` plus `adapter`'s update (`_update`). `out` is a tensor this
+        call made and reads nowhere else, so a type may add into it in
+        place (`LoRADense`, `LoRAEinsumDense`: `hot_path.add_low_rank_into`
+        on torch without autograd)."""
         return out + self._update(inputs, adapter, dtype, training)
 
     def _add_updates(self, inputs, base, training, adapters):
@@ -377,7 +378,7 @@ class LoRALayer(DropIn, AdapterRegistry, Merging, keras.layers.Wrapper):
             x = inputs
             if self.drops_inputs and adapter.dropout and training:
                 x = self._dropout(inputs, adapter, training)
-            if adapter.magnitude is None and into_base:
+            if into_base:
                 out = self._add_update(out, x, adapter, dtype, training)
                 continue
             update = self._update(x, adapter, dtype, training)

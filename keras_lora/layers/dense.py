@@ -74,7 +74,9 @@ class LoRADense(variants.QuantizedDoRA, LoRALayer):
         return low_rank(inputs, a, b, scalar(adapter.scale, dtype))
 
     def _add_update(self, out, inputs, adapter, dtype, training=None):
-        if not writable(out):
+        # In place only where `_update` is this class's (a subclass's own
+        # `_update` is always called).
+        if not writable(out) or type(self)._update is not LoRADense._update:
             return super()._add_update(out, inputs, adapter, dtype, training)
         a = self._adapter(adapter.a, dtype)
         b = self._adapter(adapter.b, dtype)
@@ -89,7 +91,7 @@ class LoRADense(variants.QuantizedDoRA, LoRALayer):
         return matmul(h, b)
 
     def _routed_second_is_matmul(self):
-        return True
+        return type(self)._routed_second is LoRADense._routed_second
 
     def _routed_rank_axis(self):
         return -1

@@ -297,7 +297,8 @@ class LoRAEinsumDense(variants.QuantizedDoRA, LoRALayer):
 
     def _add_update(self, out, inputs, adapter, dtype, training=None):
         n_in = self._flat_inputs
-        if n_in is None or not writable(out):
+        own = type(self)._update is LoRAEinsumDense._update  # not a subclass's
+        if n_in is None or not own or not writable(out):
             return super()._add_update(out, inputs, adapter, dtype, training)
         x, a, b, _ = self._flat_operands(inputs, adapter, dtype, n_in)
         return add_low_rank_into(out, x, a, b, scalar(adapter.scale, dtype))
@@ -313,7 +314,8 @@ class LoRAEinsumDense(variants.QuantizedDoRA, LoRALayer):
         return matmul(h, b) if self._matmuls[1] else ops.einsum(second, h, b)
 
     def _routed_second_is_matmul(self):
-        return self._matmuls[1]
+        own = type(self)._routed_second is LoRAEinsumDense._routed_second
+        return own and self._matmuls[1]
 
     def _routed_rank_axis(self):
         first, second = self._equations

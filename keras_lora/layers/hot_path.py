@@ -117,18 +117,25 @@ def add_product_into(out, h, b):
 def add_into(out, update):
     """`out + update` for a tensor `out` this call made: in place where
     `writable(out)` and `update` has `out`'s shape and dtype."""
-    if _WRITABLE(out) and update.shape == out.shape and update.dtype == out.dtype:
+    if writable(out) and update.shape == out.shape and update.dtype == out.dtype:
         return out.add_(update)
     return out + update
 
 
 def add_bias(x, bias):
     """`x + bias` for a tensor `x` this call made: in place where
-    `writable(x)` and the dtypes agree (so the result's dtype is `x`'s)."""
+    `writable(x)` and the sum has `x`'s dtype and shape."""
     bias = value(bias)
-    if _WRITABLE(x) and bias.dtype == x.dtype:
+    if writable(x) and bias.dtype == x.dtype and _broadcasts_into(bias, x):
         return x.add_(bias)
     return x + bias
+
+
+def _broadcasts_into(t, x):
+    """Whether `x + t` has `x`'s shape."""
+    import torch
+
+    return torch.broadcast_shapes(t.shape, x.shape) == x.shape
 
 
 def _is_one(scale):

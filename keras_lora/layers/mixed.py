@@ -192,12 +192,13 @@ def _column_scales(adapters, dtype):
     """Each adapter's scale, repeated over its rank columns: `(Σ r,)`."""
     scales = [a.scale for a in adapters]
     if all(is_number(s) for s in scales):
-        return np.concatenate(
-            [
-                np.full((a.rank,), float(s))
-                for a, s in zip(adapters, scales, strict=True)
-            ]
-        ).astype(dtype)
+        # Cast as a tensor: NumPy's bfloat16 (ml_dtypes) does not multiply
+        # a torch tensor.
+        columns = [
+            np.full((a.rank,), float(s), "float32")
+            for a, s in zip(adapters, scales, strict=True)
+        ]
+        return ops.cast(np.concatenate(columns), dtype)
     return ops.concatenate(
         [
             ops.ones((a.rank,), dtype) * ops.cast(s, dtype)

@@ -147,3 +147,48 @@ def test_a_served_mixed_batch_adds_in_place_only_into_its_own_output(strategy, c
             a, b = to_numpy(adapter.a), to_numpy(adapter.b)
             expected = expected + adapter.scale * (x[row] @ a) @ b
         np.testing.assert_allclose(y[row], np.maximum(expected, 0), **MERGED)
+
+
+def test_a_subclass_update_is_still_called_without_autograd():
+    """The in-place path computes `LoRADense`'s own update; a subclass that
+    overrides `_update` keeps its update in `predict` too."""
+
+    class Doubled(kl.LoRADense):
+        def _update(self, inputs, adapter, dtype, training=None):
+            return 2 * super()._update(inputs, adapter, dtype, training)
+
+    base, input_shape = _dense()
+    base.build((None,) + input_shape)
+    layer = Doubled(base, rank=3)
+    rng = np.random.default_rng(2)
+    layer.lora_b.assign(rng.normal(size=layer.lora_b.shape).astype("float32"))
+    model = keras.Sequential([keras.Input(input_shape), layer])
+    x = rng.normal(size=(3,) + input_shape).astype("float32")
+    w, bias = to_numpy(base.kernel), to_numpy(base.bias)
+    a, b = to_numpy(layer.lora_a), to_numpy(layer.lora_b)
+    doubled = np.maximum(x @ w + bias + 2 * layer.scale * (x @ a) @ b, 0)
+    np.testing.assert_allclose(model.predict_on_batch(x), doubled, **MERGED)
+    np.testing.assert_allclose(to_numpy(model(x)), doubled, **MERGED)
+
+
+def test_a_bias_that_broadcasts_the_output_is_added_as_before():
+    """An einsum bias over an axis the input has as 1 widens the output: the
+    sum cannot go into the base product's tensor, and is what Keras gives."""
+    base = keras.layers.EinsumDense(
+        "abc,cd->abd", output_shape=(5, 4), bias_axes="bd", name="proj"
+    )
+    base.build((None, 5, 3))
+    rng = np.random.default_rng(3)
+    base.bias.assign(rng.normal(size=base.bias.shape).astype("float32"))
+    layer = kl.LoRAEinsumDense(base, rank=2)
+    x = rng.normal(size=(2, 1, 3)).astype("float32")
+    expected = to_numpy(base(x))  # the adapter's B is zero: the base's output
+    if keras.backend.backend() == "torch":  # as `predict` runs it
+        import torch
+
+        with torch.no_grad():
+            y = to_numpy(layer(torch.from_numpy(x)))
+    else:
+        y = to_numpy(layer(x))
+    assert y.shape == expected.shape == (2, 5, 4)
+    np.testing.assert_allclose(y, expected, **SAME)

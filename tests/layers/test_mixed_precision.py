@@ -146,3 +146,27 @@ def test_merge_gives_a_kernel_in_the_base_variable_dtype(kind, policy, tolerance
         rtol=tolerance,
         atol=tolerance,
     )
+
+
+@pytest.mark.parametrize(
+    "policy, tolerance", [("mixed_float16", 2e-2), ("mixed_bfloat16", 1e-1)]
+)
+@pytest.mark.parametrize("kind", ["dense", "einsum", "conv", "embedding"])
+def test_a_mixed_batch_of_concatenated_adapters_runs_under_the_policy(
+    kind, policy, tolerance
+):
+    """`"concat"` scales each adapter's columns by a constant made in the
+    compute dtype (it was a NumPy bfloat16 array, which torch rejects)."""
+    _, lora, layer = lora_of(kind, policy)
+    kl.add_adapter(lora, "second", rank=2, alpha=4)
+    for name in layer.adapter_names:
+        b = layer.get_adapter(name).b
+        b.assign(0.3 * RNG.normal(size=b.shape).astype("float32"))
+    served = kl.mixed_adapter_model(lora, ["default", "second"], strategy="concat")
+    x, index = DATA[kind][:4], np.array([0, 1, 1, 0], "int32")
+    y = to_numpy(served.predict_on_batch([x, index])).astype("float32")
+    for name, k in (("default", 0), ("second", 1)):
+        kl.set_adapter(lora, name)
+        alone = to_numpy(lora.predict_on_batch(x)).astype("float32")
+        rows = index == k
+        np.testing.assert_allclose(y[rows], alone[rows], rtol=tolerance, atol=tolerance)
