@@ -108,7 +108,7 @@ FULL = {
         "rank": 8,
         "batches": [1, 256],
         "warmup": 5,
-        "repeats": 40,  # batch 1 is noise-bound at 12 (merged, identical to plain, read 1.06-1.27)
+        "repeats": 40,  # at 12, batch 1 was noise-bound (merged / plain: 1.06-1.27)
         "steps": 10,
     },
     "memory": {
