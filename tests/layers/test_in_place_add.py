@@ -192,3 +192,26 @@ def test_a_bias_that_broadcasts_the_output_is_added_as_before():
         y = to_numpy(layer(x))
     assert y.shape == expected.shape == (2, 5, 4)
     np.testing.assert_allclose(y, expected, **SAME)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_kerashub_backbone_predicts_what_it_computes_with_autograd(name):
+    """KerasHub's own attention and feed-forward layers (built from config)
+    around the in-place adds: `predict` equals the call with autograd and
+    the merged backbone."""
+    from tiny_kerashub import backbone, backbone_inputs
+
+    model = kl.apply_lora(backbone(name), rank=4, in_place=True)
+    rng = np.random.default_rng(4)
+    for layer in model._flatten_layers():
+        if isinstance(layer, kl.LoRALayer):
+            b = layer.lora_b
+            b.assign(0.05 * rng.normal(size=b.shape).astype("float32"))
+    inputs = backbone_inputs(model, batch=2)
+    without = model.predict_on_batch(inputs)
+    np.testing.assert_array_equal(model.predict_on_batch(inputs), without)
+    np.testing.assert_allclose(without, to_numpy(model(inputs)), **SAME)
+    merged = kl.merge_lora(model).predict_on_batch(inputs)
+    np.testing.assert_allclose(without, merged, **MERGED)
+    base = to_numpy(backbone(name)(inputs))  # the same seed: the frozen base
+    assert np.abs(base - without).max() > 1e-2
